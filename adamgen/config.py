@@ -1,0 +1,142 @@
+"""Configuration: one frozen dataclass per concern, and the one place ``ADAMGEN_*`` is read.
+
+Why one place: an environment variable read ad hoc deep in the code is a setting nobody can find,
+and one parsed with ``eval`` or ``int()`` without a message is a crash instead of an error.
+:func:`environment` parses every variable explicitly and rejects unknown values with the
+accepted list, naming the variable.
+
+:class:`KernelConfig` describes one generated kernel; every field changes the generated code, so
+all of them go into cache keys.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+DTYPES = ("float16", "float32", "float64")
+MODES = ("exact", "fast")
+BACKENDS = ("numpy", "c")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """What one generated kernel is specialised for. Every field changes the generated code.
+
+    Attributes:
+        dtype: element type of every array; ``"mixed"`` renders the dtype-generic NumPy form
+            that leaves promotion to NumPy (used when the arrays' dtypes differ).
+        mode: ``"exact"`` follows the spec's evaluation order operation by operation;
+            ``"fast"`` allows the rewrites :mod:`adamgen.codegen.lower` lists.
+        constants: hyperparameters baked in at generation time, as ``(name, value)`` pairs
+            sorted by name.
+        scalar_tensors: tensor arguments passed as one value broadcast to every element
+            (a Python float ``lr``, state of shape ``(1,)``) rather than as arrays.
+        aliases: ``(output, input)`` pairs that share memory (``out=w`` is ``("w_new", "w")``).
+    """
+
+    dtype: str = "float32"
+    mode: str = "exact"
+    constants: tuple[tuple[str, float], ...] = ()
+    scalar_tensors: frozenset[str] = field(default_factory=frozenset)
+    aliases: frozenset[tuple[str, str]] = field(default_factory=frozenset)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES + ("mixed",):
+            raise ConfigError(f"dtype must be one of {DTYPES + ('mixed',)}, got {self.dtype!r}")
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
+        object.__setattr__(self, "constants", tuple(sorted(
+            (str(name), float(value)) for name, value in self.constants)))
+
+    @property
+    def constants_dict(self) -> dict[str, float]:
+        return dict(self.constants)
+
+    def describe(self) -> str:
+        """A short, stable, human-readable name used in headers and variant tables."""
+        parts = [self.dtype, self.mode]
+        if self.constants:
+            parts.append("const(" + ",".join(f"{k}={v!r}" for k, v in self.constants) + ")")
+        if self.scalar_tensors:
+            parts.append("scalar(" + ",".join(sorted(self.scalar_tensors)) + ")")
+        if self.aliases:
+            parts.append("alias(" + ",".join(f"{o}={i}" for o, i in sorted(self.aliases)) + ")")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class Environment:
+    """Every ``ADAMGEN_*`` setting, parsed. ``None`` means "not set: use the default"."""
+
+    cache_dir: Path | None = None
+    strict: bool = False
+    require_cache_hit: bool = False
+    backend: str | None = None
+    mode: str = "exact"
+    variant: str | None = None
+    num_threads: int | None = None
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean; accepted: 1, 0, true, false, yes, no, "
+                      "on, off")
+
+
+def _parse_choice(name: str, raw: str, accepted: tuple[str, ...]) -> str:
+    value = raw.strip().lower()
+    if value not in accepted:
+        raise ConfigError(f"{name}={raw!r} is not valid; accepted: {', '.join(accepted)}")
+    return value
+
+
+def _parse_positive_int(name: str, raw: str) -> int:
+    text = raw.strip()
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"{name}={raw!r} is not valid; accepted: a whole number >= 1")
+    return int(text)
+
+
+def environment(env: dict[str, str] | None = None) -> Environment:
+    """Parse every ``ADAMGEN_*`` variable (and ``OMP_NUM_THREADS`` as the thread fallback).
+
+    Args:
+        env: the mapping to read; ``os.environ`` by default. Read anew on every call so tests
+            and long-lived processes see changes; callers on the hot path memoise the result.
+    """
+    env = dict(os.environ) if env is None else env
+    known = {"ADAMGEN_CACHE_DIR", "ADAMGEN_STRICT", "ADAMGEN_REQUIRE_CACHE_HIT",
+             "ADAMGEN_BACKEND", "ADAMGEN_MODE", "ADAMGEN_VARIANT", "ADAMGEN_NUM_THREADS",
+             "ADAMGEN_FUZZ_EXAMPLES"}
+    unknown = sorted(k for k in env if k.startswith("ADAMGEN_") and k not in known)
+    if unknown:
+        raise ConfigError(f"unknown environment variable(s) {', '.join(unknown)}; adamgen reads "
+                          f"{', '.join(sorted(known))}")
+    cache_dir = env.get("ADAMGEN_CACHE_DIR") or None
+    threads = None
+    for name in ("ADAMGEN_NUM_THREADS", "OMP_NUM_THREADS"):
+        raw = env.get(name)
+        if raw:
+            if name == "OMP_NUM_THREADS" and not raw.strip().isdigit():
+                continue  # OMP_NUM_THREADS may be a list ("4,2"); it is OpenMP's, not ours.
+            threads = _parse_positive_int(name, raw)
+            break
+    return Environment(
+        cache_dir=Path(cache_dir).expanduser() if cache_dir else None,
+        strict=_parse_bool("ADAMGEN_STRICT", env.get("ADAMGEN_STRICT", "0")),
+        require_cache_hit=_parse_bool("ADAMGEN_REQUIRE_CACHE_HIT",
+                                      env.get("ADAMGEN_REQUIRE_CACHE_HIT", "0")),
+        backend=(_parse_choice("ADAMGEN_BACKEND", env["ADAMGEN_BACKEND"], BACKENDS)
+                 if env.get("ADAMGEN_BACKEND") else None),
+        mode=_parse_choice("ADAMGEN_MODE", env.get("ADAMGEN_MODE") or "exact", MODES),
+        variant=env.get("ADAMGEN_VARIANT") or None,
+        num_threads=threads,
+    )
