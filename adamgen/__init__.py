@@ -1,0 +1,21 @@
+"""adamgen: Ivy's Adam update, written once in SymPy, compiled to NumPy and C kernels.
+
+Importing adamgen loads NumPy and the runtime only. SymPy and Jinja are generation-time
+dependencies: they load on a kernel-cache miss, or when you call :func:`generate` or
+:func:`verify`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._version import __version__
+from .errors import AdamgenError, CacheError, CompileError, ConfigError
+from .runtime.api import adam_update
+from .runtime.array import Array, array
+from .runtime.container import Container
+
+__all__ = [
+    "AdamgenError", "Array", "CacheError", "CompileError", "ConfigError", "Container",
+    "__version__", "adam_update", "array",
+]

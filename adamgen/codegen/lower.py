@@ -1,0 +1,347 @@
+"""Lowering: spec (SymPy graph) -> kernel IR, as a table of small named passes.
+
+:func:`lower` reads like the pipeline it runs::
+
+    translate -> eliminate common subexpressions -> hoist scalars -> fold constants
+              -> (fast mode) fast rewrites -> eliminate dead steps -> assemble the IR
+
+Each pass takes and returns a frozen :class:`Program`, so each can be tested alone, and each is
+timed (``lower(..., timings=dict)``).
+
+Why the passes keep the bits: translation maps each binary SymPy node to one step (the spec is
+built unevaluated, so nesting is the reference's rounding order); CSE only merges steps that
+compute the same operation on the same operands; hoisting moves steps whose operands are all
+hyperparameters into the prelude, which the reference also computes with Python floats; constant
+folding evaluates prelude steps with Python's own float operators, exactly as the generated
+prelude would at run time. Only ``mode="fast"`` changes the rounding (see :func:`fast_rewrites`).
+"""
+
+from __future__ import annotations
+
+import operator
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import sympy
+
+from ..config import KernelConfig
+from ..errors import LoweringError
+from ..spec import UpdateSpec
+from .ir import COMMUTATIVE, KernelIR, Operand, Step
+
+#: Python's float semantics for prelude steps: the generated prelude prints these same operators.
+PYTHON_SCALAR_OPS: dict[str, Callable[..., float]] = {
+    "add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv,
+    "pow": operator.pow, "neg": operator.neg,
+}
+
+
+@dataclass(frozen=True)
+class Program:
+    """The IR under construction: steps in evaluation order, scalar or tensor per step."""
+
+    spec: UpdateSpec
+    config: KernelConfig
+    steps: tuple[Step, ...]
+    scalar_steps: frozenset[str]
+    outputs: tuple[tuple[str, Operand], ...]
+
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.spec.tensors)
+
+    @property
+    def hyperparameter_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.spec.hyperparameters)
+
+
+Pass = Callable[[Program], Program]
+
+
+# --- translation --------------------------------------------------------------------------
+
+class _Translator:
+    """Turns the unevaluated SymPy graph into steps, one per operation, in post-order."""
+
+    def __init__(self, spec: UpdateSpec) -> None:
+        self.hyperparameters = frozenset(spec.hyperparameters)
+        self.steps: list[Step] = []
+        self.scalar: set[str] = set()
+        self.memo: dict[sympy.Basic, Operand] = {}
+
+    def emit(self, op: str, args: tuple[Operand, ...], is_scalar: bool) -> str:
+        target = f"s{len(self.steps)}" if is_scalar else f"t{len(self.steps)}"
+        self.steps.append(Step(target, op, args))
+        if is_scalar:
+            self.scalar.add(target)
+        return target
+
+    def operand(self, expr: sympy.Basic) -> Operand:
+        if expr not in self.memo:
+            self.memo[expr] = self._translate(expr)
+        return self.memo[expr]
+
+    def _translate(self, expr: sympy.Basic) -> Operand:
+        if isinstance(expr, sympy.Symbol):
+            return expr.name
+        if expr.is_Number:
+            return int(expr) if expr.is_Integer else float(expr)
+        is_scalar = expr.free_symbols <= self.hyperparameters
+        if isinstance(expr, sympy.Add):
+            return self._binary_chain(expr, "add", "sub", is_scalar)
+        if isinstance(expr, sympy.Mul):
+            return self._product(expr, is_scalar)
+        if isinstance(expr, sympy.Pow):
+            return self._power(expr, is_scalar)
+        if isinstance(expr, sympy.Piecewise):
+            return self._clamp(expr, is_scalar)
+        raise LoweringError(f"cannot lower {type(expr).__name__}: {expr}")
+
+    def _binary_chain(self, expr: sympy.Add, op: str, inverse: str, is_scalar: bool) -> str:
+        if len(expr.args) != 2:
+            raise LoweringError(f"ambiguous evaluation order in {expr}: build the spec "
+                                "unevaluated so every sum has two terms")
+        first, second = expr.args
+        if _is_negation(second) and not _is_negation(first):
+            return self.emit(inverse, (self.operand(first), self.operand(-second)), is_scalar)
+        if _is_negation(first) and not _is_negation(second):
+            return self.emit(inverse, (self.operand(second), self.operand(-first)), is_scalar)
+        return self.emit(op, (self.operand(first), self.operand(second)), is_scalar)
+
+    def _product(self, expr: sympy.Mul, is_scalar: bool) -> Operand:
+        factors = list(expr.args)
+        negate = sympy.S.NegativeOne in factors
+        if negate:
+            factors.remove(sympy.S.NegativeOne)
+        if len(factors) == 1:
+            result = self.operand(factors[0])
+        elif len(factors) == 2:
+            numerators = [f for f in factors if not _is_reciprocal(f)]
+            denominators = [f.base for f in factors if _is_reciprocal(f)]
+            if len(numerators) == 1 and len(denominators) == 1:
+                result = self.emit("div", (self.operand(numerators[0]),
+                                           self.operand(denominators[0])), is_scalar)
+            elif not denominators:
+                result = self.emit("mul", tuple(self.operand(f) for f in factors), is_scalar)
+            else:
+                raise LoweringError(f"cannot lower the quotient {expr}")
+        else:
+            raise LoweringError(f"ambiguous evaluation order in {expr}: build the spec "
+                                "unevaluated so every product has two factors")
+        return self.emit("neg", (result,), is_scalar) if negate else result
+
+    def _power(self, expr: sympy.Pow, is_scalar: bool) -> str:
+        base, exponent = expr.args
+        if exponent == 2:
+            operand = self.operand(base)
+            return self.emit("mul", (operand, operand), is_scalar)
+        if exponent == -1:
+            return self.emit("div", (1, self.operand(base)), is_scalar)
+        if is_scalar:
+            return self.emit("pow", (self.operand(base), self.operand(exponent)), True)
+        if exponent == sympy.S.Half:
+            return self.emit("sqrt", (self.operand(base),), False)
+        raise LoweringError(f"elementwise power {expr} is not supported (only x**2, x**0.5)")
+
+    def _clamp(self, expr: sympy.Piecewise, is_scalar: bool) -> str:
+        (value, condition), (otherwise, always) = expr.args
+        if not (always == sympy.true and otherwise == 0 and isinstance(condition, sympy.Ge)
+                and condition.lhs == value and condition.rhs == 0) or is_scalar:
+            raise LoweringError(f"only the clamp Piecewise((x, x >= 0), (0, True)) on tensors "
+                                f"is supported, got {expr}")
+        return self.emit("clamp_nonnegative", (self.operand(value),), False)
+
+
+def _is_negation(expr: sympy.Basic) -> bool:
+    return isinstance(expr, sympy.Mul) and sympy.S.NegativeOne in expr.args
+
+
+def _is_reciprocal(expr: sympy.Basic) -> bool:
+    return isinstance(expr, sympy.Pow) and expr.exp == -1
+
+
+def translate(spec: UpdateSpec, config: KernelConfig) -> Program:
+    """Spec -> steps, one per SymPy operation, with shared subgraphs translated once."""
+    translator = _Translator(spec)
+    outputs = tuple((name, translator.operand(expr)) for name, expr in spec.outputs)
+    return Program(spec, config, tuple(translator.steps), frozenset(translator.scalar), outputs)
+
+
+# --- passes ---------------------------------------------------------------------------------
+
+def _rename(args: tuple[Operand, ...], renames: dict[str, Operand]) -> tuple[Operand, ...]:
+    return tuple(renames.get(a, a) if isinstance(a, str) else a for a in args)
+
+
+def eliminate_common_subexpressions(program: Program) -> Program:
+    """Merge steps computing the same operation on the same operands.
+
+    Operands of ``add`` and ``mul`` are compared as a set: IEEE addition and multiplication are
+    commutative, so ``a*b`` and ``b*a`` are the same bits.
+    """
+    seen: dict[tuple, str] = {}
+    renames: dict[str, Operand] = {}
+    steps: list[Step] = []
+    for step in program.steps:
+        args = _rename(step.args, renames)
+        key_args = tuple(sorted(args, key=repr)) if step.op in COMMUTATIVE else args
+        key = (step.op, key_args)
+        if key in seen:
+            renames[step.target] = seen[key]
+            continue
+        seen[key] = step.target
+        steps.append(Step(step.target, step.op, args))
+    outputs = tuple((name, renames.get(v, v) if isinstance(v, str) else v)
+                    for name, v in program.outputs)
+    return replace(program, steps=tuple(steps), outputs=outputs)
+
+
+def hoist_scalars(program: Program) -> Program:
+    """Move every hyperparameter-only step before all tensor steps (it becomes the prelude).
+
+    Translation already marks them; this pass only orders them, keeping relative order, so the
+    prelude is one block computed once per call.
+    """
+    scalar = [s for s in program.steps if s.target in program.scalar_steps]
+    tensor = [s for s in program.steps if s.target not in program.scalar_steps]
+    return replace(program, steps=tuple(scalar + tensor))
+
+
+def fold_constants(program: Program) -> Program:
+    """Substitute baked-in hyperparameters and evaluate prelude steps that became constant.
+
+    Evaluation uses Python's float operators (IEEE double, the spec's order), never SymPy's
+    exact arithmetic: Python's ``1 - 0.9`` is ``0.09999999999999998``, SymPy's is ``1/10``.
+    """
+    values: dict[str, Operand] = dict(program.config.constants)
+    steps: list[Step] = []
+    for step in program.steps:
+        args = _rename(step.args, values)
+        if step.target in program.scalar_steps and all(not isinstance(a, str) for a in args):
+            values[step.target] = float(PYTHON_SCALAR_OPS[step.op](*args))
+            continue
+        steps.append(Step(step.target, step.op, args))
+    outputs = tuple((name, values.get(v, v) if isinstance(v, str) else v)
+                    for name, v in program.outputs)
+    return replace(program, steps=tuple(steps), outputs=outputs)
+
+
+def fast_rewrites(program: Program) -> Program:
+    """Fast mode only: rewrites that change rounding but not the exact-arithmetic value.
+
+    ``(s1*x / y) * s2`` with scalars ``s1`` (prelude) and ``s2`` (a hyperparameter or a scalar
+    tensor) becomes ``(x / y) * (s1*s2)``: one multiply per element fewer, the scalar product
+    computed once. :mod:`adamgen.verify` proves the rewritten IR equal to the spec; FMA
+    contraction is the C compiler's (``-ffp-contract=fast``).
+    """
+    if program.config.mode != "fast":
+        return program
+    by_target = {s.target: s for s in program.steps}
+    uses: dict[str, int] = {}
+    for step in program.steps:
+        for name in step.names():
+            uses[name] = uses.get(name, 0) + 1
+    for _, value in program.outputs:
+        if isinstance(value, str):
+            uses[value] = uses.get(value, 0) + 1
+
+    def is_scalar(operand: Operand) -> bool:
+        return (not isinstance(operand, str) or operand in program.scalar_steps
+                or operand in program.hyperparameter_names
+                or operand in program.config.scalar_tensors)
+
+    steps = list(program.steps)
+    scalar_steps = set(program.scalar_steps)
+    for index, step in enumerate(steps):
+        if step.op != "mul":
+            continue
+        for quotient_name, outer in (step.args, step.args[::-1]):
+            quotient = by_target.get(quotient_name) if isinstance(quotient_name, str) else None
+            if quotient is None or quotient.op != "div" or not is_scalar(outer):
+                continue
+            numerator = by_target.get(quotient.args[0])
+            if numerator is None or numerator.op != "mul" or uses.get(numerator.target) != 1 \
+                    or uses.get(quotient.target) != 1:
+                continue
+            inner, element = numerator.args
+            if not is_scalar(inner):
+                inner, element = element, inner
+            if not is_scalar(inner) or is_scalar(element):
+                continue
+            folded = f"{step.target}_scale"
+            steps.insert(0, Step(folded, "mul", (inner, outer)))
+            if all(a in program.scalar_steps or a in program.hyperparameter_names
+                   or not isinstance(a, str) for a in (inner, outer)):
+                scalar_steps.add(folded)
+            position = steps.index(quotient)
+            steps[position] = Step(quotient.target, "div", (element, quotient.args[1]))
+            steps[steps.index(step)] = Step(step.target, "mul", (quotient.target, folded))
+            steps.remove(numerator)
+            break
+    return hoist_scalars(replace(program, steps=tuple(steps), scalar_steps=frozenset(scalar_steps)))
+
+
+def eliminate_dead_steps(program: Program) -> Program:
+    """Drop steps no output needs."""
+    live = {v for _, v in program.outputs if isinstance(v, str)}
+    kept: list[Step] = []
+    for step in reversed(program.steps):
+        if step.target in live:
+            kept.append(step)
+            live.update(step.names())
+    return replace(program, steps=tuple(reversed(kept)))
+
+
+#: The default pass order. Each pass is ``Program -> Program``.
+PASSES: tuple[tuple[str, Pass], ...] = (
+    ("eliminate_common_subexpressions", eliminate_common_subexpressions),
+    ("hoist_scalars", hoist_scalars),
+    ("fold_constants", fold_constants),
+    ("fast_rewrites", fast_rewrites),
+    ("eliminate_dead_steps", eliminate_dead_steps),
+)
+
+
+def assemble(program: Program) -> KernelIR:
+    """Split the program into prelude and body, and record each output's dependencies."""
+    hyper = program.hyperparameter_names
+    baked = program.config.constants_dict
+    prelude = tuple(s for s in program.steps if s.target in program.scalar_steps)
+    body = tuple(s for s in program.steps if s.target not in program.scalar_steps)
+    scalar_names = {s.target for s in prelude} | (set(hyper) - set(baked))
+    kernel_scalars: list[str] = []
+    for step in body:
+        for name in step.names():
+            if name in scalar_names and name not in kernel_scalars:
+                kernel_scalars.append(name)
+    for name, value in program.outputs:
+        if not isinstance(value, str) or value in scalar_names or value in program.tensor_names:
+            raise LoweringError(f"output {name} must be computed element by element, got {value}")
+    depends = tuple(
+        (name, tuple(s.name for s in program.spec.inputs if s in expr.free_symbols))
+        for name, expr in program.spec.outputs)
+    return KernelIR(
+        spec_name=program.spec.name, spec_hash=program.spec.spec_hash, config=program.config,
+        tensors=program.tensor_names, hyperparameters=hyper, prelude=prelude,
+        kernel_scalars=tuple(kernel_scalars), body=body,
+        outputs=tuple((n, str(v)) for n, v in program.outputs), depends=depends)
+
+
+def lower(spec: UpdateSpec, config: KernelConfig,
+          timings: dict[str, float] | None = None) -> KernelIR:
+    """Lower ``spec`` for ``config``; with ``timings``, record each pass's seconds in it."""
+    unknown = set(config.constants_dict) - {s.name for s in spec.hyperparameters}
+    if unknown:
+        raise LoweringError(f"cannot bake {sorted(unknown)}: the spec's hyperparameters are "
+                            f"{[s.name for s in spec.hyperparameters]}")
+    start = time.perf_counter()
+    program = translate(spec, config)
+    if timings is not None:
+        timings["translate"] = time.perf_counter() - start
+    for name, run_pass in PASSES:
+        start = time.perf_counter()
+        program = run_pass(program)
+        if timings is not None:
+            timings[name] = time.perf_counter() - start
+    return assemble(program)

@@ -1,0 +1,229 @@
+"""The public ``adam_update``: Ivy's signature and semantics, served by generated kernels.
+
+A call goes: validate everything (nothing is written before every check has passed) -> pick the
+kernel form -> compute the per-call scalars with the kernel's own prelude -> run the kernel into
+fresh buffers (or into ``out``) -> return ``(w_new, mw, vw)``.
+
+Which kernel form: when every array has one float dtype D and ``lr`` is a Python number or an
+array of D, every step of the reference computes in D, so the buffered single-dtype kernel gives
+the reference's bits. Anything else (integer arrays, a float64 0-d ``lr`` with float32 arrays,
+mixed dtypes) goes to the ``mixed`` form, which lets NumPy promote each step as the reference
+does; that also fixes the result dtypes, which follow the reference expression's promotion.
+
+The API knows the spec's interface (names, defaults, dependency record) only through the kernel
+module it loads, except for the public signature itself, which is Ivy's contract.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from ..config import KernelConfig
+from ..errors import ArgumentValueError, StepZeroDivisionError
+from . import validate
+from .array import Array
+
+TENSORS = ("w", "dcdw", "lr", "mw_tm1", "vw_tm1")
+FLOAT_DTYPES = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32",
+                np.dtype(np.float64): "float64"}
+
+KernelProvider = Callable[[KernelConfig], ModuleType]
+
+
+class Updater:
+    """``adam_update`` bound to a source of kernel modules (the JIT cache, or a generated package).
+
+    Args:
+        kernels: returns the NumPy kernel module for a configuration.
+        constants: hyperparameters the kernels were specialised for; any other value is an error.
+    """
+
+    def __init__(self, kernels: KernelProvider, constants: dict[str, float] | None = None):
+        self.kernels = kernels
+        self.constants = dict(constants or {})
+        self._result_dtypes: dict[tuple, tuple[np.dtype, ...]] = {}
+
+    # -- validation ---------------------------------------------------------------------------
+
+    def hyperparameters(self, beta1: Any, beta2: Any, epsilon: Any,
+                        step: Any) -> dict[str, float]:
+        values = {
+            "beta1": validate.as_hyperparameter("beta1", beta1, 0.0, 1.0),
+            "beta2": validate.as_hyperparameter("beta2", beta2, 0.0, 1.0),
+            "epsilon": validate.as_hyperparameter("epsilon", epsilon, 0.0, None),
+            "step": validate.as_step(step),
+        }
+        for name, baked in self.constants.items():
+            if values[name] != baked:
+                raise ArgumentValueError(f"{name}={values[name]!r}, but these kernels were "
+                                         f"generated with {name} fixed to {baked!r}")
+        return values
+
+    def prepare(self, w: Any, dcdw: Any, lr: Any, mw_tm1: Any, vw_tm1: Any, step: Any,
+                beta1: Any, beta2: Any, epsilon: Any, stop_gradients: Any,
+                out: Any) -> PreparedCall:
+        """Every check of one call, before anything is written."""
+        validate.as_flag("stop_gradients", stop_gradients)
+        hyper = self.hyperparameters(beta1, beta2, epsilon, step)
+        tensors = {
+            "w": validate.as_tensor("w", w), "dcdw": validate.as_tensor("dcdw", dcdw),
+            "lr": validate.as_tensor("lr", lr, weak_scalars=True),
+            "mw_tm1": validate.as_tensor("mw_tm1", mw_tm1),
+            "vw_tm1": validate.as_tensor("vw_tm1", vw_tm1),
+        }
+        shapes = {name: np.shape(value) for name, value in tensors.items()}
+        full_shape = validate.broadcast_shape(shapes)
+        dtype = _common_float_dtype(tensors)
+        module = self.kernels(KernelConfig(dtype=dtype or "mixed"))
+        output_shapes = tuple(
+            validate.broadcast_shape({n: shapes[n] for n in module.DEPENDS[name] if n in shapes})
+            for name in module.OUTPUTS)
+        buffered = dtype is not None and all(s == full_shape for s in output_shapes)
+        if not buffered and dtype is not None:
+            module = self.kernels(KernelConfig(dtype="mixed"))
+        dtypes = ((np.dtype(dtype),) * len(output_shapes) if buffered
+                  else self.result_dtypes(module, tensors))
+        if out is not None:
+            validate.check_out(out, output_shapes[0], dtypes[0])
+        try:
+            scalars = module.prelude(*(hyper[name] for name in module.HYPERPARAMETERS))
+        except ZeroDivisionError:
+            raise StepZeroDivisionError(
+                f"step={step!r} with epsilon={epsilon!r} divides by zero in the bias correction "
+                "(1 - beta1**step + epsilon); use step >= 1 or epsilon > 0") from None
+        return PreparedCall(module, tensors, scalars, output_shapes, dtypes, buffered, out)
+
+    def result_dtypes(self, module: ModuleType,
+                      tensors: dict[str, Any]) -> tuple[np.dtype, ...]:
+        """Output dtypes under the reference's promotion: run the mixed kernel on empty arrays."""
+        signature = tuple(v.dtype if isinstance(v, np.ndarray) else type(v)
+                          for v in tensors.values())
+        found = self._result_dtypes.get(signature)
+        if found is None:
+            probes = [np.empty(0, v.dtype) if isinstance(v, np.ndarray) else v
+                      for v in tensors.values()]
+            scalars = module.prelude(*(0.5 for _ in module.HYPERPARAMETERS))
+            with np.errstate(all="ignore"):
+                found = tuple(r.dtype for r in module.update(*probes, scalars))
+            self._result_dtypes[signature] = found
+        return found
+
+    # -- execution ----------------------------------------------------------------------------
+
+    def __call__(self, w: Any, dcdw: Any, lr: Any, mw_tm1: Any, vw_tm1: Any, step: Any, *,
+                 beta1: Any = 0.9, beta2: Any = 0.999, epsilon: Any = 1e-07,
+                 stop_gradients: Any = True, out: Any = None) -> tuple[Any, Any, Any]:
+        call = self.prepare(w, dcdw, lr, mw_tm1, vw_tm1, step, beta1, beta2, epsilon,
+                            stop_gradients, out)
+        return call.run(self.kernels)
+
+
+class PreparedCall:
+    """A validated call: arguments converted, scalars computed, kernel chosen; nothing written."""
+
+    def __init__(self, module: ModuleType, tensors: dict[str, Any], scalars: tuple[float, ...],
+                 output_shapes: tuple[tuple[int, ...], ...], dtypes: tuple[np.dtype, ...],
+                 buffered: bool, out: np.ndarray | None) -> None:
+        self.module = module
+        self.tensors = tensors
+        self.scalars = scalars
+        self.output_shapes = output_shapes
+        self.dtypes = dtypes
+        self.buffered = buffered
+        self.out = out
+
+    def run(self, kernels: KernelProvider) -> tuple[Any, Any, Any]:
+        arrays = tuple(self.tensors.values())
+        if self.buffered:
+            results = self._run_buffered(kernels, arrays)
+        else:
+            with np.errstate(all="ignore"):
+                results = self.module.update(*arrays, self.scalars)
+            results = tuple(np.asarray(r) for r in results)
+            if self.out is not None:
+                np.copyto(self.out, results[0], casting="same_kind")
+                results = (self.out,) + results[1:]
+        return self._wrap(results)
+
+    def _run_buffered(self, kernels: KernelProvider, arrays: tuple[Any, ...]) -> tuple:
+        module, out = self.module, self.out
+        in_place = out is not None and _same_view(out, self.tensors["w"])
+        direct = out is not None and out.dtype == self.dtypes[0] and (
+            in_place or not any(isinstance(a, np.ndarray) and np.shares_memory(out, a)
+                                for a in arrays))
+        if in_place and direct:
+            module = kernels(KernelConfig(dtype=module.DTYPE,
+                                          aliases=frozenset({("w_new", "w")})))
+        buffers = [out if direct else np.empty(self.output_shapes[0], self.dtypes[0])]
+        buffers += [np.empty(shape, dtype)
+                    for shape, dtype in zip(self.output_shapes[1:], self.dtypes[1:])]
+        with np.errstate(all="ignore"):
+            module.update(*arrays, self.scalars, *buffers)
+        if out is not None and not direct:
+            np.copyto(out, buffers[0], casting="same_kind")
+            buffers[0] = out
+        return tuple(buffers)
+
+    def _wrap(self, results: tuple) -> tuple:
+        """Outputs come back as ``adamgen.Array`` when an input they depend on is one."""
+        depends = self.module.DEPENDS
+        wrapped = []
+        for name, result in zip(self.module.OUTPUTS, results):
+            if result is not self.out and any(
+                    isinstance(self.tensors.get(dep), Array) for dep in depends[name]):
+                result = result.view(Array)
+            wrapped.append(result)
+        return tuple(wrapped)
+
+
+def _common_float_dtype(tensors: dict[str, Any]) -> str | None:
+    """The one float dtype of every array argument, if there is one (Python scalars are weak)."""
+    dtypes = {v.dtype for v in tensors.values() if isinstance(v, np.ndarray)}
+    if len(dtypes) == 1:
+        return FLOAT_DTYPES.get(dtypes.pop())
+    return None
+
+
+def _same_view(a: np.ndarray, b: Any) -> bool:
+    """True when ``a`` and ``b`` are the same elements in the same layout (``out=w``)."""
+    return (isinstance(b, np.ndarray) and a.shape == b.shape and a.strides == b.strides
+            and a.dtype == b.dtype
+            and a.__array_interface__["data"][0] == b.__array_interface__["data"][0])
+
+
+def _jit_kernels(config: KernelConfig) -> ModuleType:
+    from .kernels import numpy_kernel
+
+    return numpy_kernel(config)
+
+
+_JIT = Updater(_jit_kernels)
+
+
+def adam_update(w: Any, dcdw: Any, lr: Any, mw_tm1: Any, vw_tm1: Any, step: Any, /, *,
+                beta1: Any = 0.9, beta2: Any = 0.999, epsilon: Any = 1e-07,
+                stop_gradients: Any = True, out: Any = None) -> tuple[Any, Any, Any]:
+    """Ivy's ``adam_update``: return ``(w_new, mw, vw)``, bit-identical to Ivy's NumPy backend.
+
+    ``mw = beta1*mw_tm1 + (1-beta1)*dcdw``, ``vw = beta2*vw_tm1 + (1-beta2)*dcdw**2``,
+    ``alpha = (1 - beta2**step)**0.5 / (1 - beta1**step + epsilon)`` in Python floats, and
+    ``w_new = w - ((alpha*mw) / (sqrt(where(vw >= 0, vw, 0)) + epsilon)) * lr``.
+
+    Args:
+        w, dcdw, mw_tm1, vw_tm1: arrays or array-likes (lists of Python floats become float32);
+            they broadcast together. Never modified, except ``w`` when ``out is w``.
+        lr: a Python number (rounded to the arrays' dtype, as NumPy does) or an array.
+        step: an int, a float or a 0-d array, used as ``float(step)``; ``step=0`` is no update.
+        beta1, beta2: in ``[0, 1)``. epsilon: ``>= 0``.
+        stop_gradients: must be a bool; NumPy has no autograd, so it changes nothing.
+        out: receives ``w_new`` (same-kind casting); ``out=w`` updates ``w`` in place.
+
+    Result dtypes follow the reference expression's promotion: float32 in gives float32 out,
+    integer arrays give float64, and a float64 0-d ``lr`` makes ``w_new`` float64.
+    """
+    return _JIT(w, dcdw, lr, mw_tm1, vw_tm1, step, beta1=beta1, beta2=beta2, epsilon=epsilon,
+                stop_gradients=stop_gradients, out=out)

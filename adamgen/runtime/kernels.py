@@ -1,0 +1,100 @@
+"""Kernel modules for the runtime: fetched from the cache, generated only on a miss.
+
+A call served from the cache imports neither SymPy nor Jinja: the key is computed from the
+configuration and :func:`adamgen._resources.generator_fingerprint` (a hash of the generation
+files, read as bytes), and only a miss imports :mod:`adamgen.codegen.driver` to render.
+
+Loaded modules are memoised per process by configuration, so the cache is touched once per
+kernel per process.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+
+from .. import cache as artifact_cache
+from .._resources import generator_fingerprint
+from ..config import KernelConfig
+
+log = logging.getLogger("adamgen.kernels")
+
+_lock = threading.Lock()
+_modules: dict[tuple[str, KernelConfig], ModuleType] = {}
+#: What happened to each kernel this process asked for: shown by ``adamgen info``.
+EVENTS: list[dict[str, object]] = []
+
+
+@functools.cache
+def kernel_cache() -> artifact_cache.ArtifactCache:
+    """The user's cache, or a private temporary one (with one warning) when it is unusable."""
+    return artifact_cache.open_default_cache() or artifact_cache.private_temp_cache()
+
+
+def numpy_cache_key(config: KernelConfig, spec_name: str) -> str:
+    return artifact_cache.cache_key({
+        "kind": "numpy", "spec": spec_name, "generator": generator_fingerprint(),
+        "config": repr(config), "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
+    })
+
+
+def _write_numpy_module(config: KernelConfig, spec_name: str, directory: Path) -> dict[str, str]:
+    from ..codegen.driver import numpy_source  # generation time: SymPy and Jinja load here
+
+    source = numpy_source(config, spec_name)
+    (directory / "kernel.py").write_text(source)
+    return {"source_sha256": hashlib.sha256(source.encode()).hexdigest(),
+            "variant": f"numpy {config.describe()}"}
+
+
+def _import_file(path: Path, module_name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def numpy_kernel(config: KernelConfig, spec_name: str = "adam") -> ModuleType:
+    """The generated NumPy module for ``config`` (``prelude``, ``update``, ``DEPENDS``, ...)."""
+    memo_key = (spec_name, config)
+    module = _modules.get(memo_key)
+    if module is not None:
+        return module
+    with _lock:
+        module = _modules.get(memo_key)
+        if module is None:
+            module = _load_numpy_kernel(config, spec_name)
+            _modules[memo_key] = module
+    return module
+
+
+def _load_numpy_kernel(config: KernelConfig, spec_name: str) -> ModuleType:
+    cache = kernel_cache()
+    key = numpy_cache_key(config, spec_name)
+    start = time.perf_counter()
+    for attempt in (1, 2):
+        entry = cache.get_or_build(
+            "numpy", key, functools.partial(_write_numpy_module, config, spec_name))
+        try:
+            module = _import_file(entry.path / "kernel.py", f"adamgen_numpy_{key[:16]}")
+            break
+        except Exception:  # a damaged artifact is a miss: remove it and rebuild once
+            if attempt == 2:
+                raise
+            log.warning("cached NumPy kernel %s failed to import; rebuilding", entry.path)
+            cache.invalidate("numpy", key)
+    seconds = time.perf_counter() - start
+    EVENTS.append({"kernel": f"numpy {config.describe()}", "built": entry.built,
+                   "seconds": seconds, "path": str(entry.path)})
+    log.debug("numpy kernel %s %s in %.3f s (%s)", config.describe(),
+              "built" if entry.built else "fetched from cache", seconds, entry.path)
+    return module
