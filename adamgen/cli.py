@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from ._version import __version__
+from .errors import AdamgenError
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -33,6 +34,17 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from .codegen.package import generate
+
+    def progress(message: str) -> None:
+        print(f"adamgen generate: {message}", file=sys.stderr, flush=True)
+
+    generate(args.out, args.name, dtypes=args.dtype, constants=args.const, mode=args.mode,
+             progress=progress)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adamgen", description="Generate, verify and load Adam update kernels.")
@@ -40,13 +52,28 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     info = commands.add_parser("info", help="version, spec hash, backends and cache")
     info.set_defaults(run=_info)
+
+    gen = commands.add_parser("generate", help="write an importable package of kernels")
+    gen.add_argument("--out", required=True, help="directory to write the package into")
+    gen.add_argument("--name", required=True, help="the package's name (a Python identifier)")
+    gen.add_argument("--dtype", default="float32,float64",
+                     help="comma-separated dtypes to specialise (default: float32,float64)")
+    gen.add_argument("--const", default="",
+                     help="hyperparameters to bake in, e.g. beta1=0.9,beta2=0.999,epsilon=1e-7")
+    gen.add_argument("--mode", default="exact", choices=("exact", "fast"),
+                     help="exact (bit-identical to Ivy, default) or fast")
+    gen.set_defaults(run=_generate)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.run(args) or 0)
+    try:
+        return int(args.run(args) or 0)
+    except AdamgenError as error:  # our errors are messages for the user, not tracebacks
+        print(f"adamgen {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

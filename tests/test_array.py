@@ -188,7 +188,7 @@ def test_adam_update_method_forwards_keywords(recorded_calls: list) -> None:
     w, out = array([1.0]), array([0.0])
     w.adam_update(1, 2, 3, 4, 5, beta1=0.5, beta2=0.25, epsilon=0.0, stop_gradients=False,
                   out=out)
-    (args, kwargs), = recorded_calls
+    (_, kwargs), = recorded_calls
     assert kwargs == {"beta1": 0.5, "beta2": 0.25, "epsilon": 0.0,
                       "stop_gradients": False, "out": out}
     with pytest.raises(TypeError):

@@ -183,7 +183,7 @@ def test_equality_ignores_key_order_and_is_identity_safe() -> None:
     nan = array([np.nan])
     assert Container(a=1, b=2) == Container(b=2, a=1)
     c = Container(x=nan)
-    assert c == c and c == Container(x=nan)
+    assert c == Container(x=nan)  # the same NaN leaf: equal by identity
 
 
 def test_unhashable() -> None:

@@ -23,15 +23,18 @@ from typing import Any
 import numpy as np
 
 from ..config import KernelConfig
-from ..errors import ArgumentValueError, StepZeroDivisionError
+from ..errors import ArgumentTypeError, ArgumentValueError, StepZeroDivisionError
 from . import validate
 from .array import Array
+from .container import Container, key_mismatch
 
 TENSORS = ("w", "dcdw", "lr", "mw_tm1", "vw_tm1")
 FLOAT_DTYPES = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32",
                 np.dtype(np.float64): "float64"}
 
-KernelProvider = Callable[[KernelConfig], ModuleType]
+#: Returns the NumPy kernel module for a configuration, or None when it has none (a generated
+#: package holds only the dtypes it was generated for; the ``mixed`` form is always there).
+KernelProvider = Callable[[KernelConfig], "ModuleType | None"]
 
 
 class Updater:
@@ -63,7 +66,7 @@ class Updater:
                                          f"generated with {name} fixed to {baked!r}")
         return values
 
-    def prepare(self, w: Any, dcdw: Any, lr: Any, mw_tm1: Any, vw_tm1: Any, step: Any,
+    def prepare(self, *, w: Any, dcdw: Any, lr: Any, mw_tm1: Any, vw_tm1: Any, step: Any,
                 beta1: Any, beta2: Any, epsilon: Any, stop_gradients: Any,
                 out: Any) -> PreparedCall:
         """Every check of one call, before anything is written."""
@@ -78,12 +81,13 @@ class Updater:
         shapes = {name: np.shape(value) for name, value in tensors.items()}
         full_shape = validate.broadcast_shape(shapes)
         dtype = _common_float_dtype(tensors)
-        module = self.kernels(KernelConfig(dtype=dtype or "mixed"))
+        buffered_module = self.kernels(KernelConfig(dtype=dtype)) if dtype else None
+        module = buffered_module or self.kernels(KernelConfig(dtype="mixed"))
         output_shapes = tuple(
             validate.broadcast_shape({n: shapes[n] for n in module.DEPENDS[name] if n in shapes})
             for name in module.OUTPUTS)
-        buffered = dtype is not None and all(s == full_shape for s in output_shapes)
-        if not buffered and dtype is not None:
+        buffered = buffered_module is not None and all(s == full_shape for s in output_shapes)
+        if not buffered:
             module = self.kernels(KernelConfig(dtype="mixed"))
         dtypes = ((np.dtype(dtype),) * len(output_shapes) if buffered
                   else self.result_dtypes(module, tensors))
@@ -117,9 +121,47 @@ class Updater:
     def __call__(self, w: Any, dcdw: Any, lr: Any, mw_tm1: Any, vw_tm1: Any, step: Any, *,
                  beta1: Any = 0.9, beta2: Any = 0.999, epsilon: Any = 1e-07,
                  stop_gradients: Any = True, out: Any = None) -> tuple[Any, Any, Any]:
-        call = self.prepare(w, dcdw, lr, mw_tm1, vw_tm1, step, beta1, beta2, epsilon,
-                            stop_gradients, out)
-        return call.run(self.kernels)
+        arguments = {"w": w, "dcdw": dcdw, "lr": lr, "mw_tm1": mw_tm1, "vw_tm1": vw_tm1,
+                     "step": step, "beta1": beta1, "beta2": beta2, "epsilon": epsilon,
+                     "stop_gradients": stop_gradients, "out": out}
+        if any(isinstance(value, Container) for value in arguments.values()):
+            return self.update_containers(arguments)
+        return self.prepare(**arguments).run(self.kernels)
+
+    def update_containers(self, arguments: dict[str, Any]) -> tuple[Any, ...]:
+        """Leaf by leaf, with plain arguments broadcast to every leaf.
+
+        Every leaf is prepared (validated) before any runs, so a bad leaf writes nothing. An
+        output is a Container exactly when an input it depends on is one (the kernel's
+        dependency record says which); the other outputs are the same for every leaf.
+        """
+        containers = {n: v for n, v in arguments.items() if isinstance(v, Container)}
+        first_name, first = next(iter(containers.items()))
+        for name, other in containers.items():
+            mismatch = key_mismatch(first, other, names=(first_name, name))
+            if mismatch:
+                raise ArgumentValueError(mismatch)
+        paths = first.leaf_paths()
+        module = self.kernels(KernelConfig(dtype="mixed"))
+        is_container = {output: any(d in containers for d in deps)
+                        for output, deps in module.DEPENDS.items()}
+        out = arguments["out"]
+        if out is not None and is_container["w_new"] != isinstance(out, Container):
+            expected = "a Container like w_new" if is_container["w_new"] else "an array"
+            raise ArgumentTypeError(f"out must be {expected}, got {type(out).__name__}")
+        leaf_values = {n: dict(c.leaves()) for n, c in containers.items()}
+        calls = [self.prepare(**{n: leaf_values[n][path] if n in containers else v
+                                 for n, v in arguments.items()})
+                 for path in paths]
+        per_leaf = [call.run(self.kernels) for call in calls]
+        results = []
+        for index, output in enumerate(module.OUTPUTS):
+            if is_container[output]:
+                results.append(Container.from_leaves(
+                    (path, leaf[index]) for path, leaf in zip(paths, per_leaf)))
+            else:
+                results.append(per_leaf[0][index])
+        return tuple(results)
 
 
 class PreparedCall:
@@ -156,8 +198,12 @@ class PreparedCall:
             in_place or not any(isinstance(a, np.ndarray) and np.shares_memory(out, a)
                                 for a in arrays))
         if in_place and direct:
-            module = kernels(KernelConfig(dtype=module.DTYPE,
-                                          aliases=frozenset({("w_new", "w")})))
+            in_place_module = kernels(KernelConfig(dtype=module.DTYPE,
+                                                   aliases=frozenset({("w_new", "w")})))
+            if in_place_module is not None:
+                module = in_place_module
+            else:  # no in-place kernel: compute into a fresh buffer, then copy into out
+                direct = False
         buffers = [out if direct else np.empty(self.output_shapes[0], self.dtypes[0])]
         buffers += [np.empty(shape, dtype)
                     for shape, dtype in zip(self.output_shapes[1:], self.dtypes[1:])]

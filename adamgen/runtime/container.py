@@ -116,9 +116,10 @@ class Container(Mapping[str, Any]):
             return False
         for key, mine in self._data.items():
             theirs = other._data[key]
-            if isinstance(mine, Container) or isinstance(theirs, Container):
-                if not (isinstance(mine, Container) and isinstance(theirs, Container)
-                        and mine == theirs):
+            if isinstance(mine, Container) != isinstance(theirs, Container):
+                return False
+            if isinstance(mine, Container):
+                if mine != theirs:
                     return False
             elif mine is not theirs and not np.array_equal(mine, theirs):
                 return False
@@ -306,9 +307,8 @@ def key_mismatch(a: Container, b: Container, *,
         parts.append(f"only in {name_a}: {', '.join(map(format_path, only_a))}")
     if only_b:
         parts.append(f"only in {name_b}: {', '.join(map(format_path, only_b))}")
-    for path in kinds:
-        kind_a = "a Container" if isinstance(_at(a, path), Container) else "a leaf"
-        kind_b = "a Container" if isinstance(_at(b, path), Container) else "a leaf"
+    for path, nested_in_a in kinds:
+        kind_a, kind_b = ("a Container", "a leaf") if nested_in_a else ("a leaf", "a Container")
         parts.append(f"{format_path(path)} is {kind_a} in {name_a} but {kind_b} in {name_b}")
     return f"Container keys differ between {name_a} and {name_b}: " + "; ".join(parts)
 
@@ -325,9 +325,10 @@ def _only_in(x: Container, y: Container, prefix: Path) -> list[Path]:
     return found
 
 
-def _kind_clashes(a: Container, b: Container, prefix: Path) -> list[Path]:
-    """Paths of keys that hold a leaf on one side and a sub-Container on the other."""
-    found: list[Path] = []
+def _kind_clashes(a: Container, b: Container, prefix: Path) -> list[tuple[Path, bool]]:
+    """``(path, nested in a)`` for keys that hold a leaf on one side and a Container on the other.
+    """
+    found: list[tuple[Path, bool]] = []
     for key, value in a.items():
         if key not in b:
             continue
@@ -335,11 +336,5 @@ def _kind_clashes(a: Container, b: Container, prefix: Path) -> list[Path]:
         if nested_a and nested_b:
             found += _kind_clashes(value, b[key], (*prefix, key))
         elif nested_a != nested_b:
-            found.append((*prefix, key))
+            found.append(((*prefix, key), nested_a))
     return found
-
-
-def _at(c: Container, path: Path) -> Any:
-    for key in path:
-        c = c[key]
-    return c

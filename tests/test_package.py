@@ -1,0 +1,146 @@
+"""``adamgen generate``: the package imports without SymPy/Jinja and matches the JIT bits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import adamgen
+from adamgen.codegen.package import generate, parse_constants
+from adamgen.errors import ArgumentValueError
+
+CONSTS = "beta1=0.9,beta2=0.999,epsilon=1e-7"
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("generated")
+    generate(root, "adam_general", dtypes="float32,float64")
+    generate(root, "adam_const", dtypes="float32,float64", constants=CONSTS)
+    return root
+
+
+def run_in_fresh_process(root: Path, code: str) -> dict:
+    """Run ``code`` in a new interpreter with ``root`` importable; it prints one JSON object."""
+    completed = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=root, capture_output=True, text=True,
+        timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert completed.returncode == 0, completed.stderr
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_generated_packages_import_without_generation_tools_and_match_bits(packages, dtype):
+    # step 1270: there float64's pow(x, 0.5) and sqrt(x) differ in the prelude's last bit
+    result = run_in_fresh_process(packages, f"""
+        import json, sys
+        import numpy as np
+        import adam_general, adam_const
+        loaded = [m for m in ("sympy", "jinja2") if m in sys.modules]
+        rng = np.random.default_rng(7)
+        w, g, m = (rng.standard_normal(1001).astype("{dtype}") for _ in range(3))
+        v = np.abs(rng.standard_normal(1001)).astype("{dtype}")
+        v[:4] = [np.nan, -1.0, np.inf, 0.0]
+        general = adam_general.adam_update(w, g, 0.01, m, v, 1270)
+        const = adam_const.adam_update(w, g, 0.01, m, v, 1270)
+        ws = w.copy()
+        adam_const.adam_update(ws, g, 0.01, m, v, 1270, out=ws)
+        import adamgen
+        jit = adamgen.adam_update(w, g, 0.01, m, v, 1270)
+        print(json.dumps({{
+            "loaded_before_jit": loaded,
+            "general": [a.tobytes().hex() for a in general],
+            "const": [a.tobytes().hex() for a in const],
+            "inplace": ws.tobytes().hex(),
+            "jit": [a.tobytes().hex() for a in jit],
+        }}))
+    """)
+    assert result["loaded_before_jit"] == []
+    assert result["general"] == result["jit"]
+    assert result["const"] == result["jit"]
+    assert result["inplace"] == result["jit"][0]
+
+
+def test_prelude_pow_and_sqrt_really_differ_at_step_1270():
+    x = 1 - 0.999 ** 1270.0
+    assert x ** 0.5 != float(np.sqrt(x))
+
+
+def test_specialised_package_rejects_other_hyperparameters(packages):
+    result = run_in_fresh_process(packages, """
+        import json
+        import numpy as np
+        import adam_const
+        w = np.ones(3, np.float32)
+        messages = []
+        for kwargs in ({"beta1": 0.8}, {"beta2": 0.99}, {"epsilon": 1e-8}):
+            try:
+                adam_const.adam_update(w, w, 0.1, w, w, 1, **kwargs)
+            except ValueError as error:
+                messages.append(str(error))
+        print(json.dumps(messages))
+    """)
+    assert len(result) == 3
+    assert "beta1=0.8" in result[0] and "fixed to 0.9" in result[0]
+
+
+def test_generated_package_serves_containers(packages):
+    result = run_in_fresh_process(packages, """
+        import json
+        import numpy as np
+        import adam_general
+        w = adam_general.Container(a=adam_general.array([1., 2., 3.]),
+                                   b=adam_general.array([4., 5., 6.]))
+        new_w, mw, vw = adam_general.adam_update(w, adam_general.array([0.5, 0.2, 0.4]),
+                                                 adam_general.array(0.01),
+                                                 np.zeros(3, np.float32),
+                                                 np.zeros(1, np.float32), 2)
+        print(json.dumps([type(new_w).__name__, type(mw).__name__, new_w.a.tolist()]))
+    """)
+    assert result[0] == "Container" and result[1] == "Array"
+
+
+def test_generate_rejects_bad_options(tmp_path):
+    with pytest.raises(ArgumentValueError, match="gamma"):
+        parse_constants("gamma=1")
+    with pytest.raises(ArgumentValueError, match="beta1"):
+        parse_constants("beta1=1.5")
+    with pytest.raises(ArgumentValueError, match="not a number"):
+        parse_constants("beta1=abc")
+    with pytest.raises(ArgumentValueError, match="float8"):
+        generate(tmp_path, "pkg", dtypes="float8")
+    with pytest.raises(ArgumentValueError, match="identifier|package name"):
+        generate(tmp_path, "not-a-name")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(ArgumentValueError, match="not generated by adamgen"):
+        generate(tmp_path, "taken")
+    assert not any(p.name.startswith(".pkg") for p in tmp_path.iterdir())
+
+
+def test_regenerating_replaces_the_package_atomically(tmp_path):
+    first = generate(tmp_path, "pkg", dtypes="float32")
+    second = generate(tmp_path, "pkg", dtypes="float64")
+    assert first == second
+    assert (second / "numpy_float64.py").exists() and not (second / "numpy_float32.py").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["pkg"]
+
+
+def test_cli_generate_end_to_end(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-m", "adamgen", "generate", "--out", str(tmp_path), "--name", "cli_pkg",
+         "--dtype", "float32", "--const", "beta1=0.9"], capture_output=True, text=True,
+        timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert "wrote" in completed.stderr
+    assert (tmp_path / "cli_pkg" / "__init__.py").exists()
+    bad = subprocess.run(
+        [sys.executable, "-m", "adamgen", "generate", "--out", str(tmp_path), "--name", "x",
+         "--const", "beta1=2"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "beta1" in bad.stderr and "Traceback" not in bad.stderr
+    assert adamgen.__version__
