@@ -152,12 +152,16 @@ class ArtifactCache:
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).expanduser().absolute()
+        self._ensure_layout()
+        self._swept = False
+
+    def _ensure_layout(self) -> None:
+        """Create (or re-create, if someone deleted them) the root, ``locks`` and ``tmp``."""
         _make_private_dir(self.root)
         for sub in (self.root / "locks", self.root / "tmp"):
             _make_private_dir(sub)
             if not os.access(sub, os.W_OK | os.X_OK):
                 raise CacheError(f"cache directory {sub} is not writable")
-        self._swept = False
 
     def __repr__(self) -> str:
         return f"ArtifactCache({str(self.root)!r})"
@@ -195,6 +199,7 @@ class ArtifactCache:
         if manifest is not None:
             logger.debug("cache hit: fetched %s %s from %s", kind, key, final)
             return Entry(final, manifest, built=False, build_seconds=0.0)
+        self._ensure_layout()  # cheap, and survives an ``rm -rf`` of the cache mid-process
         with self._key_lock(key, lock_timeout):
             manifest = self._load_valid(final, kind, key)  # someone may have built it meanwhile
             if manifest is not None:
@@ -249,7 +254,8 @@ class ArtifactCache:
         """Remove every entry (of every schema) and stale temp dirs; return how many entries.
 
         Each entry is renamed aside atomically before being deleted, so a concurrent reader sees
-        either a complete entry or none (a miss), never a half-deleted one.
+        either a complete entry or none (a miss), never a half-deleted one; and it is removed
+        under its key's lock, so a builder never loses the entry it is publishing.
         """
         removed = 0
         for schema_dir in self.root.iterdir():
@@ -259,8 +265,11 @@ class ArtifactCache:
                 if not kind_dir.is_dir():
                     continue
                 for entry in list(kind_dir.iterdir()):
-                    if self._remove_entry(entry):
-                        removed += 1
+                    if _SAFE_NAME.match(entry.name):
+                        with self._key_lock(entry.name, 300.0):
+                            removed += self._remove_entry(entry)
+                    else:  # not a name adamgen writes: no lock to respect
+                        removed += self._remove_entry(entry)
         self._swept = False
         self._sweep_stale_tmp()
         return removed
@@ -340,7 +349,9 @@ class ArtifactCache:
         _make_private_dir(final.parent)
         workdir = Path(tempfile.mkdtemp(prefix=f"build-{key[:16]}-", dir=self.root / "tmp"))
         try:
+            started = time.perf_counter()
             extra = dict(build(workdir))
+            build_seconds = round(time.perf_counter() - started, 6)
             clashes = sorted(_RESERVED_FIELDS & extra.keys())
             if clashes:
                 raise CacheError(f"builder for {kind} returned reserved manifest fields {clashes}")
@@ -361,7 +372,7 @@ class ArtifactCache:
                 raise CacheError(f"builder for {kind} wrote a file named {MANIFEST}")
             manifest = {"schema": SCHEMA, "key": key, "kind": kind,
                         "adamgen_version": __version__, "files": files, "created": time.time(),
-                        **extra}
+                        "build_seconds": build_seconds, **extra}
             manifest_tmp = workdir / (MANIFEST + ".tmp")
             manifest_tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n",
                                     encoding="utf-8")
@@ -420,8 +431,7 @@ def open_default_cache() -> ArtifactCache | None:
     except (CacheError, OSError, RuntimeError) as exc:
         if not _warned_unusable:
             _warned_unusable = True
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            warnings.warn(f"adamgen cannot use the kernel cache at {root}: {reason}; building "
+            warnings.warn(f"adamgen cannot use the kernel cache at {root}: {exc}; building "
                           "into a private temporary directory instead (set ADAMGEN_CACHE_DIR "
                           "to a directory only you can write)", RuntimeWarning, stacklevel=2)
         return None

@@ -103,7 +103,7 @@ def first_error_line(stderr: str) -> str:
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     summaries = ("collect2:", "clang: error: linker command failed")
     for line in lines:
-        if re.search(r"\berror\b:", line) and not line.startswith(summaries):
+        if re.search(r"\berror\b:", line, re.IGNORECASE) and not line.startswith(summaries):
             return line
     for line in lines:
         if "undefined reference" in line or "cannot find" in line:
@@ -159,7 +159,8 @@ def _probe() -> CompilerInfo:
     # libgomp at once; only if it fails is a plain shared object tried. (This runs once per
     # process, also on a cache hit, since the variants on offer depend on it.)
     with tempfile.TemporaryDirectory(prefix="adamgen-probe-") as scratch:
-        attempts = ((True, _PROBE_OPENMP_C, ["-fopenmp"]), (False, _PROBE_C, []))
+        attempts: tuple[tuple[bool, str, list[str]], ...] = (
+            (True, _PROBE_OPENMP_C, ["-fopenmp"]), (False, _PROBE_C, []))
         for openmp, text, extra in attempts:
             source = Path(scratch, "probe.c")
             source.write_text(text, encoding="utf-8")
@@ -332,7 +333,7 @@ def _emit_wrapper(module_name: str, c_source: str, cdef: str, c_path: Path) -> N
         ffi.cdef(cdef)
         ffi.set_source(module_name, c_source, compiler_verbose=False)
         ffi.emit_c_code(str(c_path))
-    except Exception as exc:  # noqa: BLE001 - cffi/pycparser raise many types; all mean "bad input"
+    except Exception as exc:  # cffi and pycparser raise many types; all mean bad input
         raise CompileError(f"cffi could not generate the wrapper of {module_name}: {exc}",
                            c_path=c_path if c_path.exists() else None) from exc
 
@@ -360,18 +361,23 @@ def compile_extension(module_name: str, c_source: str, cdef: str, out_dir: Path,
     if not module_name.isidentifier():
         raise ArgumentValueError(f"extension module name {module_name!r} is not an identifier")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CompileError(f"cannot create the build directory {out_dir}: {exc}") from exc
     c_path = out_dir / f"{module_name}.c"
     _emit_wrapper(module_name, c_source, cdef, c_path)
     info = probe_compiler()
     if not info.available:
         raise CompileError(f"no usable C compiler: {info.reason}", c_path=c_path)
-    include = sysconfig.get_paths()["include"]
+    paths = sysconfig.get_paths()
+    include = paths["include"]
     if not Path(include, "Python.h").is_file():
         raise CompileError(f"Python.h is not in {include}: install Python's development headers",
                            c_path=c_path)
+    includes = [f"-I{d}" for d in dict.fromkeys([include, paths.get("platinclude", include)])]
     so_path = out_dir / f"{module_name}{extension_suffix()}"
-    argv = [*info.argv, *flags, "-shared", f"-I{include}", "-o", str(so_path), str(c_path),
+    argv = [*info.argv, *flags, "-shared", *includes, "-o", str(so_path), str(c_path),
             *extra_link]
     started = time.perf_counter()
     rc, _, stderr = _run(argv, COMPILE_TIMEOUT_SECONDS)
@@ -391,7 +397,8 @@ def compile_extension(module_name: str, c_source: str, cdef: str, out_dir: Path,
 def load_extension(so_path: Path, module_name: str) -> ModuleType:
     """Load a built extension by path (never via ``sys.path``) and return it.
 
-    The module has ``.ffi`` and ``.lib``. It is not inserted into ``sys.modules``.
+    The module has ``.ffi`` and ``.lib``. CPython registers single-phase extension modules in
+    ``sys.modules`` under their name, which is why the name must carry the key's hash.
 
     Raises:
         CacheError: the file cannot be loaded (truncated, wrong ABI, missing symbol); the
