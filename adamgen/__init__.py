@@ -14,8 +14,9 @@ from .errors import AdamgenError, CacheError, CompileError, ConfigError
 from .runtime.api import adam_update
 from .runtime.array import Array, array
 from .runtime.container import Container
+from .runtime.optimizer import Adam
 
 __all__ = [
-    "AdamgenError", "Array", "CacheError", "CompileError", "ConfigError", "Container",
+    "Adam", "AdamgenError", "Array", "CacheError", "CompileError", "ConfigError", "Container",
     "__version__", "adam_update", "array",
 ]

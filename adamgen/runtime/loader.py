@@ -1,0 +1,163 @@
+"""The loader: pick the fastest kernel variant for a call, by measurement, once per size bucket.
+
+Why measure: which variant wins depends on the machine, the size (in cache or not), the thread
+count and whether OpenMP's start-up pays off; a rule of thumb is wrong somewhere. Why it is safe:
+every exact variant gives bit-identical results, so the choice changes speed, never a result.
+
+How: a decision is keyed by the problem (operation, dtype, argument signature), the size bucket
+(``n.bit_length()``: powers of two), the variant keys, the CPU and the thread count. On the first
+call in a bucket the candidates are timed on **scratch arrays** made for the purpose (never the
+caller's: an update must be applied exactly once), interleaved, within a budget of about 50 ms;
+a bucket too large to time whole is timed on a representative slice of ``MAX_TIMED_BYTES`` per
+array, which is already far beyond the caches. The winner is remembered in memory and in the cache
+directory (``<cache>/choices/``), so a later process skips the measurement.
+
+``ADAMGEN_VARIANT=<name>`` forces one variant (a name no candidate has is an error listing the
+accepted names). ``adamgen info`` prints :func:`decisions`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..config import environment
+from ..errors import ConfigError
+
+BUDGET_SECONDS = 0.05
+MAX_ROUNDS = 9
+MAX_TIMED_BYTES = 8 << 20
+
+#: A timing closure: runs one candidate once on scratch data.
+Timer = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class Decision:
+    problem: str
+    bucket: int
+    winner: str
+    seconds: dict[str, float]
+    timed_elements: int
+    source: str  # "measured", "cache dir", "forced"
+
+
+_lock = threading.Lock()
+_decisions: dict[str, Decision] = {}
+
+
+def bucket_of(n: int) -> int:
+    """Size buckets are powers of two: 1000 and 1023 share one, 1024 starts the next."""
+    return int(n).bit_length()
+
+
+def timed_elements(n: int, itemsize: int) -> int:
+    """How many elements to time for a bucket: the whole array, or a representative slice."""
+    return max(1, min(n, MAX_TIMED_BYTES // itemsize))
+
+
+def _decision_key(problem: str, bucket: int, context: Mapping[str, str]) -> str:
+    text = json.dumps({"problem": problem, "bucket": bucket, **context}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _choices_dir() -> Path | None:
+    from .kernels import kernel_cache
+
+    try:
+        return kernel_cache().root / "choices"
+    except Exception:  # no usable cache: decisions live in memory only
+        return None
+
+
+def _read(path: Path) -> Decision | None:
+    try:
+        data = json.loads(path.read_text())
+        return Decision(**{**data, "source": "cache dir"})
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _write(path: Path, decision: Decision) -> None:
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".choice-")
+        with os.fdopen(handle, "w") as stream:
+            json.dump(asdict(decision), stream)
+        os.replace(temporary, path)
+    except OSError:
+        pass  # remembering is an optimisation; the decision stands for this process
+
+
+def measure(timers: Mapping[str, Timer], budget: float = BUDGET_SECONDS) -> dict[str, float]:
+    """Median seconds per candidate, interleaved round by round within ``budget``."""
+    samples: dict[str, list[float]] = {name: [] for name in timers}
+    for run in timers.values():  # warm-up: page in scratch memory, load code
+        run()
+    deadline = time.perf_counter() + budget
+    for _ in range(MAX_ROUNDS):
+        for name, run in timers.items():
+            start = time.perf_counter()
+            run()
+            samples[name].append(time.perf_counter() - start)
+        if time.perf_counter() > deadline and all(len(s) >= 3 for s in samples.values()):
+            break
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def choose(problem: str, n: int, candidates: tuple[str, ...], context: Mapping[str, str],
+           make_timers: Callable[[int], Mapping[str, Timer]], itemsize: int) -> str:
+    """The variant to run for ``n`` elements of ``problem``.
+
+    Args:
+        problem: what is being computed (operation, dtype, signature), for keys and tables.
+        candidates: the variant names that fit this call; the first is the fallback.
+        context: what else changes the answer (variant cache keys, CPU, threads).
+        make_timers: given a number of elements, returns one timing closure per candidate,
+            each running on scratch arrays of that size.
+    """
+    forced = environment().variant
+    if forced is not None:
+        if forced not in candidates:
+            raise ConfigError(f"ADAMGEN_VARIANT={forced!r} is not a variant of {problem}; "
+                              f"accepted: {', '.join(candidates)}")
+        return forced
+    if len(candidates) == 1:
+        return candidates[0]
+    bucket = bucket_of(n)
+    key = _decision_key(problem, bucket, {**context, "candidates": ",".join(candidates)})
+    decision = _decisions.get(key)
+    if decision is not None:
+        return decision.winner
+    with _lock:
+        decision = _decisions.get(key)
+        if decision is None:
+            directory = _choices_dir()
+            decision = _read(directory / f"{key}.json") if directory else None
+            if decision is None or decision.winner not in candidates:
+                elements = timed_elements(n, itemsize)
+                seconds = measure(make_timers(elements))
+                winner = min(candidates, key=lambda name: seconds[name])
+                decision = Decision(problem, bucket, winner, seconds, elements, "measured")
+                if directory:
+                    _write(directory / f"{key}.json", decision)
+            _decisions[key] = decision
+    return decision.winner
+
+
+def decisions() -> list[Decision]:
+    """Every decision this process has made or loaded, for ``adamgen info``."""
+    return sorted(_decisions.values(), key=lambda d: (d.problem, d.bucket))
+
+
+def forget() -> None:
+    """Drop in-memory decisions (tests use it to prove a later process reads the cache dir)."""
+    _decisions.clear()

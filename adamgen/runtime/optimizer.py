@@ -1,0 +1,212 @@
+"""``adamgen.Adam``: the in-place, multi-tensor optimizer for training code.
+
+Where the speed lives. The functional ``adam_update`` must allocate three new arrays per call (its
+contract); a training loop does not need that. ``Adam`` keeps the parameters where they are and
+owns, per dtype, three flat 64-byte-aligned buffers: ``m``, ``v`` and a gradient buffer whose
+views it hands out as ``opt.grads``. A step is then one kernel call over every parameter of a
+dtype, with pointers gathered once at construction (PERFORMANCE-NOTES: collecting and checking
+hundreds of pointers per step costs more than the update itself).
+
+Bits: a step computes exactly what ``adam_update(w, g, lr, m, v, step)`` computes for each tensor
+(same kernel IR, same prelude, ``lr`` rounded to the dtype as NumPy rounds a Python float), so 50
+steps of ``Adam`` equal 50 chained ``adam_update`` calls bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import ArgumentTypeError, ArgumentValueError
+from . import validate
+from .container import Container
+from .multitensor import MultiTensorGroup
+
+ALIGNMENT = 64
+
+
+def aligned_empty(size: int, dtype: np.dtype) -> np.ndarray:
+    """A 1-d array of ``size`` elements whose data starts on a 64-byte boundary."""
+    itemsize = np.dtype(dtype).itemsize
+    raw = np.empty(size * itemsize + ALIGNMENT, dtype=np.uint8)
+    offset = (-raw.ctypes.data) % ALIGNMENT
+    return raw[offset:offset + size * itemsize].view(dtype)
+
+
+def _as_parameter(index: str, value: Any) -> np.ndarray:
+    """A writable NumPy view of a parameter, without copying (torch tensors via DLPack)."""
+    if isinstance(value, np.ndarray):
+        array = value
+    elif hasattr(value, "__dlpack__"):
+        source = value.detach() if hasattr(value, "detach") else value
+        try:
+            array = np.from_dlpack(source)
+        except Exception as error:
+            raise ArgumentTypeError(f"parameter {index}: cannot view it without a copy through "
+                                    f"DLPack ({error}); only CPU tensors are supported") from None
+        if not array.flags.writeable:  # NumPy marks DLPack imports read-only; memory is ours
+            array.flags.writeable = True
+    else:
+        raise ArgumentTypeError(f"parameter {index} is a {type(value).__name__}; expected a "
+                                "float array or a CPU tensor with __dlpack__")
+    if array.dtype not in (np.float32, np.float64):
+        raise ArgumentTypeError(f"parameter {index} has dtype {array.dtype}; Adam updates "
+                                "float32 and float64 parameters in place")
+    if not (array.flags.c_contiguous or array.flags.f_contiguous):
+        raise ArgumentValueError(f"parameter {index} is not contiguous (strides "
+                                 f"{array.strides}); pass a contiguous array to update in place")
+    if not array.flags.writeable:
+        raise ArgumentValueError(f"parameter {index} is read-only")
+    return array
+
+
+class Adam:
+    """Adam over a list (or a Container) of float32/float64 arrays, updated in place.
+
+    Args:
+        params: the parameters; a list of arrays or CPU tensors, or a Container of them.
+        lr: the learning rate; may be changed between steps (``opt.lr = ...``).
+        beta1, beta2, epsilon: as in :func:`adamgen.adam_update`.
+    """
+
+    def __init__(self, params: Sequence[Any] | Container, lr: float = 1e-3, beta1: float = 0.9,
+                 beta2: float = 0.999, epsilon: float = 1e-7) -> None:
+        self._structure = params if isinstance(params, Container) else None
+        if self._structure is not None:
+            self._paths = [path for path, _ in params.leaves()]
+            raw = [leaf for _, leaf in params.leaves()]
+            names = [".".join(path) for path in self._paths]
+        else:
+            raw = list(params)
+            names = [str(i) for i in range(len(raw))]
+        if not raw:
+            raise ArgumentValueError("params is empty: nothing to optimise")
+        self._names = names
+        self.params = [_as_parameter(name, p) for name, p in zip(names, raw)]
+        self.lr = lr
+        self.beta1 = validate.as_hyperparameter("beta1", beta1, 0.0, 1.0)
+        self.beta2 = validate.as_hyperparameter("beta2", beta2, 0.0, 1.0)
+        self.epsilon = validate.as_hyperparameter("epsilon", epsilon, 0.0, None)
+        self.step_count = 0
+        self._groups: list[MultiTensorGroup] = []
+        self._m: list[np.ndarray] = [np.empty(0)] * len(self.params)
+        self._v: list[np.ndarray] = [np.empty(0)] * len(self.params)
+        self._g: list[np.ndarray] = [np.empty(0)] * len(self.params)
+        for dtype in sorted({p.dtype for p in self.params}, key=str):
+            members = [i for i, p in enumerate(self.params) if p.dtype == dtype]
+            total = sum(self.params[i].size for i in members)
+            flat = {name: aligned_empty(total, dtype) for name in ("m", "v", "g")}
+            flat["m"][:] = 0
+            flat["v"][:] = 0
+            flat["g"][:] = 0
+            offset = 0
+            for i in members:
+                p = self.params[i]
+                order = "F" if p.flags.f_contiguous and not p.flags.c_contiguous else "C"
+                for name, views in (("m", self._m), ("v", self._v), ("g", self._g)):
+                    views[i] = flat[name][offset:offset + p.size].reshape(p.shape, order=order)
+                offset += p.size
+            self._groups.append(MultiTensorGroup(
+                dtype, [self.params[i] for i in members], [self._g[i] for i in members],
+                [self._m[i] for i in members], [self._v[i] for i in members], members))
+
+    # -- the training loop's side ---------------------------------------------------------------
+
+    @property
+    def grads(self) -> list[np.ndarray] | Container:
+        """Views of the owned gradient buffer, shaped like ``params``: write gradients here."""
+        return self._shaped(self._g)
+
+    @property
+    def state(self) -> dict[str, Any]:
+        return {"m": self._shaped(self._m), "v": self._shaped(self._v)}
+
+    def _shaped(self, arrays: list[np.ndarray]) -> list[np.ndarray] | Container:
+        if self._structure is None:
+            return list(arrays)
+        return Container.from_leaves(zip(self._paths, arrays))
+
+    def step(self, grads: Sequence[Any] | Container | None = None) -> None:
+        """One Adam step over every parameter, in place; ``grads`` defaults to ``opt.grads``.
+
+        Every gradient is checked (count, shape, dtype) before any parameter is touched.
+        """
+        lr = self._checked_lr()
+        external = None if grads is None else self._checked_grads(grads)
+        self.step_count += 1
+        hyper = (self.beta1, self.beta2, self.epsilon, float(self.step_count))
+        for group in self._groups:
+            group.run(lr, hyper, external)
+
+    def _checked_lr(self) -> float:
+        lr = self.lr
+        if isinstance(lr, (bool, np.bool_)) or not isinstance(lr, (int, float, np.floating)):
+            raise ArgumentTypeError(f"lr must be a real number, got {type(lr).__name__}")
+        return float(lr)
+
+    def _checked_grads(self, grads: Sequence[Any] | Container) -> list[np.ndarray]:
+        if isinstance(grads, Container):
+            if self._structure is None:
+                raise ArgumentTypeError("grads is a Container but params is a list")
+            paths = grads.leaf_paths()
+            if paths != self._paths:
+                raise ArgumentValueError(f"grads has leaves {['.'.join(p) for p in paths]}; "
+                                         f"expected {self._names}")
+            values: Iterable[Any] = (leaf for _, leaf in grads.leaves())
+        else:
+            values = list(grads)
+            if len(values) != len(self.params):
+                raise ArgumentValueError(f"grads has {len(values)} arrays; expected "
+                                         f"{len(self.params)}, one per parameter")
+        checked = []
+        for name, param, grad in zip(self._names, self.params, values):
+            if not isinstance(grad, np.ndarray):
+                grad = _as_parameter(name, grad) if hasattr(grad, "__dlpack__") else grad
+            if not isinstance(grad, np.ndarray) or grad.shape != param.shape \
+                    or grad.dtype != param.dtype:
+                got = (f"{getattr(grad, 'shape', '?')} {getattr(grad, 'dtype', type(grad))}")
+                raise ArgumentValueError(f"gradient {name} is {got}; expected "
+                                         f"{param.shape} {param.dtype}")
+            checked.append(grad)
+        return checked
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Copies of m and v, the step counter and the hyperparameters."""
+        return {"step": self.step_count, "lr": self.lr, "beta1": self.beta1,
+                "beta2": self.beta2, "epsilon": self.epsilon,
+                "m": [m.copy() for m in self._m], "v": [v.copy() for v in self._v]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; checked whole before anything changes."""
+        missing = {"step", "lr", "beta1", "beta2", "epsilon", "m", "v"} - set(state)
+        if missing:
+            raise ArgumentValueError(f"state_dict lacks {sorted(missing)}")
+        for key in ("m", "v"):
+            arrays = state[key]
+            if len(arrays) != len(self.params):
+                raise ArgumentValueError(f"state_dict[{key!r}] has {len(arrays)} arrays; "
+                                         f"expected {len(self.params)}")
+            for name, param, array in zip(self._names, self.params, arrays):
+                if np.shape(array) != param.shape:
+                    raise ArgumentValueError(f"state_dict[{key!r}] {name} has shape "
+                                             f"{np.shape(array)}; expected {param.shape}")
+        step = int(state["step"])
+        if step < 0:
+            raise ArgumentValueError(f"state_dict['step'] must be >= 0, got {step}")
+        beta1 = validate.as_hyperparameter("beta1", state["beta1"], 0.0, 1.0)
+        beta2 = validate.as_hyperparameter("beta2", state["beta2"], 0.0, 1.0)
+        epsilon = validate.as_hyperparameter("epsilon", state["epsilon"], 0.0, None)
+        for target, source in zip(self._m + self._v, list(state["m"]) + list(state["v"])):
+            np.copyto(target, source, casting="same_kind")
+        self.step_count, self.lr = step, state["lr"]
+        self.beta1, self.beta2, self.epsilon = beta1, beta2, epsilon
+
+    def __repr__(self) -> str:
+        sizes = sum(p.size for p in self.params)
+        backends = ", ".join(group.describe() for group in self._groups)
+        return (f"Adam({len(self.params)} parameters, {sizes} elements, lr={self.lr}, "
+                f"step={self.step_count}; {backends})")
