@@ -34,6 +34,22 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache(args: argparse.Namespace) -> int:
+    from .runtime.kernels import kernel_cache
+
+    cache = kernel_cache()
+    if args.action == "clear":
+        removed = cache.clear()
+        print(f"removed {removed} entries from {cache.root}")
+        return 0
+    summary = cache.info()
+    print(f"cache:    {summary['root']} (schema {summary.get('schema')})")
+    print(f"entries:  {summary['count']}, {summary['size_bytes'] / 1e6:.2f} MB")
+    for kind, count in sorted(summary.get("per_kind", {}).items()):
+        print(f"  {kind:<10} {count}")
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     from .codegen.package import generate
 
@@ -52,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     info = commands.add_parser("info", help="version, spec hash, backends and cache")
     info.set_defaults(run=_info)
+
+    cache = commands.add_parser("cache", help="show or clear the kernel cache")
+    cache.add_argument("action", choices=("info", "clear"))
+    cache.set_defaults(run=_cache)
 
     gen = commands.add_parser("generate", help="write an importable package of kernels")
     gen.add_argument("--out", required=True, help="directory to write the package into")

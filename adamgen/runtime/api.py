@@ -74,10 +74,10 @@ class Updater:
         hyper = self.hyperparameters(beta1, beta2, epsilon, step)
         tensors = {
             "w": validate.as_tensor("w", w), "dcdw": validate.as_tensor("dcdw", dcdw),
-            "lr": validate.as_tensor("lr", lr, weak_scalars=True),
-            "mw_tm1": validate.as_tensor("mw_tm1", mw_tm1),
+            "lr": lr, "mw_tm1": validate.as_tensor("mw_tm1", mw_tm1),
             "vw_tm1": validate.as_tensor("vw_tm1", vw_tm1),
         }
+        tensors["lr"] = self.learning_rate(lr, tensors)
         shapes = {name: np.shape(value) for name, value in tensors.items()}
         full_shape = validate.broadcast_shape(shapes)
         dtype = _common_float_dtype(tensors)
@@ -100,6 +100,22 @@ class Updater:
                 f"step={step!r} with epsilon={epsilon!r} divides by zero in the bias correction "
                 "(1 - beta1**step + epsilon); use step >= 1 or epsilon > 0") from None
         return PreparedCall(module, tensors, scalars, output_shapes, dtypes, buffered, out)
+
+    @staticmethod
+    def learning_rate(lr: Any, tensors: dict[str, Any]) -> Any:
+        """``lr`` as the reference's ``effective_grad * lr`` sees it.
+
+        A Python number stays weak. Something without a dtype of its own (a list, a tuple, an
+        ``__array__`` object without ``dtype``) takes the effective gradient's dtype, as Ivy's
+        ``promote_types_of_inputs`` converts it; anything with a dtype keeps it.
+        """
+        if isinstance(lr, (list, tuple)) or (
+                hasattr(lr, "__array__") and not hasattr(lr, "dtype")):
+            gradient_dtype = np.result_type(tensors["dcdw"], tensors["mw_tm1"],
+                                            tensors["vw_tm1"], 1.0)
+            validate.as_tensor("lr", lr)  # the checks: numbers, rectangular, real dtype
+            return np.asarray(lr, dtype=gradient_dtype)
+        return validate.as_tensor("lr", lr, weak_scalars=True)
 
     def result_dtypes(self, module: ModuleType,
                       tensors: dict[str, Any]) -> tuple[np.dtype, ...]:

@@ -20,19 +20,60 @@ _KIND_NAMES = {"b": "bool", "c": "complex", "O": "object", "U": "string", "S": "
                "V": "structured", "M": "datetime", "m": "timedelta"}
 
 
-def _contains_python_float(value: Any) -> bool:
+_INT32 = (-(2**31), 2**31 - 1)
+
+
+def _fits_float32(value: float) -> bool:
+    """Ivy's rule: a Python float float32 cannot hold (too large, or below float32's normal
+    range) makes an array float64."""
+    if not math.isfinite(value) or value == 0.0:
+        return True
+    exponent = math.frexp(value)[1]
+    return abs(value) <= 3.4028234663852886e38 and -126 <= exponent <= 128
+
+
+def _python_leaves(value: Any) -> list[Any]:
     if isinstance(value, (list, tuple)):
-        return any(_contains_python_float(v) for v in value)
-    return isinstance(value, float) and not isinstance(value, np.floating)
+        return [leaf for item in value for leaf in _python_leaves(item)]
+    return [value]
+
+
+def ivy_default_dtype(value: Any) -> np.dtype:
+    """The dtype ``ivy.array`` gives a Python scalar or (nested) list, on Ivy's NumPy backend.
+
+    Each leaf takes float32 / int32 (float64 / int64 where the value does not fit), NumPy scalars
+    their own dtype; any float leaf wins over integers and the widest float wins; no leaf gives
+    float32.
+    """
+    dtypes = set()
+    for leaf in _python_leaves(value):
+        if isinstance(leaf, (np.generic, np.ndarray)):
+            dtypes.add(leaf.dtype)
+        elif isinstance(leaf, bool):
+            dtypes.add(np.dtype(np.bool_))
+        elif isinstance(leaf, int):
+            fits = _INT32[0] <= leaf <= _INT32[1]
+            dtypes.add(np.dtype(np.int32 if fits else np.int64))
+        elif isinstance(leaf, float):
+            dtypes.add(np.dtype(np.float32 if _fits_float32(leaf) else np.float64))
+        else:
+            dtypes.add(np.asarray(leaf).dtype)
+    if not dtypes:
+        return np.dtype(np.float32)
+    floats = [d for d in dtypes if d.kind in "fc"]
+    if floats:
+        return max(floats, key=lambda d: d.itemsize)
+    return np.result_type(*dtypes)
 
 
 def as_tensor(name: str, value: Any, *, weak_scalars: bool = False) -> Any:
     """Convert one tensor argument as ``ivy.asarray`` would.
 
     Python scalars stay Python scalars when ``weak_scalars`` (``lr``): NumPy then rounds them to
-    the arrays' dtype, as Ivy does. Lists and tuples become arrays, Python floats as float32.
-    NumPy scalars become 0-d arrays (they are not weak). ``__array__`` and ``__dlpack__``
-    objects are read without copying where NumPy can.
+    the arrays' dtype, as Ivy does. Lists, tuples and other Python scalars take
+    :func:`ivy_default_dtype` (Python floats become float32). NumPy scalars become 0-d arrays
+    (they are not weak). ``__array__`` and ``__dlpack__`` objects are read without copying where
+    NumPy can.
     """
     if isinstance(value, np.ndarray):
         array = value
@@ -41,14 +82,13 @@ def as_tensor(name: str, value: Any, *, weak_scalars: bool = False) -> Any:
     elif isinstance(value, numbers.Real) and not isinstance(value, np.generic):
         if weak_scalars:
             return value
-        array = np.asarray(value, dtype=np.float32 if isinstance(value, float) else None)
+        array = np.asarray(value, dtype=ivy_default_dtype(value))
     elif isinstance(value, (list, tuple)):
         try:
-            array = np.asarray(value)
-        except ValueError as error:
-            raise ArgumentValueError(f"{name} is a ragged sequence: {error}") from None
-        if array.dtype == np.float64 and _contains_python_float(value):
-            array = array.astype(np.float32)
+            array = np.asarray(value, dtype=ivy_default_dtype(value))
+        except (ValueError, TypeError) as error:
+            raise ArgumentValueError(f"{name} is not a rectangular sequence of numbers: "
+                                     f"{error}") from None
     elif isinstance(value, np.generic) or hasattr(value, "__array__"):
         array = np.asarray(value)
     elif hasattr(value, "__dlpack__"):

@@ -1,0 +1,85 @@
+"""Shared test helpers: bit-exact comparison and "this input was not touched" snapshots.
+
+``tests/`` is on ``sys.path`` (pytest's default rootdir-relative import), so test modules can do
+``from conftest import assert_bitwise_equal`` and ``from reference import adam_update_ref``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+
+def _bytes(a: np.ndarray) -> bytes:
+    return np.ascontiguousarray(a).tobytes()
+
+
+def assert_bitwise_equal(actual: Any, expected: Any, name: str = "result") -> None:
+    """Same dtype, same shape, same bytes. NaNs compare by bit pattern (sign and payload too).
+
+    Layout does not matter: a Fortran-ordered or strided result equals its C-ordered copy.
+    """
+    actual_array, expected_array = np.asarray(actual), np.asarray(expected)
+    assert actual_array.dtype == expected_array.dtype, (
+        f"{name}: dtype {actual_array.dtype}, expected {expected_array.dtype}")
+    assert actual_array.shape == expected_array.shape, (
+        f"{name}: shape {actual_array.shape}, expected {expected_array.shape}")
+    if _bytes(actual_array) != _bytes(expected_array):
+        bits = {2: np.uint16, 4: np.uint32, 8: np.uint64}.get(actual_array.dtype.itemsize)
+        a_flat, e_flat = actual_array.ravel(), expected_array.ravel()
+        if bits is not None:
+            differ = np.flatnonzero(np.ascontiguousarray(a_flat).view(bits)
+                                    != np.ascontiguousarray(e_flat).view(bits))
+        else:
+            differ = np.flatnonzero(a_flat != e_flat)
+        first = differ[:5]
+        raise AssertionError(
+            f"{name}: {differ.size} of {a_flat.size} elements differ in their bits; first at "
+            f"flat index {first.tolist()}: got {a_flat[first].tolist()}, expected "
+            f"{e_flat[first].tolist()}")
+
+
+def assert_all_bitwise_equal(actual: tuple, expected: tuple,
+                             names: tuple[str, ...] = ("w_new", "mw", "vw")) -> None:
+    assert len(actual) == len(expected), (len(actual), len(expected))
+    for a, e, name in zip(actual, expected, names):
+        assert_bitwise_equal(a, e, name)
+
+
+class Snapshot:
+    """Bytes, dtype, shape and strides of arrays, to prove later that nothing wrote to them.
+
+    Non-array arguments (Python numbers, lists) are deep-copied and compared by equality.
+    """
+
+    def __init__(self, **arguments: Any) -> None:
+        import copy
+
+        self.arguments = arguments
+        self.saved = {}
+        for name, value in arguments.items():
+            if isinstance(value, np.ndarray):
+                self.saved[name] = (value.dtype, value.shape, value.strides, _bytes(value))
+            else:
+                self.saved[name] = copy.deepcopy(value)
+
+    def assert_unchanged(self, *, except_: tuple[str, ...] = ()) -> None:
+        for name, value in self.arguments.items():
+            if name in except_:
+                continue
+            saved = self.saved[name]
+            if isinstance(value, np.ndarray):
+                now = (value.dtype, value.shape, value.strides, _bytes(value))
+                assert now == saved, f"{name} was modified"
+            else:
+                assert _same_python_value(value, saved), f"{name} was modified"
+
+
+def _same_python_value(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_python_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return bool(a == b) if not isinstance(a, np.ndarray) else np.array_equal(a, b)
