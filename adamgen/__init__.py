@@ -15,8 +15,19 @@ from .runtime.api import adam_update
 from .runtime.array import Array, array
 from .runtime.container import Container
 from .runtime.optimizer import Adam
+from .runtime.vjp import adam_update_vjp
 
 __all__ = [
     "Adam", "AdamgenError", "Array", "CacheError", "CompileError", "ConfigError", "Container",
-    "__version__", "adam_update", "array",
+    "__version__", "adam_update", "adam_update_vjp", "array", "verify",
 ]
+
+
+def verify(**options: Any) -> list:
+    """Prove the generated kernels equal the spec, and Adam's properties (imports SymPy).
+
+    See :func:`adamgen.verify.verify`; returns one result per theorem.
+    """
+    from .verify import verify as run
+
+    return run(**options)

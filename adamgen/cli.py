@@ -50,6 +50,12 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from .verify import run_cli
+
+    return run_cli(args.verify_args)
+
+
 def _generate(args: argparse.Namespace) -> int:
     from .codegen.package import generate
 
@@ -72,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     cache = commands.add_parser("cache", help="show or clear the kernel cache")
     cache.add_argument("action", choices=("info", "clear"))
     cache.set_defaults(run=_cache)
+
+    verify = commands.add_parser(
+        "verify", help="prove the kernels equal the spec and Adam's properties (SymPy)",
+        add_help=False)
+    verify.add_argument("verify_args", nargs=argparse.REMAINDER)
+    verify.set_defaults(run=_verify)
 
     gen = commands.add_parser("generate", help="write an importable package of kernels")
     gen.add_argument("--out", required=True, help="directory to write the package into")

@@ -11,6 +11,7 @@ all of them go into cache keys.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,15 @@ class KernelConfig:
     @property
     def constants_dict(self) -> dict[str, float]:
         return dict(self.constants)
+
+    def key(self) -> str:
+        """A canonical text of every field, for cache keys: the same in every process
+        (``repr`` of a frozenset depends on the hash seed, so it is not used)."""
+        return json.dumps({
+            "dtype": self.dtype, "mode": self.mode, "constants": self.constants,
+            "scalar_tensors": sorted(self.scalar_tensors),
+            "aliases": sorted(self.aliases),
+        }, sort_keys=True)
 
     def describe(self) -> str:
         """A short, stable, human-readable name used in headers and variant tables."""

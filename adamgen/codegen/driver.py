@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from ..config import KernelConfig
 from ..spec import UpdateSpec, adam_spec
+from .c_backend import CKernelSource, render_c_module
 from .ir import KernelIR
 from .lower import lower
 from .numpy_backend import render_numpy_module
@@ -27,3 +28,46 @@ def kernel_ir(config: KernelConfig, spec_name: str = "adam") -> KernelIR:
 def numpy_source(config: KernelConfig, spec_name: str = "adam") -> str:
     """spec -> IR -> NumPy module source."""
     return render_numpy_module(kernel_ir(config, spec_name))
+
+
+def c_source(config: KernelConfig, spec_name: str = "adam", *, openmp: bool = True,
+             flags: tuple[str, ...] = ()) -> CKernelSource:
+    """spec -> IR (one per alias form) -> one C file holding every form, and its cffi cdef.
+
+    ``config.aliases`` is ignored: the file holds the functional form and each in-place form
+    named below (which output overwrites which input is knowledge about the spec, so it lives
+    here beside :data:`SPECS`). A form whose overwritten input is a scalar tensor is left out.
+    """
+    from dataclasses import replace
+
+    forms = {"adam": {
+        "functional": frozenset(),
+        "inplace_w": frozenset({("w_new", "w")}),
+        "inplace_all": frozenset({("w_new", "w"), ("mw", "mw_tm1"), ("vw", "vw_tm1")}),
+    }}[spec_name]
+    irs = {name: kernel_ir(replace(config, aliases=aliases), spec_name)
+           for name, aliases in forms.items()
+           if not {source for _, source in aliases} & config.scalar_tensors}
+    return render_c_module(irs, openmp=openmp, flags=flags)
+
+
+def adam_vjp_spec() -> UpdateSpec:
+    """The vector-Jacobian product of Adam, derived from the spec by :mod:`adamgen.derivatives`.
+
+    Registered as ``"adam_vjp"`` so the VJP goes through the same lowering and backends.
+    """
+    from ..derivatives import vjp_spec
+
+    return vjp_spec(adam_spec())
+
+
+SPECS["adam_vjp"] = adam_vjp_spec
+
+
+def vjp_c_source(config: KernelConfig, *, openmp: bool = True,
+                 flags: tuple[str, ...] = ()) -> CKernelSource:
+    """The VJP's C file: the functional form only (a VJP never overwrites its inputs)."""
+    from dataclasses import replace
+
+    ir = kernel_ir(replace(config, aliases=frozenset()), "adam_vjp")
+    return render_c_module({"functional": ir}, openmp=openmp, flags=flags)

@@ -29,11 +29,13 @@ from ..config import KernelConfig
 
 Operand = str | float
 
-#: op name -> arity. ``pow`` appears only in the prelude; ``sqrt`` and ``clamp_nonnegative``
-#: (``x if x >= 0 else 0``, so NaN becomes 0) only in the body.
+#: op name -> arity. ``pow`` appears only in the prelude; ``sqrt``, ``clamp_nonnegative``
+#: (``x if x >= 0 else 0``, so NaN becomes 0) and ``select_positive`` (``select_positive(c, a)``
+#: is ``a if c > 0 else 0``: NaN ``c`` gives 0, and an inf or NaN ``a`` is discarded where
+#: ``c <= 0``; derivatives use it for their rule at ``v = 0``) only in the body.
 OPS: dict[str, int] = {
     "add": 2, "sub": 2, "mul": 2, "div": 2, "neg": 1, "pow": 2, "sqrt": 1,
-    "clamp_nonnegative": 1,
+    "clamp_nonnegative": 1, "select_positive": 2,
 }
 COMMUTATIVE = frozenset({"add", "mul"})
 

@@ -94,6 +94,9 @@ class _Translator:
             return self._product(expr, is_scalar)
         if isinstance(expr, sympy.Pow):
             return self._power(expr, is_scalar)
+        if isinstance(expr, sympy.Piecewise) and len(expr.args) == 2 \
+                and isinstance(expr.args[0].cond, sympy.StrictGreaterThan):
+            return self._select(expr, is_scalar)
         if isinstance(expr, sympy.Piecewise):
             return self._clamp(expr, is_scalar)
         raise LoweringError(f"cannot lower {type(expr).__name__}: {expr}")
@@ -151,6 +154,14 @@ class _Translator:
             raise LoweringError(f"only the clamp Piecewise((x, x >= 0), (0, True)) on tensors "
                                 f"is supported, got {expr}")
         return self.emit("clamp_nonnegative", (self.operand(value),), False)
+
+    def _select(self, expr: sympy.Piecewise, is_scalar: bool) -> str:
+        (value, condition), (otherwise, always) = expr.args
+        if not (always == sympy.true and otherwise == 0 and condition.rhs == 0) or is_scalar:
+            raise LoweringError(f"only the select Piecewise((a, c > 0), (0, True)) on tensors "
+                                f"is supported, got {expr}")
+        return self.emit("select_positive", (self.operand(condition.lhs), self.operand(value)),
+                         False)
 
 
 def _is_negation(expr: sympy.Basic) -> bool:

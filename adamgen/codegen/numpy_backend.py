@@ -63,12 +63,17 @@ def print_expression_step(step: Step) -> str:
         return f"{step.target} = np.sqrt({args[0]})"
     if step.op == "clamp_nonnegative":
         return f"{step.target} = np.where({args[0]} >= 0, {args[0]}, 0)"
+    if step.op == "select_positive":
+        return f"{step.target} = np.where({args[0]} > 0, {args[1]}, 0)"
     raise ValueError(f"no NumPy expression for {step.op}")
 
 
 def print_buffered_step(step: Step, buffers: dict[str, str]) -> str:
     """A body step as one ufunc call writing into its assigned buffer."""
     args = [buffers.get(a, a) if isinstance(a, str) else python_literal(a) for a in step.args]
+    if step.op == "select_positive":  # no ufunc selects; np.where allocates, copyto rounds once
+        selected = f"np.where(np.greater({args[0]}, 0), {args[1]}, 0.0)"
+        return f"np.copyto({buffers[step.target]}, {selected})  # {step}"
     if step.op == "clamp_nonnegative":
         args.append("0.0")
     call = f"{_UFUNCS[step.op]}({', '.join(args)}, out={buffers[step.target]})"

@@ -41,7 +41,7 @@ def kernel_cache() -> artifact_cache.ArtifactCache:
 def numpy_cache_key(config: KernelConfig, spec_name: str) -> str:
     return artifact_cache.cache_key({
         "kind": "numpy", "spec": spec_name, "generator": generator_fingerprint(),
-        "config": repr(config), "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
+        "config": config.key(), "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
     })
 
 

@@ -1,0 +1,397 @@
+"""C renderer: kernel IR -> one C99 file holding every variant, through ``c_kernel.c.j2``.
+
+Templates hold the file's structure; the math is printed by :class:`KernelCPrinter`, a subclass
+of SymPy's ``C99CodePrinter``: each IR step becomes an unevaluated SymPy expression over
+``Symbol``/``Indexed`` leaves, printed as one ``const`` declaration. Because every step has two
+atomic operands, the printed C performs exactly the IR's operations in the IR's order, each
+rounded once in the element type (``-ffp-contract=off`` keeps the compiler from fusing them).
+
+One file per (dtype, mode, constants, scalar tensors) holds, for each alias *form* (the
+functional form and the in-place forms the caller names), a vectorisable ``static`` chunk
+function over ``[begin, end)``, a serial entry point and, with OpenMP, a threaded one; plus a
+multi-tensor entry point for the form whose outputs all overwrite their inputs.
+
+Parameter order of every entry point (the runtime relies on it, via :class:`CFunction`): the
+tensors in the IR's order (a scalar tensor as a value, an input its output overwrites as one
+read-write pointer), the kernel scalars, the outputs that overwrite nothing, then ``n`` (or
+``sizes, count``), then ``nthreads, threshold`` for threaded forms.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+import sympy
+from sympy.codegen.ast import Assignment, Declaration, Variable, float32, float64, real, value_const
+from sympy.printing.c import C99CodePrinter
+
+from .._version import __version__
+from ..config import KernelConfig
+from .ir import KernelIR, Operand, Step
+from .templating import render
+
+#: dtype -> (C element type, SymPy type the printer maps ``real`` to)
+ELEMENT_TYPES = {"float32": ("float", float32), "float64": ("double", float64)}
+#: Names the generated code uses itself; an IR name equal to one of them is refused.
+RESERVED = frozenset({"i", "n", "k", "c", "begin", "end", "lo", "hi", "offset", "total",
+                      "sizes", "count", "nthreads", "threshold", "parts", "part"})
+#: Multi-tensor chunks start on multiples of this many elements (whole cache lines).
+CHUNK_ALIGN = 64
+
+
+class ClampNonnegative(sympy.Function):
+    """``x if x >= 0 else 0`` (NaN becomes 0), printed as a comparison, never ``fmax``: the
+    vector ``vmaxps`` picks an operand by position when one is NaN."""
+
+    nargs = 1
+
+
+class SelectPositive(sympy.Function):
+    """``a if c > 0 else 0`` (NaN ``c`` gives 0; an inf/NaN ``a`` is discarded where c <= 0)."""
+
+    nargs = 2
+
+
+def float32_literal(value: float) -> str:
+    """The shortest decimal that a correctly rounding C compiler reads as ``float32(value)``.
+
+    ``value`` (a double) is rounded once to float32, as NumPy rounds a weak Python float; each
+    candidate decimal is then checked in exact rational arithmetic against the rounding
+    interval of that float32, so the C literal needs no double rounding to be right.
+    """
+    with np.errstate(over="ignore"):
+        single = np.float32(value)
+        if not np.isfinite(single):
+            return "NAN" if np.isnan(single) else ("-INFINITY" if single < 0 else "INFINITY")
+        down = np.nextafter(single, np.float32(-np.inf))
+        up = np.nextafter(single, np.float32(np.inf))
+    exact = Fraction(float(single))
+    if np.isfinite(up) and np.isfinite(down):
+        below, above = Fraction(float(down)), Fraction(float(up))
+    elif np.isfinite(down):  # the largest float32: the overflow threshold mirrors its neighbour
+        below = Fraction(float(down))
+        above = 2 * exact - below
+    else:
+        above = Fraction(float(up))
+        below = 2 * exact - above
+    low, high = (below + exact) / 2, (exact + above) / 2
+    even = int(single.view(np.uint32)) % 2 == 0
+    for digits in range(1, 10):
+        text = f"{float(single):.{digits}g}"
+        candidate = Fraction(text)
+        if low < candidate < high or (even and candidate in (low, high)):
+            break
+    else:  # unreachable for IEEE float32 (9 digits always suffice); stay exact regardless
+        text = float(single).hex()
+    if not any(ch in text for ch in ".epx"):
+        text += ".0"
+    return text + "f"
+
+
+def c_literal(value: float, dtype: str) -> str:
+    """A float constant as C source whose value is ``value`` rounded once to ``dtype``."""
+    if dtype == "float32":
+        return float32_literal(value)
+    if math.isnan(value):
+        return "NAN"
+    if math.isinf(value):
+        return "-INFINITY" if value < 0 else "INFINITY"
+    return repr(float(value))  # shortest round-trip decimal; C reads it back exactly
+
+
+class KernelCPrinter(C99CodePrinter):
+    """C99 printer for one element dtype: ``sqrtf`` and ``f``-suffixed literals for float32."""
+
+    def __init__(self, dtype: str) -> None:
+        super().__init__({"type_aliases": {real: ELEMENT_TYPES[dtype][1]}, "order": "none",
+                          "contract": False})
+        self.dtype = dtype
+
+    def _print_Float(self, expr: sympy.Float) -> str:
+        return c_literal(float(expr), self.dtype)
+
+    def _print_Integer(self, expr: sympy.Integer) -> str:
+        return c_literal(float(expr), self.dtype)
+
+    def _print_ClampNonnegative(self, expr: ClampNonnegative) -> str:
+        x = self._print(expr.args[0])
+        return f"({x} >= 0 ? {x} : 0)"
+
+    def _print_SelectPositive(self, expr: SelectPositive) -> str:
+        condition, value = (self._print(a) for a in expr.args)
+        return f"({condition} > 0 ? {value} : 0)"
+
+
+@dataclass(frozen=True)
+class CParameter:
+    """One C parameter. ``role`` tells the runtime what to pass (see :data:`ROLES`)."""
+
+    name: str
+    ctype: str
+    role: str
+
+    def declaration(self, *, abi_only: bool = False) -> str:
+        """``const float *restrict w``; ``abi_only`` drops ``restrict`` (for cffi's cdef)."""
+        ctype = self.ctype.replace("*restrict", "*") if abi_only else self.ctype
+        return f"{ctype}{'' if ctype.endswith('*') else ' '}{self.name}"
+
+
+#: in/inout/out: one array; *_list: an array of pointers (multi-tensor); value: a scalar tensor;
+#: scalar: a kernel scalar; n, sizes, count, nthreads, threshold: sizes and threading.
+ROLES = ("in", "inout", "out", "in_list", "inout_list", "value", "scalar", "n", "sizes",
+         "count", "nthreads", "threshold")
+
+
+@dataclass(frozen=True)
+class CFunction:
+    """One exported entry point: its form, C name, whether it is threaded, its parameters."""
+
+    form: str
+    symbol: str
+    threaded: bool
+    parameters: tuple[CParameter, ...]
+
+    def declaration(self, *, abi_only: bool = False) -> str:
+        params = ", ".join(p.declaration(abi_only=abi_only) for p in self.parameters)
+        return f"void {self.symbol}({params})"
+
+    def describe(self) -> dict[str, object]:
+        """JSON-ready, for the cache manifest: the runtime reads signatures without SymPy."""
+        return {"form": self.form, "symbol": self.symbol, "threaded": self.threaded,
+                "parameters": [[p.name, p.ctype, p.role] for p in self.parameters]}
+
+
+@dataclass(frozen=True)
+class CKernelSource:
+    """A rendered C file, its cffi declarations and the entry points they declare."""
+
+    config: KernelConfig
+    source: str
+    cdef: str
+    functions: tuple[CFunction, ...]
+    openmp: bool
+    variant: str
+
+
+def _symbol_map(ir: KernelIR, aliases: Mapping[str, str], scalar_tensors: frozenset[str],
+                element_index: sympy.Symbol) -> dict[str, sympy.Basic]:
+    """IR name -> SymPy leaf: ``name[i]`` for per-element tensors, ``name`` otherwise."""
+    length = sympy.Symbol("n", integer=True)
+    leaves: dict[str, sympy.Basic] = {}
+    for name in ir.tensors:
+        if name in scalar_tensors:
+            leaves[name] = sympy.Symbol(name, real=True)
+        else:
+            leaves[name] = sympy.IndexedBase(name, shape=(length,))[element_index]
+    for name in ir.kernel_scalars:
+        leaves[name] = sympy.Symbol(name, real=True)
+    for step in ir.body:
+        leaves[step.target] = sympy.Symbol(step.target, real=True)
+    for output in ir.output_names:
+        target = aliases.get(output, output)
+        leaves[f"out:{output}"] = sympy.IndexedBase(target, shape=(length,))[element_index]
+    return leaves
+
+
+def step_expression(step: Step, leaves: Mapping[str, sympy.Basic]) -> sympy.Expr:
+    """One IR step as an unevaluated SymPy expression, printed back as exactly that operation."""
+    def leaf(operand: Operand) -> sympy.Basic:
+        return leaves[operand] if isinstance(operand, str) else sympy.Float(float(operand))
+
+    args = [leaf(a) for a in step.args]
+    minus_one = sympy.Integer(-1)
+    if step.op == "add":
+        return sympy.Add(args[0], args[1], evaluate=False)
+    if step.op == "sub":
+        return sympy.Add(args[0], sympy.Mul(minus_one, args[1], evaluate=False), evaluate=False)
+    if step.op == "mul":
+        return sympy.Mul(args[0], args[1], evaluate=False)
+    if step.op == "div":
+        return sympy.Mul(args[0], sympy.Pow(args[1], minus_one, evaluate=False), evaluate=False)
+    if step.op == "neg":
+        return sympy.Mul(minus_one, args[0], evaluate=False)
+    if step.op == "sqrt":
+        return sympy.Pow(args[0], sympy.S.Half, evaluate=False)
+    if step.op == "clamp_nonnegative":
+        return ClampNonnegative(args[0])
+    if step.op == "select_positive":
+        return SelectPositive(args[0], args[1])
+    raise ValueError(f"no C form for body step {step} (pow belongs in the prelude)")
+
+
+def _uniform_steps(ir: KernelIR, scalar_tensors: frozenset[str]) -> frozenset[str]:
+    """Body steps whose operands are all per-call scalars: computed once, before the loop."""
+    uniform = set(ir.kernel_scalars) | set(scalar_tensors)
+    hoisted: set[str] = set()
+    for step in ir.body:
+        if all(name in uniform for name in step.names()):
+            uniform.add(step.target)
+            hoisted.add(step.target)
+    return frozenset(hoisted)
+
+
+@dataclass(frozen=True)
+class FormPlan:
+    """What the template needs for one form: parameters, and the printed statements."""
+
+    name: str
+    summary: str
+    chunk: str
+    parameters: tuple[CParameter, ...]
+    list_parameters: tuple[CParameter, ...]
+    uniform_lines: tuple[str, ...]
+    body_lines: tuple[str, ...]
+    store_lines: tuple[str, ...]
+    in_place: bool
+    multi: bool
+
+
+def plan_form(name: str, ir: KernelIR, ctype: str) -> FormPlan:
+    """Print one form's statements and lay out its parameters (see the module docstring)."""
+    config = ir.config
+    aliases = dict(config.aliases)  # output -> the input it overwrites
+    overwritten = set(aliases.values())
+    scalar_tensors = frozenset(config.scalar_tensors)
+    clash = (set(ir.tensors) | set(ir.kernel_scalars) | set(ir.output_names)
+             | {s.target for s in ir.body}) & RESERVED
+    if clash:
+        raise ValueError(f"IR names {sorted(clash)} clash with names the C template uses")
+    for output, source in aliases.items():
+        if source in scalar_tensors:
+            raise ValueError(f"{output} cannot overwrite {source}: it is a scalar tensor")
+    in_place = bool(aliases)
+    restrict = "" if in_place else "restrict"
+    parameters: list[CParameter] = []
+    list_parameters: list[CParameter] = []
+    for tensor in ir.tensors:
+        if tensor in scalar_tensors:
+            parameters.append(CParameter(tensor, ctype, "value"))
+            list_parameters.append(CParameter(tensor, ctype, "value"))
+        elif tensor in overwritten:
+            parameters.append(CParameter(tensor, f"{ctype} *{restrict}", "inout"))
+            list_parameters.append(CParameter(tensor, f"{ctype} *const *", "inout_list"))
+        else:
+            parameters.append(CParameter(tensor, f"const {ctype} *{restrict}", "in"))
+            list_parameters.append(CParameter(tensor, f"const {ctype} *const *", "in_list"))
+    scalars = [CParameter(s, ctype, "scalar") for s in ir.kernel_scalars]
+    parameters += scalars
+    list_parameters += scalars
+    for output in ir.output_names:
+        if output not in aliases:
+            parameters.append(CParameter(output, f"{ctype} *{restrict}", "out"))
+    printer = KernelCPrinter(config.dtype)
+    sympy_type = ELEMENT_TYPES[config.dtype][1]
+    leaves = _symbol_map(ir, aliases, scalar_tensors, sympy.Symbol("i", integer=True))
+    hoisted = _uniform_steps(ir, scalar_tensors)
+
+    def declare(step: Step) -> str:
+        variable = Variable(sympy.Symbol(step.target, real=True), type=sympy_type,
+                            attrs={value_const}, value=step_expression(step, leaves))
+        return f"{printer.doprint(Declaration(variable))};  /* {step} */"
+
+    uniform = tuple(declare(s) for s in ir.body if s.target in hoisted)
+    body = tuple(declare(s) for s in ir.body if s.target not in hoisted)
+    stores = tuple(printer.doprint(Assignment(leaves[f"out:{o}"], leaves[v]))
+                   for o, v in ir.outputs)
+    multi = in_place and set(aliases) == set(ir.output_names)
+    overwrites = [(o, aliases[o]) for o in ir.output_names if o in aliases]
+    summary = (f"{', '.join(o for o, _ in overwrites)} overwrite{'s' * (len(overwrites) == 1)} "
+               f"{', '.join(i for _, i in overwrites)} (arrays may be the same)" if in_place
+               else "inputs and outputs distinct (restrict)")
+    return FormPlan(name, summary, f"{ir.spec_name}_{name}_chunk", tuple(parameters),
+                    tuple(list_parameters), uniform, body, stores, in_place, multi)
+
+
+def entry_points(spec_name: str, plan: FormPlan, openmp: bool) -> list[CFunction]:
+    """The exported functions of one form (serial, threaded, multi-tensor)."""
+    n = CParameter("n", "int64_t", "n")
+    threading = (CParameter("nthreads", "int", "nthreads"),
+                 CParameter("threshold", "int64_t", "threshold"))
+    symbol = f"{spec_name}_{plan.name}"
+    functions = [CFunction(plan.name, symbol, False, plan.parameters + (n,))]
+    if openmp:
+        functions.append(CFunction(plan.name, f"{symbol}_omp", True,
+                                   plan.parameters + (n,) + threading))
+    if plan.multi:
+        sizes = (CParameter("sizes", "const int64_t *", "sizes"),
+                 CParameter("count", "int64_t", "count"))
+        multi = f"{spec_name}_multi_inplace"
+        functions.append(CFunction("multi_inplace", multi, False, plan.list_parameters + sizes))
+        if openmp:
+            functions.append(CFunction("multi_inplace", f"{multi}_omp", True,
+                                       plan.list_parameters + sizes + threading))
+    return functions
+
+
+def wrap_signature(symbol: str, parameters: Sequence[CParameter], *, storage: str = "",
+                   width: int = 100) -> str:
+    """``void symbol(params)`` with the parameters wrapped at ``width`` columns, for readability."""
+    head = f"{storage}void {symbol}("
+    lines, line = [], head
+    declarations = [p.declaration() for p in parameters]
+    for index, text in enumerate(declarations):
+        text += ")" if index == len(declarations) - 1 else ","
+        if line != head and len(line) + 1 + len(text) > width:
+            lines.append(line.rstrip())
+            line = "    "
+        line += ("" if line in (head, "    ") else " ") + text
+    lines.append(line)
+    return "\n".join(lines)
+
+
+def wrap_call(symbol: str, parameters: Sequence[CParameter], extra: Sequence[str] = (), *,
+              index: str | None = None, indent: int = 4, width: int = 100) -> str:
+    """``symbol(args);`` forwarding ``parameters`` (``*_list`` ones as ``name[index]``) and then
+    ``extra``, wrapped at ``width`` columns; the first line is not indented (the template is)."""
+    words = [f"{p.name}[{index}]" if index and p.role.endswith("_list") else p.name
+             for p in parameters] + list(extra)
+    lines, line = [], f"{symbol}("
+    for position, word in enumerate(words):
+        word += ");" if position == len(words) - 1 else ","
+        if len(line) + 1 + len(word) + indent > width:
+            lines.append(line.rstrip())
+            line = " " * (indent + 4)
+        line += ("" if line.endswith("(") or not line.strip() else " ") + word
+    lines.append(line)
+    return "\n".join(lines)
+
+
+def variant_name(config: KernelConfig) -> str:
+    """The variant a C file covers (its alias forms are all inside it)."""
+    return "c " + config.describe()
+
+
+def render_c_module(irs: Mapping[str, KernelIR], *, openmp: bool,
+                    flags: Sequence[str] = ()) -> CKernelSource:
+    """Render one C file with every form in ``irs`` (form name -> IR lowered with its aliases).
+
+    Args:
+        irs: the forms, e.g. ``{"functional": ir, "inplace_w": ir_w, "inplace_all": ir_all}``;
+            all lowered from one spec for one configuration, differing only in ``aliases``.
+        openmp: also emit the threaded ``*_omp`` entry points (only where OpenMP builds).
+        flags: the compiler flags, named in the header so the file says how it was built.
+    """
+    first = next(iter(irs.values()))
+    base = KernelConfig(dtype=first.config.dtype, mode=first.config.mode,
+                        constants=first.config.constants,
+                        scalar_tensors=first.config.scalar_tensors)
+    if base.dtype not in ELEMENT_TYPES:
+        raise ValueError(f"the C backend renders {tuple(ELEMENT_TYPES)}, not {base.dtype!r}")
+    ctype = ELEMENT_TYPES[base.dtype][0]
+    plans = [plan_form(name, ir, ctype) for name, ir in irs.items()]
+    entries = {plan.name: entry_points(first.spec_name, plan, openmp) for plan in plans}
+    functions = [f for plan in plans for f in entries[plan.name]]
+    context = {
+        "version": __version__, "ir": first, "config": base, "variant": variant_name(base),
+        "ctype": ctype, "flags": " ".join(flags) or "(not recorded)", "openmp": openmp,
+        "plans": plans, "functions": functions, "entries": entries, "align": CHUNK_ALIGN,
+        "spec": first.spec_name, "signature": wrap_signature, "call": wrap_call,
+        "range": (CParameter("begin", "int64_t", "n"), CParameter("end", "int64_t", "n")),
+    }
+    source = render("c_kernel.c.j2", **context)
+    cdef = render("cffi_cdef.h.j2", **context)
+    return CKernelSource(base, source, cdef, tuple(functions), openmp, variant_name(base))

@@ -1,0 +1,181 @@
+"""``adamgen.derivatives``: the VJP spec, its binary nesting, the ``v = 0`` rule, the new op.
+
+Nothing in ``derivatives`` knows Adam, so a made-up spec exercises the re-nesting on forms Adam
+does not produce (cubes, inverse squares, ``x**(3/2)``, non-dyadic coefficients).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sympy
+from sympy import Piecewise, Rational, sqrt
+
+from adamgen.codegen.c_backend import KernelCPrinter, SelectPositive, step_expression
+from adamgen.codegen.driver import kernel_ir, numpy_source
+from adamgen.codegen.ir import Step
+from adamgen.codegen.lower import lower
+from adamgen.codegen.numpy_backend import (
+    print_buffered_step,
+    print_expression_step,
+    render_numpy_module,
+)
+from adamgen.config import KernelConfig
+from adamgen.derivatives import SqrtOfClamp, evaluated, vjp_expressions, vjp_spec
+from adamgen.errors import LoweringError
+from adamgen.spec import UpdateSpec, adam_spec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load(source: str) -> dict:
+    namespace: dict = {}
+    exec(compile(source, "<generated>", "exec"), namespace)  # noqa: S102 - code we rendered
+    return namespace
+
+
+def _binary_everywhere(expr: sympy.Basic) -> bool:
+    if isinstance(expr, (sympy.Add, sympy.Mul)) and len(expr.args) != 2:
+        return False
+    return all(_binary_everywhere(a) for a in expr.args)
+
+
+def test_vjp_spec_interface():
+    spec = vjp_spec(adam_spec())
+    assert spec.name == "adam_vjp"
+    assert [n for n, _ in spec.outputs] == ["d_w", "d_dcdw", "d_lr", "d_mw_tm1", "d_vw_tm1"]
+    assert [s.name for s in spec.tensors] == ["dcdw", "lr", "mw_tm1", "vw_tm1", "d_w_new",
+                                              "d_mw", "d_vw"]  # w is read by no derivative
+    assert spec.hyperparameters == adam_spec().hyperparameters
+    assert all(_binary_everywhere(expr) for _, expr in spec.outputs)
+
+
+def test_vjp_spec_is_the_same_in_every_process():
+    """The nesting is the reference order: it must not depend on hash seeds."""
+    code = ("from adamgen.derivatives import vjp_spec; from adamgen.spec import adam_spec; "
+            "print(vjp_spec(adam_spec()).spec_hash)")
+    hashes = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True, env={**os.environ, "PYTHONHASHSEED": seed,
+                                              "PYTHONPATH": str(REPO)}).stdout.strip()
+              for seed in ("0", "1", "12345")}
+    assert hashes == {vjp_spec(adam_spec()).spec_hash}
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "mixed"])
+def test_vjp_lowers_and_renders(mode, dtype):
+    config = KernelConfig(dtype=dtype, mode=mode)
+    ir = kernel_ir(config, "adam_vjp")
+    assert ir.output_names == ("d_w", "d_dcdw", "d_lr", "d_mw_tm1", "d_vw_tm1")
+    assert sum(s.op == "select_positive" for s in ir.body) == 1
+    module = load(numpy_source(config, "adam_vjp"))
+    assert module["OUTPUTS"] == list(ir.output_names)
+
+
+def test_sqrt_of_clamp_carries_the_rule():
+    u = sympy.Symbol("u", real=True)
+    assert sympy.diff(SqrtOfClamp(u), u) == Piecewise((1 / (2 * sqrt(u)), u > 0), (0, True))
+    clamp_sqrt = sympy.Pow(Piecewise((u, sympy.GreaterThan(u, 0, evaluate=False)), (0, True),
+                                     evaluate=False), Rational(1, 2), evaluate=False)
+    assert evaluated(clamp_sqrt, abstract_sqrt_clamp=True) == SqrtOfClamp(u)
+    assert isinstance(evaluated(clamp_sqrt), Piecewise)  # SymPy pushes sqrt inside otherwise
+
+
+def test_vjp_expressions_are_sympys_derivatives_where_v_is_positive():
+    spec = adam_spec()
+    x = {s.name: s for s in spec.inputs}
+    expressions = vjp_expressions(spec)
+    values = {x["w"]: 0.3, x["dcdw"]: -0.7, x["lr"]: 0.01, x["mw_tm1"]: 0.2, x["vw_tm1"]: 0.4,
+              x["beta1"]: 0.9, x["beta2"]: 0.999, x["epsilon"]: 1e-3, x["step"]: 5}
+    cot = {sympy.Symbol(f"d_{n}", real=True): sympy.Float(c)
+           for n, c in zip(("w_new", "mw", "vw"), (1.5, -0.5, 2.0))}
+    for tensor in spec.tensors:
+        direct = sum(c * sympy.diff(evaluated(spec.output(n[2:])), tensor)
+                     for n, c in zip(("d_w_new", "d_mw", "d_vw"), cot.values()))
+        ours = expressions[f"d_{tensor.name}"].xreplace(cot)
+        assert abs(float(ours.xreplace(values)) - float(direct.xreplace(values))) < 1e-12
+
+
+def _toy_spec() -> UpdateSpec:
+    """Forms Adam does not produce: the re-nesting must handle them all."""
+    a, b, c = sympy.symbols("a b c", real=True)
+    k = sympy.Symbol("k", real=True)
+    with sympy.evaluate(False):
+        y = a * a * a * b / (c * c) + sqrt(a * a + b * b) * k
+        z = (a * b) / (k + 3) - c * c * c + a * a * sqrt(a) / 3
+    return UpdateSpec("toy", (a, b, c), (k,), (("y", y), ("z", z)))
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_renesting_handles_general_expressions(mode):
+    spec = _toy_spec()
+    vjp = vjp_spec(spec)
+    assert all(_binary_everywhere(e) for _, e in vjp.outputs)
+    module = load(render_numpy_module(lower(vjp, KernelConfig(dtype="float64", mode=mode))))
+    rng = np.random.default_rng(3)
+    a, b, c, d_y, d_z = (rng.uniform(0.5, 2.0, 9) for _ in range(5))
+    inputs = {"a": a, "b": b, "c": c, "d_y": d_y, "d_z": d_z}
+    outputs = [np.empty(9) for _ in module["OUTPUTS"]]
+    module["update"](*(inputs[n] for n in module["TENSORS"]), module["prelude"](0.25), *outputs)
+    sym = {s.name: s for s in spec.inputs}
+    y, z = (evaluated(e) for _, e in spec.outputs)
+    for name, got in zip(module["OUTPUTS"], outputs):
+        x = sym[name[2:]]
+        f = sympy.lambdify((*spec.tensors, sym["k"], "d_y", "d_z"),
+                           sympy.Symbol("d_y") * sympy.diff(y, x)
+                           + sympy.Symbol("d_z") * sympy.diff(z, x))
+        np.testing.assert_allclose(got, f(a, b, c, 0.25, d_y, d_z), rtol=1e-13)
+
+
+def test_constant_derivative_and_name_clash_are_errors():
+    a, b, k = sympy.symbols("a b k", real=True)
+    with pytest.raises(LoweringError, match="constant 0"):  # b reaches no output
+        vjp_spec(UpdateSpec("unused", (a, b), (k,), (("y", sympy.Mul(k, a, evaluate=False)),)))
+    d_y = sympy.Symbol("d_y", real=True)
+    with pytest.raises(LoweringError, match="cotangent"):
+        vjp_spec(UpdateSpec("clash", (a, d_y), (k,), (("y", sympy.Mul(a, d_y, evaluate=False)),)))
+
+
+def test_select_positive_lowers_renders_and_refuses_other_forms():
+    c, a = sympy.symbols("c a", real=True)
+    k = sympy.Symbol("k", real=True)
+    select = Piecewise((a, sympy.StrictGreaterThan(c, 0, evaluate=False)), (0, True),
+                       evaluate=False)
+    ir = lower(UpdateSpec("sel", (c, a), (k,), (("y", select),)), KernelConfig())
+    assert [(s.op, s.args) for s in ir.body] == [("select_positive", ("c", "a"))]
+    bad = Piecewise((a, sympy.StrictGreaterThan(c, 0, evaluate=False)), (1, True),
+                    evaluate=False)
+    with pytest.raises(LoweringError, match="select"):
+        lower(UpdateSpec("bad", (c, a), (k,), (("y", bad),)), KernelConfig())
+    step = Step("t0", "select_positive", ("c", "a"))
+    assert print_expression_step(step) == "t0 = np.where(c > 0, a, 0)"
+    assert "np.where(np.greater(c, 0), a, 0.0)" in print_buffered_step(step, {"t0": "y"})
+    printed = KernelCPrinter("float32").doprint(step_expression(step, {
+        "c": sympy.Symbol("c"), "a": sympy.Symbol("a")}))
+    assert printed == "(c > 0 ? a : 0)"
+    assert isinstance(step_expression(step, {"c": c, "a": a}), SelectPositive)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_select_in_the_numpy_kernel_discards_inf_and_nan(dtype):
+    config = KernelConfig(dtype=np.dtype(dtype).name)
+    module = load(numpy_source(config, "adam_vjp"))
+    n = 5
+    vw_tm1 = np.array([0.0, -1.0, np.nan, 1.0, 0.0], dtype)
+    dcdw = np.array([0.0, 0.0, 0.0, 0.0, 1e-30], dtype)  # the last squares to 0 in float32
+    ones = np.ones(n, dtype)
+    outputs = [np.empty(n, dtype) for _ in module["OUTPUTS"]]
+    inputs = {"dcdw": dcdw, "lr": ones * dtype(0.1), "mw_tm1": ones, "vw_tm1": vw_tm1,
+              "d_w_new": ones, "d_mw": ones, "d_vw": ones}
+    with np.errstate(all="ignore"):
+        module["update"](*(inputs[t] for t in module["TENSORS"]),
+                         module["prelude"](0.9, 0.999, 1e-7, 3), *outputs)
+    d_vw_tm1 = outputs[module["OUTPUTS"].index("d_vw_tm1")]
+    # v = 0, v < 0 and v NaN: the path through sqrt contributes 0, leaving beta2 * d_vw
+    assert d_vw_tm1[0] == d_vw_tm1[1] == d_vw_tm1[2] == dtype(0.999)
+    assert all(np.isfinite(o[[0, 1, 3, 4]]).all() for o in outputs)
