@@ -26,8 +26,8 @@ __all__ = [
 def verify(**options: Any) -> list:
     """Prove the generated kernels equal the spec, and Adam's properties (imports SymPy).
 
-    See :func:`adamgen.verify.verify`; returns one result per theorem.
+    See :func:`adamgen.theorems.verify`; returns one result per theorem.
     """
-    from .verify import verify as run
+    from .theorems import verify as run
 
     return run(**options)

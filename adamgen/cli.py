@@ -51,7 +51,7 @@ def _cache(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .verify import run_cli
+    from .theorems import run_cli
 
     return run_cli(args.verify_args)
 

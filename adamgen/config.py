@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,7 +116,7 @@ def _parse_positive_int(name: str, raw: str) -> int:
     return int(text)
 
 
-def environment(env: dict[str, str] | None = None) -> Environment:
+def environment(env: Mapping[str, str] | None = None) -> Environment:
     """Parse every ``ADAMGEN_*`` variable adamgen reads (``OMP_NUM_THREADS`` is the fallback
     thread count). Variables adamgen does not read are left alone: tests and tools may use the
     prefix too.
@@ -124,7 +125,7 @@ def environment(env: dict[str, str] | None = None) -> Environment:
         env: the mapping to read; ``os.environ`` by default. Read anew on every call so tests
             and long-lived processes see changes; callers on the hot path memoise the result.
     """
-    env = dict(os.environ) if env is None else env
+    env = os.environ if env is None else env
     cache_dir = env.get("ADAMGEN_CACHE_DIR") or None
     threads = None
     for name in ("ADAMGEN_NUM_THREADS", "OMP_NUM_THREADS"):
@@ -145,3 +146,24 @@ def environment(env: dict[str, str] | None = None) -> Environment:
         variant=env.get("ADAMGEN_VARIANT") or None,
         num_threads=threads,
     )
+
+
+
+_current: list[Environment] = []
+
+
+def current_environment() -> Environment:
+    """:func:`environment`, parsed once per process for the hot path.
+
+    Like ``OMP_NUM_THREADS`` for OpenMP, the variables are read at first use; a process that
+    changes them afterwards calls :func:`refresh_environment`.
+    """
+    if not _current:
+        _current.append(environment())
+    return _current[0]
+
+
+def refresh_environment() -> Environment:
+    """Re-read the environment (tests and tools that change ``ADAMGEN_*`` at run time)."""
+    _current.clear()
+    return current_environment()

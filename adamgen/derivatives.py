@@ -1,7 +1,7 @@
 """Derivatives of an update spec: its vector-Jacobian product (VJP), built as a new spec.
 
 Why a spec: the VJP then goes through the same lowering, IR and backends as the update itself
-(NumPy and C, exact and fast), and :mod:`adamgen.verify` proves the lowered VJP equal to SymPy's
+(NumPy and C, exact and fast), and :mod:`adamgen.theorems` proves the lowered VJP equal to SymPy's
 derivatives of the original spec. Nothing here knows that the spec is Adam, and nothing here
 writes a derivative by hand: every one comes from :func:`sympy.diff`.
 

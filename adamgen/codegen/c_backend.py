@@ -20,6 +20,7 @@ read-write pointer), the kernel scalars, the outputs that overwrite nothing, the
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -300,7 +301,7 @@ def plan_form(name: str, ir: KernelIR, ctype: str) -> FormPlan:
     multi = in_place and set(aliases) == set(ir.output_names)
     overwrites = [(o, aliases[o]) for o in ir.output_names if o in aliases]
     summary = (f"{', '.join(o for o, _ in overwrites)} overwrite{'s' * (len(overwrites) == 1)} "
-               f"{', '.join(i for _, i in overwrites)} (arrays may be the same)" if in_place
+               f"{', '.join(i for _, i in overwrites)} (may alias)" if in_place
                else "inputs and outputs distinct (restrict)")
     return FormPlan(name, summary, f"{ir.spec_name}_{name}_chunk", tuple(parameters),
                     tuple(list_parameters), uniform, body, stores, in_place, multi)
@@ -387,7 +388,8 @@ def render_c_module(irs: Mapping[str, KernelIR], *, openmp: bool,
     functions = [f for plan in plans for f in entries[plan.name]]
     context = {
         "version": __version__, "ir": first, "config": base, "variant": variant_name(base),
-        "ctype": ctype, "flags": " ".join(flags) or "(not recorded)", "openmp": openmp,
+        "ctype": ctype, "flag_lines": textwrap.wrap(" ".join(flags) or "(not recorded)", 86,
+                                   break_long_words=False, break_on_hyphens=False), "openmp": openmp,
         "plans": plans, "functions": functions, "entries": entries, "align": CHUNK_ALIGN,
         "spec": first.spec_name, "signature": wrap_signature, "call": wrap_call,
         "range": (CParameter("begin", "int64_t", "n"), CParameter("end", "int64_t", "n")),

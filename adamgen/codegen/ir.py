@@ -1,6 +1,6 @@
 """The kernel IR: a small, frozen description of one elementwise kernel.
 
-The IR is what every backend renders and what :mod:`adamgen.verify` proves equal to the spec.
+The IR is what every backend renders and what :mod:`adamgen.theorems` proves equal to the spec.
 It is deliberately flat (three-address code), because the order of floating-point operations is
 part of the contract: a tree could be re-associated by a printer, a list of two-operand steps
 cannot.

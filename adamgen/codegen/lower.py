@@ -243,7 +243,7 @@ def fast_rewrites(program: Program) -> Program:
 
     ``(s1*x / y) * s2`` with scalars ``s1`` (prelude) and ``s2`` (a hyperparameter or a scalar
     tensor) becomes ``(x / y) * (s1*s2)``: one multiply per element fewer, the scalar product
-    computed once. :mod:`adamgen.verify` proves the rewritten IR equal to the spec; FMA
+    computed once. :mod:`adamgen.theorems` proves the rewritten IR equal to the spec; FMA
     contraction is the C compiler's (``-ffp-contract=fast``).
     """
     if program.config.mode != "fast":

@@ -29,12 +29,21 @@ from .array import Array
 from .container import Container, key_mismatch
 
 TENSORS = ("w", "dcdw", "lr", "mw_tm1", "vw_tm1")
+OUT_IS_W = frozenset({("w_new", "w")})
 FLOAT_DTYPES = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32",
                 np.dtype(np.float64): "float64"}
 
 #: Returns the NumPy kernel module for a configuration, or None when it has none (a generated
 #: package holds only the dtypes it was generated for; the ``mixed`` form is always there).
 KernelProvider = Callable[[KernelConfig], "ModuleType | None"]
+#: Runs one buffered update: (module, tensors, scalars, hyperparameters, buffers, in_place).
+BufferedRunner = Callable[..., None]
+
+
+def run_numpy(module: ModuleType, tensors: dict[str, Any], scalars: tuple[float, ...],
+              hyper: dict[str, float], buffers: list[np.ndarray], in_place: bool) -> None:
+    """The buffered update on the NumPy module alone (generated packages without C)."""
+    module.update(*tensors.values(), scalars, *buffers)
 
 
 class Updater:
@@ -45,9 +54,22 @@ class Updater:
         constants: hyperparameters the kernels were specialised for; any other value is an error.
     """
 
-    def __init__(self, kernels: KernelProvider, constants: dict[str, float] | None = None):
+    def __init__(self, kernels: KernelProvider, constants: dict[str, float] | None = None,
+                 runner: BufferedRunner | None = None):
         self.kernels = kernels
         self.constants = dict(constants or {})
+        self.runner = runner or run_numpy
+        self._modules: dict[tuple[str, frozenset], ModuleType | None] = {}
+        self._result_dtypes: dict[tuple, tuple[np.dtype, ...]] = {}
+
+    def module(self, dtype: str, aliases: frozenset = frozenset()) -> ModuleType | None:
+        """The kernel module for ``dtype`` and ``aliases``, memoised (the provider may be slow)."""
+        key = (dtype, aliases)
+        try:
+            return self._modules[key]
+        except KeyError:
+            found = self._modules[key] = self.kernels(KernelConfig(dtype=dtype, aliases=aliases))
+            return found
         self._result_dtypes: dict[tuple, tuple[np.dtype, ...]] = {}
 
     # -- validation ---------------------------------------------------------------------------
@@ -78,17 +100,19 @@ class Updater:
             "vw_tm1": validate.as_tensor("vw_tm1", vw_tm1),
         }
         tensors["lr"] = self.learning_rate(lr, tensors)
-        shapes = {name: np.shape(value) for name, value in tensors.items()}
-        full_shape = validate.broadcast_shape(shapes)
+        shapes = {name: value.shape if isinstance(value, np.ndarray) else ()
+                  for name, value in tensors.items()}
+        full_shape = validate.broadcast_shape(
+            {name: shape for name, shape in shapes.items() if shape} or shapes)
         dtype = _common_float_dtype(tensors)
-        buffered_module = self.kernels(KernelConfig(dtype=dtype)) if dtype else None
-        module = buffered_module or self.kernels(KernelConfig(dtype="mixed"))
+        buffered_module = self.module(dtype) if dtype else None
+        module = buffered_module or self.module("mixed")
         output_shapes = tuple(
             validate.broadcast_shape({n: shapes[n] for n in module.DEPENDS[name] if n in shapes})
             for name in module.OUTPUTS)
         buffered = buffered_module is not None and all(s == full_shape for s in output_shapes)
         if not buffered:
-            module = self.kernels(KernelConfig(dtype="mixed"))
+            module = self.module("mixed")
         dtypes = ((np.dtype(dtype),) * len(output_shapes) if buffered
                   else self.result_dtypes(module, tensors))
         if out is not None:
@@ -99,7 +123,8 @@ class Updater:
             raise StepZeroDivisionError(
                 f"step={step!r} with epsilon={epsilon!r} divides by zero in the bias correction "
                 "(1 - beta1**step + epsilon); use step >= 1 or epsilon > 0") from None
-        return PreparedCall(module, tensors, scalars, output_shapes, dtypes, buffered, out)
+        return PreparedCall(module, tensors, scalars, hyper, output_shapes, dtypes, buffered, out,
+                            self)
 
     @staticmethod
     def learning_rate(lr: Any, tensors: dict[str, Any]) -> Any:
@@ -142,7 +167,7 @@ class Updater:
                      "stop_gradients": stop_gradients, "out": out}
         if any(isinstance(value, Container) for value in arguments.values()):
             return self.update_containers(arguments)
-        return self.prepare(**arguments).run(self.kernels)
+        return self.prepare(**arguments).run()
 
     def update_containers(self, arguments: dict[str, Any]) -> tuple[Any, ...]:
         """Leaf by leaf, with plain arguments broadcast to every leaf.
@@ -158,7 +183,7 @@ class Updater:
             if mismatch:
                 raise ArgumentValueError(mismatch)
         paths = first.leaf_paths()
-        module = self.kernels(KernelConfig(dtype="mixed"))
+        module = self.module("mixed")
         is_container = {output: any(d in containers for d in deps)
                         for output, deps in module.DEPENDS.items()}
         out = arguments["out"]
@@ -169,7 +194,7 @@ class Updater:
         calls = [self.prepare(**{n: leaf_values[n][path] if n in containers else v
                                  for n, v in arguments.items()})
                  for path in paths]
-        per_leaf = [call.run(self.kernels) for call in calls]
+        per_leaf = [call.run() for call in calls]
         results = []
         for index, output in enumerate(module.OUTPUTS):
             if is_container[output]:
@@ -184,20 +209,23 @@ class PreparedCall:
     """A validated call: arguments converted, scalars computed, kernel chosen; nothing written."""
 
     def __init__(self, module: ModuleType, tensors: dict[str, Any], scalars: tuple[float, ...],
-                 output_shapes: tuple[tuple[int, ...], ...], dtypes: tuple[np.dtype, ...],
-                 buffered: bool, out: np.ndarray | None) -> None:
+                 hyper: dict[str, float], output_shapes: tuple[tuple[int, ...], ...],
+                 dtypes: tuple[np.dtype, ...], buffered: bool, out: np.ndarray | None,
+                 updater: Updater) -> None:
         self.module = module
         self.tensors = tensors
         self.scalars = scalars
+        self.hyper = hyper
+        self.updater = updater
         self.output_shapes = output_shapes
         self.dtypes = dtypes
         self.buffered = buffered
         self.out = out
 
-    def run(self, kernels: KernelProvider) -> tuple[Any, Any, Any]:
+    def run(self) -> tuple[Any, Any, Any]:
         arrays = tuple(self.tensors.values())
         if self.buffered:
-            results = self._run_buffered(kernels, arrays)
+            results = self._run_buffered(arrays)
         else:
             with np.errstate(all="ignore"):
                 results = self.module.update(*arrays, self.scalars)
@@ -207,15 +235,14 @@ class PreparedCall:
                 results = (self.out,) + results[1:]
         return self._wrap(results)
 
-    def _run_buffered(self, kernels: KernelProvider, arrays: tuple[Any, ...]) -> tuple:
+    def _run_buffered(self, arrays: tuple[Any, ...]) -> tuple:
         module, out = self.module, self.out
         in_place = out is not None and _same_view(out, self.tensors["w"])
-        direct = out is not None and out.dtype == self.dtypes[0] and (
+        direct = out is not None and out.dtype == self.dtypes[0] and out.flags.c_contiguous and (
             in_place or not any(isinstance(a, np.ndarray) and np.shares_memory(out, a)
                                 for a in arrays))
         if in_place and direct:
-            in_place_module = kernels(KernelConfig(dtype=module.DTYPE,
-                                                   aliases=frozenset({("w_new", "w")})))
+            in_place_module = self.updater.module(module.DTYPE, OUT_IS_W)
             if in_place_module is not None:
                 module = in_place_module
             else:  # no in-place kernel: compute into a fresh buffer, then copy into out
@@ -224,7 +251,8 @@ class PreparedCall:
         buffers += [np.empty(shape, dtype)
                     for shape, dtype in zip(self.output_shapes[1:], self.dtypes[1:])]
         with np.errstate(all="ignore"):
-            module.update(*arrays, self.scalars, *buffers)
+            self.updater.runner(module, self.tensors, self.scalars, self.hyper, buffers,
+                                in_place and direct)
         if out is not None and not direct:
             np.copyto(out, buffers[0], casting="same_kind")
             buffers[0] = out
@@ -232,6 +260,8 @@ class PreparedCall:
 
     def _wrap(self, results: tuple) -> tuple:
         """Outputs come back as ``adamgen.Array`` when an input they depend on is one."""
+        if not any(type(value) is Array for value in self.tensors.values()):
+            return results
         depends = self.module.DEPENDS
         wrapped = []
         for name, result in zip(self.module.OUTPUTS, results):
@@ -258,12 +288,22 @@ def _same_view(a: np.ndarray, b: Any) -> bool:
 
 
 def _jit_kernels(config: KernelConfig) -> ModuleType:
+    from dataclasses import replace
+
+    from ..config import current_environment
     from .kernels import numpy_kernel
 
-    return numpy_kernel(config)
+    return numpy_kernel(replace(config, mode=current_environment().mode))
 
 
-_JIT = Updater(_jit_kernels)
+def _jit_runner(*args: Any) -> None:
+    """NumPy or C, as the loader measured (imported on first use: it loads cffi's backend)."""
+    from .dispatch import run_update
+
+    run_update(*args)
+
+
+_JIT = Updater(_jit_kernels, runner=_jit_runner)
 
 
 def adam_update(w: Any, dcdw: Any, lr: Any, mw_tm1: Any, vw_tm1: Any, step: Any, /, *,

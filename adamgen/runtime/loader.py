@@ -12,8 +12,9 @@ a bucket too large to time whole is timed on a representative slice of ``MAX_TIM
 array, which is already far beyond the caches. The winner is remembered in memory and in the cache
 directory (``<cache>/choices/``), so a later process skips the measurement.
 
-``ADAMGEN_VARIANT=<name>`` forces one variant (a name no candidate has is an error listing the
-accepted names). ``adamgen info`` prints :func:`decisions`.
+``ADAMGEN_VARIANT=<name>`` forces one variant wherever it fits (C does not fit float16, nor a
+partially broadcast argument: NumPy serves those); an unknown name is an error listing the
+accepted ones. ``adamgen info`` prints :func:`decisions`.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..config import environment
+from ..config import current_environment
 from ..errors import ConfigError
 
+#: Every variant name; which of them fit a call is the caller's to say.
+VARIANTS = ("numpy", "c", "c-omp")
 BUDGET_SECONDS = 0.05
 MAX_ROUNDS = 9
 MAX_TIMED_BYTES = 8 << 20
@@ -52,6 +55,7 @@ class Decision:
 
 _lock = threading.Lock()
 _decisions: dict[str, Decision] = {}
+_winners: dict[tuple, str] = {}  # the hot path's memo: no hashing, no JSON
 
 
 def bucket_of(n: int) -> int:
@@ -124,19 +128,22 @@ def choose(problem: str, n: int, candidates: tuple[str, ...], context: Mapping[s
         make_timers: given a number of elements, returns one timing closure per candidate,
             each running on scratch arrays of that size.
     """
-    forced = environment().variant
+    forced = current_environment().variant
     if forced is not None:
-        if forced not in candidates:
-            raise ConfigError(f"ADAMGEN_VARIANT={forced!r} is not a variant of {problem}; "
-                              f"accepted: {', '.join(candidates)}")
-        return forced
+        if forced not in VARIANTS:
+            raise ConfigError(f"ADAMGEN_VARIANT={forced!r} is not a variant; accepted: "
+                              f"{', '.join(VARIANTS)}")
+        # a variant that does not fit this call (C for float16, threads without OpenMP) yields
+        # to the always-available first candidate, NumPy
+        return forced if forced in candidates else candidates[0]
     if len(candidates) == 1:
         return candidates[0]
-    bucket = bucket_of(n)
+    bucket = int(n).bit_length()
+    memo_key = (problem, bucket, candidates, tuple(context.items()))
+    winner = _winners.get(memo_key)
+    if winner is not None:
+        return winner
     key = _decision_key(problem, bucket, {**context, "candidates": ",".join(candidates)})
-    decision = _decisions.get(key)
-    if decision is not None:
-        return decision.winner
     with _lock:
         decision = _decisions.get(key)
         if decision is None:
@@ -150,6 +157,7 @@ def choose(problem: str, n: int, candidates: tuple[str, ...], context: Mapping[s
                 if directory:
                     _write(directory / f"{key}.json", decision)
             _decisions[key] = decision
+        _winners[memo_key] = decision.winner
     return decision.winner
 
 
@@ -161,3 +169,4 @@ def decisions() -> list[Decision]:
 def forget() -> None:
     """Drop in-memory decisions (tests use it to prove a later process reads the cache dir)."""
     _decisions.clear()
+    _winners.clear()

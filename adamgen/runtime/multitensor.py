@@ -11,13 +11,15 @@ applied tensor by tensor (always available, and the winner wherever C is not fas
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from ..config import KernelConfig
+from ..config import KernelConfig, current_environment
+from . import dispatch, loader
 from .kernels import numpy_kernel
 
+HYPER = ("beta1", "beta2", "epsilon", "step")
 ALL_IN_PLACE = frozenset({("w_new", "w"), ("mw", "mw_tm1"), ("vw", "vw_tm1")})
 DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
 
@@ -32,20 +34,87 @@ class MultiTensorGroup:
         self.params, self.grads, self.ms, self.vs = list(params), list(grads), list(ms), list(vs)
         self.indices = list(indices)
         self.size = sum(p.size for p in self.params)
-        self.numpy_module = numpy_kernel(KernelConfig(dtype=DTYPE_NAMES[self.dtype],
+        name = DTYPE_NAMES[self.dtype]
+        mode = current_environment().mode
+        self.numpy_module = numpy_kernel(KernelConfig(dtype=name, mode=mode,
                                                       aliases=ALL_IN_PLACE))
+        self.kernel = dispatch.c_kernel_for(name, frozenset({"lr"}))
+        if self.kernel is not None and "multi_inplace" not in self.kernel.forms:
+            self.kernel = None
+        if self.kernel is not None:  # pointers gathered once, reused every step
+            pointers = self.kernel.pointers
+            self.pointers = (pointers(self.params, writable=True), pointers(self.grads),
+                             pointers(self.ms, writable=True), pointers(self.vs, writable=True))
+        self.variants = dispatch.variants(self.kernel)
+        self._variant: str | None = None
 
     def describe(self) -> str:
-        return f"{self.dtype} x{len(self.params)}: numpy"
+        chosen = self._variant or "not yet chosen"
+        return f"{self.dtype} x{len(self.params)}: {chosen} of {'/'.join(self.variants)}"
+
+    def variant(self, hyper: tuple[float, ...]) -> str:
+        """The loader's pick for this group (its sizes never change, so it is asked once)."""
+        if self._variant is None:
+            self._variant = loader.choose(
+                f"multi-tensor {self.dtype} {self.numpy_module.MODE} "
+                f"x2^{loader.bucket_of(len(self.params))}",
+                self.size, self.variants,
+                {"c": self.kernel.cache_key if self.kernel else "",
+                 "threads": str(dispatch.default_threads())},
+                lambda m: self._timers(m, hyper), self.dtype.itemsize)
+        return self._variant
 
     def run(self, lr: float, hyper: tuple[float, ...],
             external_grads: Sequence[np.ndarray] | None) -> None:
         """Update every parameter of the group once; ``hyper`` is (beta1, beta2, epsilon, t)."""
-        module = self.numpy_module
-        scalars = module.prelude(*hyper)
-        grads = self.grads if external_grads is None else \
-            [external_grads[i] for i in self.indices]
-        update = module.update
+        variant = self._variant or self.variant(hyper)
+        scalars = self.numpy_module.prelude(*hyper)
+        if variant == "numpy":
+            grads = self.grads if external_grads is None else \
+                [external_grads[i] for i in self.indices]
+            self._run_numpy(self.params, grads, self.ms, self.vs, lr, scalars)
+            return
+        kernel = self.kernel
+        assert kernel is not None
+        pw, pg, pm, pv = self.pointers
+        if external_grads is not None:
+            pg = kernel.pointers([external_grads[i] for i in self.indices])
+        if kernel.config.mode != "exact":
+            scalars = dispatch.scalars_for(kernel, dict(zip(HYPER, hyper)), scalars)
+        kernel.multi_inplace(pw, pg, lr, pm, pv, scalars, **dispatch.threading(variant))
+
+    def _run_numpy(self, params, grads, ms, vs, lr: float, scalars: tuple[float, ...]) -> None:
+        update = self.numpy_module.update
         with np.errstate(all="ignore"):
-            for w, g, m, v in zip(self.params, grads, self.ms, self.vs):
+            for w, g, m, v in zip(params, grads, ms, vs):
                 update(w, g, lr, m, v, scalars, w, m, v)
+
+    def _timers(self, limit: int, hyper: tuple[float, ...]) -> dict[str, Callable[[], None]]:
+        """Timing closures on scratch tensors shaped like the group's, at most ``limit``
+        elements in all (the first tensors that fit, or a slice of the first)."""
+        sizes, total = [], 0
+        for p in self.params:
+            if total + p.size > limit:
+                break
+            sizes.append(p.size)
+            total += p.size
+        if not sizes:
+            sizes, total = [limit], limit
+        def scratch(fill: float) -> list[np.ndarray]:
+            flat = np.full(total, fill, self.dtype)
+            return np.split(flat, np.cumsum(sizes)[:-1])
+        w, g, m, v = scratch(1.0), scratch(0.5), scratch(0.25), scratch(0.125)
+        scalars = self.numpy_module.prelude(*hyper)
+        timers: dict[str, Callable[[], None]] = {
+            "numpy": lambda: self._run_numpy(w, g, m, v, 1e-3, scalars)}
+        if self.kernel is not None:
+            kernel = self.kernel
+            lists = (kernel.pointers(w, writable=True), kernel.pointers(g),
+                     kernel.pointers(m, writable=True), kernel.pointers(v, writable=True))
+            if kernel.config.mode != "exact":
+                scalars = dispatch.scalars_for(kernel, dict(zip(HYPER, hyper)), scalars)
+            for variant in self.variants[1:]:
+                options = dispatch.threading(variant)
+                timers[variant] = lambda options=options: kernel.multi_inplace(
+                    lists[0], lists[1], 1e-3, lists[2], lists[3], scalars, **options)
+        return timers

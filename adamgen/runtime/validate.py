@@ -77,6 +77,8 @@ def as_tensor(name: str, value: Any, *, weak_scalars: bool = False) -> Any:
     """
     if isinstance(value, np.ndarray):
         array = value
+    elif weak_scalars and (type(value) is float or type(value) is int):
+        return value
     elif isinstance(value, (bool, np.bool_)):
         raise ArgumentTypeError(f"{name} is a bool; expected a real number or a real array")
     elif isinstance(value, numbers.Real) and not isinstance(value, np.generic):
@@ -127,6 +129,8 @@ def as_step(value: Any) -> float:
 
 
 def _as_real(name: str, value: Any) -> float:
+    if type(value) is float or type(value) is int:  # the common case, without ABC checks
+        return float(value)
     if isinstance(value, (bool, np.bool_)):
         raise ArgumentTypeError(f"{name} is a bool; expected a real number")
     if isinstance(value, np.ndarray):
@@ -149,6 +153,9 @@ def as_flag(name: str, value: Any) -> bool:
 
 def broadcast_shape(shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
     """The common shape of the named arguments, or a ValueError naming them and their shapes."""
+    distinct = set(shapes.values())
+    if len(distinct) == 1:
+        return distinct.pop()
     try:
         return tuple(np.broadcast_shapes(*shapes.values()))
     except ValueError:

@@ -1,4 +1,4 @@
-"""``adamgen.verify``: every theorem is proven here, and a wrong IR is reported FAILED.
+"""``adamgen.theorems`` (``adamgen verify``): every theorem is proven here, and a wrong IR is reported FAILED.
 
 The wrong IRs are made by an ``ir_factory`` that lowers normally and then breaks one step: two
 operands of a ``sub`` or ``div`` swapped, an exactly folded constant, a broken ``v = 0`` rule.
@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import pytest
 
-from adamgen import verify as V
+from adamgen import theorems as V
 from adamgen.codegen.ir import KernelIR, Step
 from adamgen.codegen.lower import lower
 from adamgen.config import KernelConfig

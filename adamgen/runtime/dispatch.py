@@ -1,0 +1,152 @@
+"""Which kernel variants fit a call, and how to run each: the loader's view of the backends.
+
+For a buffered update (one float dtype, every output of the full shape) the candidates are:
+
+* ``numpy``: the generated NumPy module, always available;
+* ``c``: the C kernel, serial;
+* ``c-omp``: the C kernel, threaded (when OpenMP built and more than one thread is allowed).
+
+C needs every array argument either of the full shape (copied to C order when it is not: a
+documented copy, one extra pass) or of size one (then passed as a scalar, never materialised), and
+the outputs C-contiguous. Anything else runs on NumPy, which broadcasts and strides natively.
+:func:`adamgen.runtime.loader.choose` times the candidates once per size bucket on scratch arrays
+and remembers the winner; because every exact variant gives the same bits, the choice only
+changes speed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from ..config import KernelConfig, current_environment
+from . import loader
+from .c_kernels import CKernel, c_kernel, default_threads
+from .kernels import numpy_kernel
+
+C_DTYPES = ("float32", "float64")
+
+
+def variants(kernel: CKernel | None) -> tuple[str, ...]:
+    if kernel is None:
+        return ("numpy",)
+    if kernel.openmp and default_threads() > 1:
+        return ("numpy", "c", "c-omp")
+    return ("numpy", "c")
+
+
+def threading(variant: str) -> dict[str, int]:
+    """C call options: serial, or every thread from the first element (the loader measured)."""
+    return {"threads": 1} if variant == "c" else {"threads": default_threads(), "threshold": 0}
+
+
+_kernels: dict[tuple[str, str, frozenset[str]], CKernel | None] = {}
+
+
+def c_kernel_for(dtype: str, scalar_tensors: frozenset[str]) -> CKernel | None:
+    env = current_environment()
+    if env.backend == "numpy" or dtype not in C_DTYPES:
+        return None
+    key = (dtype, env.mode, scalar_tensors)
+    if key not in _kernels:
+        _kernels[key] = c_kernel(KernelConfig(dtype=dtype, mode=env.mode,
+                                              scalar_tensors=scalar_tensors))
+    return _kernels[key]
+
+
+def scalars_for(kernel: CKernel, hyper: Mapping[str, float],
+                 scalars: tuple[float, ...]) -> tuple[float, ...]:
+    """The prelude's scalars in the C kernel's order (fast mode reorders with the signature)."""
+    if kernel.config.mode == "exact":
+        return scalars
+    module = numpy_kernel(kernel.config)
+    return module.prelude(*(hyper[name] for name in module.HYPERPARAMETERS))
+
+
+def run_update(module: ModuleType, tensors: Mapping[str, Any], scalars: tuple[float, ...],
+               hyper: Mapping[str, float], buffers: Sequence[np.ndarray], in_place: bool) -> None:
+    """One buffered update into ``buffers`` (``buffers[0] is w`` when ``in_place``)."""
+    full = buffers[0]
+    plan = _c_arguments(tensors, full) if all(b.flags.c_contiguous for b in buffers) else None
+    kernel = None
+    if plan is not None:
+        kernel = c_kernel_for(module.DTYPE, plan[1])
+        if kernel is not None and in_place and "w" in plan[1]:
+            kernel = None
+    arrays = tuple(tensors.values())
+    candidates = variants(kernel)
+    if full.size and (len(candidates) > 1 or current_environment().variant is not None):
+        form = "inplace" if in_place else "functional"
+        problem = f"{form} {module.DTYPE} {module.MODE} scalar({','.join(sorted(plan[1]))})" \
+            if plan else f"{form} {module.DTYPE} numpy-only"
+        context = {"c": kernel.cache_key if kernel else "", "threads": str(default_threads())}
+        variant = loader.choose(
+            problem, full.size, candidates, context,
+            lambda m: _update_timers(module, kernel, tensors, scalars, hyper, plan, m, in_place,
+                                     candidates),
+            full.dtype.itemsize)
+    else:
+        variant = "numpy"
+    if variant == "numpy":
+        module.update(*arrays, scalars, *buffers)
+        return
+    assert kernel is not None and plan is not None
+    c_scalars = scalars_for(kernel, hyper, scalars)
+    if in_place:
+        kernel.inplace_w(*plan[0], c_scalars, *buffers[1:], **threading(variant))
+    else:
+        kernel.functional(*plan[0], c_scalars, *buffers, **threading(variant))
+
+
+def _c_arguments(tensors: Mapping[str, Any],
+                 full: np.ndarray) -> tuple[list[Any], frozenset[str]] | None:
+    """The tensors as C takes them, and which are scalars; None when C cannot take them."""
+    size = full.size
+    arguments: list[Any] = []
+    scalar_names = []
+    for name, value in tensors.items():
+        if not isinstance(value, np.ndarray):
+            arguments.append(float(value))
+            scalar_names.append(name)
+        elif value.size == 1 and size != 1:
+            arguments.append(float(value.reshape(-1)[0]))
+            scalar_names.append(name)
+        elif value.shape != full.shape:
+            return None  # a partial broadcast: NumPy handles it
+        else:
+            arguments.append(value if value.flags.c_contiguous else np.ascontiguousarray(value))
+    return arguments, frozenset(scalar_names)
+
+
+def _scratch_like(value: Any, m: int, dtype: np.dtype, fill: float) -> Any:
+    return value if not isinstance(value, np.ndarray) else np.full(m, fill, dtype)
+
+
+def _update_timers(module: ModuleType, kernel: CKernel | None, tensors: Mapping[str, Any],
+                   scalars: tuple[float, ...], hyper: Mapping[str, float],
+                   plan: tuple[list[Any], frozenset[str]] | None, m: int, in_place: bool,
+                   variants: tuple[str, ...]) -> dict[str, Callable[[], None]]:
+    """Timing closures on scratch arrays of ``m`` elements (never the caller's arrays)."""
+    dtype = np.dtype(module.DTYPE)
+    numpy_in = [value.reshape(-1) if isinstance(value, np.ndarray) and value.size == 1
+                else value if not isinstance(value, np.ndarray)
+                else np.full(m, 0.5 + 0.25 * i, dtype) for i, value in enumerate(tensors.values())]
+    outputs = [numpy_in[0] if in_place else np.empty(m, dtype),
+               np.empty(m, dtype), np.empty(m, dtype)]
+    timers: dict[str, Callable[[], None]] = {
+        "numpy": lambda: module.update(*numpy_in, scalars, *outputs)}
+    if kernel is not None and plan is not None:
+        c_in = [a if not isinstance(a, np.ndarray) else np.full(m, 0.5 + 0.25 * i, dtype)
+                for i, a in enumerate(plan[0])]
+        c_scalars = scalars_for(kernel, hyper, scalars)
+        c_out = [c_in[0] if in_place else np.empty(m, dtype), np.empty(m, dtype),
+                 np.empty(m, dtype)]
+        run = kernel.inplace_w if in_place else kernel.functional
+        tail = c_out[1:] if in_place else c_out
+        for variant in variants[1:]:
+            options = threading(variant)
+            timers[variant] = lambda options=options: run(*c_in, c_scalars, *tail, **options)
+    return timers

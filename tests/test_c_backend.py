@@ -1,0 +1,273 @@
+"""The C renderer: printed statements, literals, aliasing qualifiers, warnings and vectorisation.
+
+Golden-ish checks of the rendered text, plus compiles of the bare kernel file (``cc -c``, no cffi
+wrapper): with ``-Wall -Wextra -Werror``, and with ``-fopt-info-vec-optimized`` to prove every
+chunk loop vectorises.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import assert_bitwise_equal
+
+from adamgen.codegen import build
+from adamgen.codegen.c_backend import c_literal, float32_literal
+from adamgen.codegen.driver import c_source, kernel_ir
+from adamgen.config import KernelConfig
+
+FLAGS32 = ("-O3", "-std=c99", "-ffp-contract=off", "-march=native")
+BAKED = (("beta1", 0.9), ("beta2", 0.999), ("epsilon", 1e-7))
+
+
+@pytest.fixture(scope="module")
+def f32():
+    return c_source(KernelConfig(dtype="float32"), flags=FLAGS32)
+
+
+@pytest.fixture(scope="module")
+def f64():
+    return c_source(KernelConfig(dtype="float64"), flags=FLAGS32)
+
+
+def sections(source: str) -> dict[str, str]:
+    """The text of each form's section (``---- form NAME: ...``)."""
+    parts = re.split(r"/\* ---- form (\w+):", source)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def test_header_names_spec_mode_dtype_flags_and_variant(f32):
+    header = f32.source.split("*/", 1)[0]
+    ir = kernel_ir(KernelConfig())
+    for expected in (f"spec:     adam (hash {ir.spec_hash})", "variant:  c float32 exact",
+                     "dtype:    float32 (C type float)", "mode:     exact",
+                     "flags:    -O3 -std=c99 -ffp-contract=off -march=native",
+                     "adam_inplace_all_omp (threaded)", "adam_multi_inplace"):
+        assert expected in header, expected
+    assert f32.variant == "c float32 exact"
+
+
+def test_every_ir_step_is_one_statement_in_order(f32):
+    body = sections(f32.source)["functional"]
+    lines = [line.strip() for line in body.splitlines() if "  /* t" in line]
+    ir = kernel_ir(KernelConfig())
+    assert [line.split("/* ")[1].rstrip(" */") for line in lines] == [str(s) for s in ir.body]
+    assert lines[:3] == ["const float t7 = beta1*mw_tm1[i];  /* t7 = mul(beta1, mw_tm1) */",
+                         "const float t9 = s8*dcdw[i];  /* t9 = mul(s8, dcdw) */",
+                         "const float t10 = t7 + t9;  /* t10 = add(t7, t9) */"]
+    assert "const float t17 = (t16 >= 0 ? t16 : 0);" in body
+    assert "const float t18 = sqrtf(t17);" in body
+    assert "const float t20 = t11/t19;" in body
+    assert "const float t22 = w[i] - t21;" in body
+    assert body.index("w_new[i] = t22;") > body.index("t22 = w[i] - t21")  # stores come last
+
+
+def test_float64_prints_sqrt_and_double(f64):
+    assert "sqrt(t17)" in f64.source and "sqrtf" not in f64.source
+    assert "const double t10 = t7 + t9;" in f64.source
+    assert not re.search(r"\bfloat\b", f64.source.split("*/", 1)[1])
+
+
+def test_no_fmax_and_int64_indices(f32, f64):
+    for rendered in (f32, f64):
+        assert "fmax" not in rendered.source
+        assert "for (int64_t i = begin; i < end; ++i)" in rendered.source
+        assert not re.search(r"\bint i\b|\bunsigned\b|\bsize_t\b", rendered.source)
+
+
+def test_restrict_only_in_the_functional_form(f32):
+    parts = sections(f32.source)
+    assert parts["functional"].count("restrict") > 10
+    for form in ("inplace_w", "inplace_all"):
+        assert "restrict" not in parts[form], form
+    for function in f32.functions:
+        pointers = [p for p in function.parameters if "*" in p.ctype]
+        restricted = [p for p in pointers if "restrict" in p.ctype]
+        assert restricted == (pointers if function.form == "functional" else []), function
+
+
+def test_in_place_forms_take_one_pointer_per_overwritten_array(f32):
+    by_symbol = {f.symbol: f for f in f32.functions}
+    all_in_place = [p.name for p in by_symbol["adam_inplace_all"].parameters]
+    assert all_in_place[:5] == ["w", "dcdw", "lr", "mw_tm1", "vw_tm1"]
+    assert not {"w_new", "mw", "vw"} & set(all_in_place)
+    w_in_place = [p.name for p in by_symbol["adam_inplace_w"].parameters]
+    assert "w_new" not in w_in_place and {"mw", "vw"} <= set(w_in_place)
+    roles = {p.name: p.role for p in by_symbol["adam_inplace_all"].parameters}
+    assert roles["w"] == roles["mw_tm1"] == roles["vw_tm1"] == "inout" and roles["dcdw"] == "in"
+    threaded = by_symbol["adam_functional_omp"].parameters
+    assert [p.name for p in threaded[-3:]] == ["n", "nthreads", "threshold"]
+    assert "#pragma omp parallel for schedule(static) num_threads(nthreads)" in f32.source
+    assert "if (nthreads <= 1 || n < threshold)" in f32.source
+
+
+def test_baked_constants_are_float_literals_rounded_once():
+    rendered = c_source(KernelConfig(constants=BAKED), flags=FLAGS32)
+    body = sections(rendered.source)["functional"]
+    assert "const float t7 = 0.9f*mw_tm1[i];" in body
+    # 1 - 0.9 in double is 0.09999999999999998; rounded once to float32 that is 0.1f
+    assert "const float t9 = 0.1f*dcdw[i];" in body
+    assert "t19 = t18 + 1e-07f;" in body
+    code = re.sub(r"/\*.*?\*/", "", body, flags=re.DOTALL)
+    literals = re.findall(r"(?<![\w.])(\d+\.\d*(?:e[-+]?\d+)?|\d+e[-+]?\d+)(f?)", code)
+    assert literals and all(suffix == "f" for _, suffix in literals), literals
+    assert "beta1" not in [p.name for p in rendered.functions[0].parameters]
+
+
+def test_scalar_tensors_are_values_and_uniform_steps_leave_the_loop():
+    rendered = c_source(KernelConfig(mode="fast", scalar_tensors=frozenset({"lr"})))
+    functional = sections(rendered.source)["functional"]
+    assert "float lr," in functional and "lr[i]" not in functional
+    loop = functional.index("for (int64_t i")
+    assert -1 < functional.index("const float t21_scale = s6*lr;") < loop
+    state = c_source(KernelConfig(scalar_tensors=frozenset({"mw_tm1", "vw_tm1"})))
+    assert {f.form for f in state.functions} == {"functional", "inplace_w"}  # no inplace_all
+
+
+def test_without_openmp_there_are_no_threaded_entry_points():
+    rendered = c_source(KernelConfig(), openmp=False)
+    assert not any(f.threaded for f in rendered.functions)
+    assert "omp" not in rendered.cdef and "#pragma omp" not in rendered.source
+    assert "adam_multi_inplace(" in rendered.source
+
+
+@pytest.mark.parametrize("value", [0.1, 0.09999999999999998, 1e-7, 1.0, 0.999, -2.5, 3.0,
+                                   1e-45, 1.5e-39, 3.4028234663852886e38, -0.0, 0.0,
+                                   0.0010000000000000009, 16777217.0])
+def test_float32_literal_is_the_shortest_decimal_of_the_rounded_value(value):
+    text = float32_literal(value)
+    assert text.endswith("f") and re.fullmatch(r"-?\d+(\.\d*)?(e[-+]\d+)?f", text), text
+    assert np.float32(float(text[:-1])) == np.float32(value) or np.isnan(np.float32(value))
+    def significant(text: str) -> int:
+        return len(re.sub(r"e.*|[-.]", "", text).strip("0")) or 1
+
+    assert significant(text[:-1]) <= significant(str(np.float32(value)))  # NumPy's shortest
+
+
+def test_special_literals():
+    assert float32_literal(1e300) == "INFINITY" and float32_literal(-1e300) == "-INFINITY"
+    assert float32_literal(float("nan")) == "NAN" and c_literal(float("-inf"), "float64")
+    assert c_literal(0.09999999999999998, "float64") == "0.09999999999999998"
+
+
+def have_cc() -> bool:
+    return build.probe_compiler().available
+
+
+needs_cc = pytest.mark.skipif(not have_cc(), reason="no C compiler")
+
+
+@needs_cc
+def test_the_compiler_reads_every_literal_as_the_rounded_value(tmp_path: Path):
+    """Exact rounding is the compiler's too: print each literal's bits from C and compare."""
+    rng = np.random.default_rng(7)
+    values = list(rng.standard_normal(300) * 10.0 ** rng.integers(-40, 38, 300))
+    values += [0.1, 1e-7, 0.999, 0.0010000000000000009, 1.4e-45, 3.4028235677973366e38]
+    lines = [f"    {{ float x = {float32_literal(v)}; memcpy(&u, &x, 4); printf(\"%u\\n\", u); }}"
+             for v in values]
+    source = tmp_path / "literals.c"
+    source.write_text("#include <stdio.h>\n#include <string.h>\n#include <math.h>\n"
+                      "int main(void) {\n    unsigned u;\n" + "\n".join(lines)
+                      + "\n    return 0;\n}\n")
+    exe = tmp_path / "literals"
+    subprocess.run([*build.probe_compiler().argv, "-std=c99", "-o", str(exe), str(source)],
+                   check=True)
+    got = [int(x) for x in subprocess.run([str(exe)], check=True, capture_output=True,
+                                          text=True).stdout.split()]
+    with np.errstate(over="ignore"):
+        expected = [int(np.float32(v).view(np.uint32)) for v in values]
+    assert got == expected
+
+
+def compile_only(tmp_path: Path, source: str, flags: list[str]) -> str:
+    path = tmp_path / "kernel.c"
+    path.write_text(source)
+    proc = subprocess.run([*build.probe_compiler().argv, *flags, "-c", "-o",
+                           str(tmp_path / "kernel.o"), str(path)],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stderr
+
+
+@needs_cc
+@pytest.mark.parametrize("openmp", [True, False], ids=["openmp", "serial"])
+@pytest.mark.parametrize("config", [KernelConfig(dtype="float32"), KernelConfig(dtype="float64"),
+                                    KernelConfig(mode="fast", constants=BAKED,
+                                                 scalar_tensors=frozenset({"lr"}))],
+                         ids=["float32", "float64", "fast-baked-scalar-lr"])
+def test_compiles_with_all_warnings_as_errors(tmp_path: Path, config, openmp):
+    if openmp and not build.probe_compiler().openmp:
+        pytest.skip("no OpenMP")
+    flags = build.compile_flags(config.mode, openmp=openmp, portable=False)
+    rendered = c_source(config, openmp=openmp, flags=tuple(flags))
+    assert compile_only(tmp_path, rendered.source, [*flags, "-Werror"]).strip() == ""
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_every_chunk_loop_vectorises(tmp_path: Path, dtype):
+    info = build.probe_compiler()
+    if info.family != "gcc":
+        pytest.skip("-fopt-info is GCC's")
+    flags = build.compile_flags("exact", openmp=info.openmp, portable=False)
+    rendered = c_source(KernelConfig(dtype=dtype), openmp=info.openmp, flags=tuple(flags))
+    report = compile_only(tmp_path, rendered.source, [*flags, "-fopt-info-vec-optimized"])
+    vectorised = {int(m.group(1)) for m in re.finditer(r"kernel\.c:(\d+):\d+: optimized: loop "
+                                                       r"vectorized", report)}
+    loops = [number for number, line in enumerate(rendered.source.splitlines(), 1)
+             if line.strip().startswith("for (int64_t i = begin")]
+    assert len(loops) == 3 and set(loops) <= vectorised, report
+
+
+@needs_cc
+def test_every_op_prints_as_exactly_that_ieee_operation(tmp_path: Path):
+    """A hand-built IR using every body op, constants on either side and negative constants,
+    compiled and run against NumPy's float32 arithmetic (weak Python-float constants)."""
+    from adamgen.codegen.c_backend import render_c_module
+    from adamgen.codegen.ir import KernelIR, Step
+    from adamgen.runtime.c_kernels import KernelFunction
+
+    cases = {  # step -> NumPy's float32 value
+        Step("t0", "add", ("x", "y")): lambda x, y: x + y,
+        Step("t1", "sub", ("x", "y")): lambda x, y: x - y,
+        Step("t2", "mul", ("x", "y")): lambda x, y: x * y,
+        Step("t3", "div", ("x", "y")): lambda x, y: x / y,
+        Step("t4", "neg", ("x",)): lambda x, y: -x,
+        Step("t5", "sqrt", ("x",)): lambda x, y: np.sqrt(x),
+        Step("t6", "clamp_nonnegative", ("x",)): lambda x, y: np.where(x >= 0, x, 0),
+        Step("t7", "sub", ("x", -0.5)): lambda x, y: x - -0.5,
+        Step("t8", "add", (-0.5, "x")): lambda x, y: -0.5 + x,
+        Step("t9", "mul", ("x", -0.3)): lambda x, y: x * -0.3,
+        Step("t10", "div", (-1.0, "x")): lambda x, y: -1.0 / x,
+        Step("t11", "sub", (-0.5, "x")): lambda x, y: -0.5 - x,
+        Step("t12", "div", ("x", 3)): lambda x, y: x / np.float32(3),
+        Step("t13", "add", ("x", "x")): lambda x, y: x + x,
+        Step("t14", "select_positive", ("x", "y")): lambda x, y: np.where(x > 0, y, 0),
+        Step("t15", "mul", (0.1, "x")): lambda x, y: 0.1 * x,
+    }
+    outputs = tuple((f"o{index}", step.target) for index, step in enumerate(cases))
+    ir = KernelIR(spec_name="ops", spec_hash="0" * 16, config=KernelConfig(), tensors=("x", "y"),
+                  hyperparameters=(), prelude=(), kernel_scalars=(), body=tuple(cases),
+                  outputs=outputs, depends=tuple((o, ("x", "y")) for o, _ in outputs))
+    rendered = render_c_module({"functional": ir}, openmp=False)
+    assert "-0.3f" in rendered.source and "0.1f*x[i]" in rendered.source
+    flags = build.compile_flags("exact", openmp=False, portable=False)
+    so = build.compile_extension("_adamgen_ops_test", rendered.source, rendered.cdef, tmp_path,
+                                 flags)
+    module = build.load_extension(so, "_adamgen_ops_test")
+    function = KernelFunction(module.ffi, module.lib, "float", rendered.functions[0].describe(),
+                              0)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(1000).astype(np.float32)
+    y = rng.standard_normal(1000).astype(np.float32)
+    x[:6] = [np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0]
+    y[3:9] = [np.nan, 0.0, -0.0, np.inf, 1e-45, -1.0]
+    got = [np.full(1000, 7, np.float32) for _ in cases]
+    function(x, y, (), *got)
+    with np.errstate(all="ignore"):
+        for out, (step, expected) in zip(got, cases.items()):
+            assert_bitwise_equal(out, np.asarray(expected(x, y), np.float32), str(step))
