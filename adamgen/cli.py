@@ -16,21 +16,58 @@ from .errors import AdamgenError
 def _info(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .config import environment
-    from .runtime import kernels
-
-    env = environment()
+    from .codegen import build
+    from .config import current_environment
+    from .runtime import c_kernels, kernels, loader
     from .spec import adam_spec  # info is not the hot path; the spec hash needs SymPy
 
+    env = current_environment()
+    compiler = build.probe_compiler()
     print(f"adamgen {__version__}")
-    print(f"spec:        adam, hash {adam_spec().spec_hash}")
-    print(f"python:      {sys.version.split()[0]}   numpy: {np.__version__}")
-    print(f"mode:        {env.mode} (ADAMGEN_MODE)")
-    print("backends:    numpy (float16, float32, float64, mixed dtypes)")
+    print(f"spec:      adam, hash {adam_spec().spec_hash}")
+    print(f"python:    {sys.version.split()[0]}   numpy {np.__version__}")
+    print(f"mode:      {env.mode} (ADAMGEN_MODE; exact is bit-identical to Ivy)")
+    print(f"threads:   {c_kernels.default_threads()} (ADAMGEN_NUM_THREADS, OMP_NUM_THREADS, "
+          "usable cores)")
+    print("backends:")
+    print("  numpy    float16, float32, float64 and mixed dtypes (always available)")
+    if env.backend == "numpy":
+        print("  c        disabled by ADAMGEN_BACKEND=numpy")
+    elif compiler.available:
+        print(f"  c        float32, float64 with {compiler.version}; OpenMP "
+              f"{'yes' if compiler.openmp else 'no (threaded variants absent)'}; "
+              "float16 stays on numpy")
+    else:
+        print(f"  c        unavailable: {compiler.reason}; numpy serves every call")
     cache = kernels.kernel_cache()
-    print(f"cache:       {cache.root}")
     summary = cache.info()
-    print(f"             {summary.get('count', 0)} entries, {summary.get('size_bytes', 0)} bytes")
+    print(f"cache:     {cache.root} ({summary['count']} entries, "
+          f"{summary['size_bytes'] / 1e6:.2f} MB)")
+    if args.build:
+        adam_update = __import__("adamgen").adam_update
+        for dtype in ("float32", "float64"):
+            x = np.ones(1024, dtype)
+            adam_update(x, x, 0.1, x, x, 1)
+    events = kernels.EVENTS + c_kernels.EVENTS
+    if events:
+        print("kernels this process:")
+        for event in events:
+            how = "compiled" if event.get("built") else "fetched from cache"
+            print(f"  {event.get('kernel', event.get('variant', '?'))}: {how} in "
+                  f"{float(event.get('seconds', 0.0)):.3f} s")
+    decisions = {(d.problem, d.bucket): d for d in loader.persisted_decisions()}
+    decisions.update({(d.problem, d.bucket): d for d in loader.decisions()})
+    print("variants chosen by measurement (ADAMGEN_VARIANT forces one):")
+    if not decisions:
+        print("  none yet: the loader measures on first use of each size bucket")
+    else:
+        print(f"  {'problem':<46} {'bucket':>12} {'winner':>7}  measured")
+        for decision in sorted(decisions.values(), key=lambda d: (d.problem, d.bucket)):
+            size = f"<2^{decision.bucket}" if decision.bucket else "0"
+            times = ", ".join(f"{name} {seconds * 1e6:.1f} us"
+                              for name, seconds in sorted(decision.seconds.items()))
+            print(f"  {decision.problem:<46} {size:>12} {decision.winner:>7}  {times} "
+                  f"({decision.source})")
     return 0
 
 
@@ -72,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="adamgen", description="Generate, verify and load Adam update kernels.")
     parser.add_argument("--version", action="version", version=f"adamgen {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    info = commands.add_parser("info", help="version, spec hash, backends and cache")
+    info = commands.add_parser("info", help="version, spec hash, backends, cache and variants")
+    info.add_argument("--build", action="store_true",
+                      help="build (or fetch) the float32 and float64 kernels first")
     info.set_defaults(run=_info)
 
     cache = commands.add_parser("cache", help="show or clear the kernel cache")

@@ -22,6 +22,8 @@ from .errors import ConfigError
 DTYPES = ("float16", "float32", "float64")
 MODES = ("exact", "fast")
 BACKENDS = ("numpy", "c")
+#: Kernel variants the loader chooses between (``ADAMGEN_VARIANT`` forces one).
+VARIANTS = ("numpy", "c", "c-omp")
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,8 @@ def environment(env: Mapping[str, str] | None = None) -> Environment:
         backend=(_parse_choice("ADAMGEN_BACKEND", env["ADAMGEN_BACKEND"], BACKENDS)
                  if env.get("ADAMGEN_BACKEND") else None),
         mode=_parse_choice("ADAMGEN_MODE", env.get("ADAMGEN_MODE") or "exact", MODES),
-        variant=env.get("ADAMGEN_VARIANT") or None,
+        variant=(_parse_choice("ADAMGEN_VARIANT", env["ADAMGEN_VARIANT"], VARIANTS)
+                 if env.get("ADAMGEN_VARIANT") else None),
         num_threads=threads,
     )
 

@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 import numpy as np
+import pytest
 
 
 def _bytes(a: np.ndarray) -> bytes:
@@ -95,3 +96,13 @@ def _same_python_value(a: Any, b: Any) -> bool:
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
     return bool(a == b) if not isinstance(a, np.ndarray) else np.array_equal(a, b)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_adamgen_environment():
+    """adamgen reads ADAMGEN_* once per process; tests that monkeypatch them need a re-read."""
+    from adamgen.config import refresh_environment
+
+    refresh_environment()
+    yield
+    refresh_environment()

@@ -14,7 +14,7 @@ directory (``<cache>/choices/``), so a later process skips the measurement.
 
 ``ADAMGEN_VARIANT=<name>`` forces one variant wherever it fits (C does not fit float16, nor a
 partially broadcast argument: NumPy serves those); an unknown name is an error listing the
-accepted ones. ``adamgen info`` prints :func:`decisions`.
+accepted ones (:data:`adamgen.config.VARIANTS`). ``adamgen info`` prints :func:`decisions`.
 """
 
 from __future__ import annotations
@@ -31,10 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..config import current_environment
-from ..errors import ConfigError
 
-#: Every variant name; which of them fit a call is the caller's to say.
-VARIANTS = ("numpy", "c", "c-omp")
 BUDGET_SECONDS = 0.05
 MAX_ROUNDS = 9
 MAX_TIMED_BYTES = 8 << 20
@@ -128,11 +125,8 @@ def choose(problem: str, n: int, candidates: tuple[str, ...], context: Mapping[s
         make_timers: given a number of elements, returns one timing closure per candidate,
             each running on scratch arrays of that size.
     """
-    forced = current_environment().variant
+    forced = current_environment().variant  # validated against config.VARIANTS when read
     if forced is not None:
-        if forced not in VARIANTS:
-            raise ConfigError(f"ADAMGEN_VARIANT={forced!r} is not a variant; accepted: "
-                              f"{', '.join(VARIANTS)}")
         # a variant that does not fit this call (C for float16, threads without OpenMP) yields
         # to the always-available first candidate, NumPy
         return forced if forced in candidates else candidates[0]
@@ -164,6 +158,15 @@ def choose(problem: str, n: int, candidates: tuple[str, ...], context: Mapping[s
 def decisions() -> list[Decision]:
     """Every decision this process has made or loaded, for ``adamgen info``."""
     return sorted(_decisions.values(), key=lambda d: (d.problem, d.bucket))
+
+
+def persisted_decisions() -> list[Decision]:
+    """Every decision remembered in the cache directory (any process), for ``adamgen info``."""
+    directory = _choices_dir()
+    if directory is None or not directory.is_dir():
+        return []
+    found = (_read(path) for path in sorted(directory.glob("*.json")))
+    return sorted((d for d in found if d is not None), key=lambda d: (d.problem, d.bucket))
 
 
 def forget() -> None:

@@ -45,7 +45,7 @@ class MultiTensorGroup:
             pointers = self.kernel.pointers
             self.pointers = (pointers(self.params, writable=True), pointers(self.grads),
                              pointers(self.ms, writable=True), pointers(self.vs, writable=True))
-        self.variants = dispatch.variants(self.kernel)
+        self.variants = dispatch.variants(self.kernel, self.size)
         self._variant: str | None = None
 
     def describe(self) -> str:
