@@ -100,7 +100,7 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"adamgen generate: {message}", file=sys.stderr, flush=True)
 
     generate(args.out, args.name, dtypes=args.dtype, constants=args.const, mode=args.mode,
-             progress=progress)
+             portable=args.portable, with_c=not args.numpy_only, progress=progress)
     return 0
 
 
@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="hyperparameters to bake in, e.g. beta1=0.9,beta2=0.999,epsilon=1e-7")
     gen.add_argument("--mode", default="exact", choices=("exact", "fast"),
                      help="exact (bit-identical to Ivy, default) or fast")
+    gen.add_argument("--portable", action="store_true",
+                     help="compile without -march=native, for other machines of this kind")
+    gen.add_argument("--numpy-only", action="store_true", help="generate no C kernels")
     gen.set_defaults(run=_generate)
     return parser
 

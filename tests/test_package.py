@@ -144,3 +144,57 @@ def test_cli_generate_end_to_end(tmp_path):
          "--const", "beta1=2"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "beta1" in bad.stderr and "Traceback" not in bad.stderr
     assert adamgen.__version__
+
+
+def test_generated_package_carries_and_uses_its_c_kernels(packages):
+    directory = packages / "adam_general"
+    for name in ("c_float32", "c_float32_scalar_lr", "c_float64", "c_float64_scalar_lr"):
+        manifest = json.loads((directory / name / "manifest.json").read_text())
+        assert manifest["portable"] is False and "-march=native" in manifest["flags"]
+        assert (directory / name / "kernel.c").read_text().startswith("/*")
+        assert list((directory / name).glob("*.so"))
+    result = run_in_fresh_process(packages, """
+        import json, sys
+        import numpy as np
+        import adam_general
+        x = np.linspace(-1, 1, 50_000, dtype=np.float32)
+        adam_general.adam_update(x, x, 0.1, x, np.abs(x), 3)
+        kernel = adam_general.C_KERNELS("float32", frozenset({"lr"}))
+        print(json.dumps({"kernel": repr(kernel), "reason": adam_general.C_KERNELS.reason,
+                          "loaded": [m for m in ("sympy", "jinja2") if m in sys.modules]}))
+    """)
+    assert result["loaded"] == [] and result["reason"] == ""
+    assert "CKernel" in result["kernel"]
+
+
+def test_package_built_for_other_cpu_features_warns_once_and_serves_numpy(tmp_path):
+    package = generate(tmp_path, "adam_elsewhere", dtypes="float32")
+    manifest_path = package / "c_float32" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["cpu_flags"].append("avx9000_imaginary")
+    manifest_path.write_text(json.dumps(manifest))
+    result = run_in_fresh_process(tmp_path, """
+        import json, warnings
+        import numpy as np
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import adam_elsewhere
+            x = np.linspace(-1, 1, 1000, dtype=np.float32)
+            first = adam_elsewhere.adam_update(x, x, 0.1, x, np.abs(x), 3)
+            second = adam_elsewhere.adam_update(x, x, 0.1, x, np.abs(x), 3)
+        import adamgen
+        expected = adamgen.adam_update(x, x, 0.1, x, np.abs(x), 3)
+        print(json.dumps({
+            "warnings": [str(w.message) for w in caught if "adam_elsewhere" in str(w.message)],
+            "same": all(a.tobytes() == b.tobytes() for a, b in zip(first, expected)),
+            "kernel": repr(adam_elsewhere.C_KERNELS("float32", frozenset({"lr"})))}))
+    """)
+    assert len(result["warnings"]) == 1 and "avx9000_imaginary" in result["warnings"][0]
+    assert result["same"] and result["kernel"] == "None"
+
+
+def test_portable_package_is_built_without_march_native(tmp_path):
+    package = generate(tmp_path, "adam_portable", dtypes="float64", portable=True)
+    manifest = json.loads((package / "c_float64" / "manifest.json").read_text())
+    assert manifest["portable"] is True
+    assert not any(flag.startswith("-march") for flag in manifest["flags"])

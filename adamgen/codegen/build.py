@@ -216,6 +216,12 @@ def _cpuinfo_flags() -> list[str]:
     return ["unknown"]
 
 
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as the kernel reports them (``/proc/cpuinfo``); needs no
+    compiler, so a generated package can check them on a machine without one."""
+    return frozenset(_cpuinfo_flags())
+
+
 @functools.cache
 def cpu_features() -> str:
     """The CPU feature set that ``-march=native`` resolves to here: a stable string for keys.

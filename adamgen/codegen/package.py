@@ -12,7 +12,10 @@ against the general one at several steps, so a folding bug cannot ship.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import platform
 import shutil
 import sys
 import tempfile
@@ -32,6 +35,7 @@ MARKER = ".adamgen-package"
 SPECIALISABLE = {"beta1": (0.0, 1.0), "beta2": (0.0, 1.0), "epsilon": (0.0, math.inf)}
 DEFAULTS = {"beta1": 0.9, "beta2": 0.999, "epsilon": 1e-07}
 IN_PLACE = frozenset({("w_new", "w")})
+C_DTYPES = ("float32", "float64")
 
 
 @dataclass(frozen=True)
@@ -100,10 +104,64 @@ def _load_source(source: str) -> dict:
     return namespace
 
 
+def build_c_kernels(staging: Path, dtypes: tuple[str, ...], mode: str,
+                    baked: tuple[tuple[str, float], ...], portable: bool,
+                    say: Callable[[str], None]) -> list[str]:
+    """Compile the C kernels into ``staging/c_*``; returns the directories that need a prelude
+    module (fast mode). Without a compiler the package is NumPy-only (an error when strict)."""
+    from ..config import environment
+    from ..errors import CompileError
+    from . import build
+    from .driver import c_source
+
+    compiler = build.probe_compiler()
+    if not compiler.available:
+        if environment().strict:
+            raise CompileError(f"no usable C compiler: {compiler.reason}", argv=compiler.argv)
+        say(f"no C compiler ({compiler.reason}): the package is NumPy-only")
+        return []
+    flags = build.compile_flags(mode, openmp=compiler.openmp, portable=portable)
+    directories = []
+    for dtype in (d for d in dtypes if d in C_DTYPES):
+        for scalars in (frozenset(), frozenset({"lr"})):
+            start = time.perf_counter()
+            config = KernelConfig(dtype=dtype, mode=mode, constants=baked, scalar_tensors=scalars)
+            directory = staging / (f"c_{dtype}" + ("_scalar_lr" if scalars else ""))
+            directory.mkdir()
+            (directory / "__init__.py").write_text("")
+            rendered = c_source(config, openmp=compiler.openmp, flags=tuple(flags))
+            digest = hashlib.sha256((rendered.source + " ".join(flags)).encode()).hexdigest()
+            module_name = build.extension_module_name(digest)
+            (directory / "kernel.c").write_text(rendered.source)
+            (directory / "kernel_cdef.h").write_text(rendered.cdef)
+            build.compile_extension(module_name, rendered.source, rendered.cdef, directory, flags)
+            manifest = {
+                "variant": f"{rendered.variant} [{'portable' if portable else 'native'}"
+                           f"{', openmp' if compiler.openmp else ''}]",
+                "functions": [f.describe() for f in rendered.functions],
+                "openmp": compiler.openmp, "flags": flags, "module": module_name,
+                "dtype": dtype, "mode": mode, "constants": [list(c) for c in baked],
+                "scalar_tensors": sorted(scalars), "abi": build.python_abi_tag(),
+                "machine": platform.machine(), "portable": portable,
+                "cpu_flags": sorted(build.cpu_flags()), "compiler": compiler.version,
+                "source_sha256": hashlib.sha256(rendered.source.encode()).hexdigest(),
+            }
+            (directory / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            directories.append(directory.name)
+            say(f"compiled {directory.name} ({time.perf_counter() - start:.2f} s)")
+    return directories
+
+
 def generate(out: str | Path, name: str, *, dtypes: str | Iterable[str] = ("float32", "float64"),
              constants: str | dict[str, float] | None = None, mode: str = "exact",
+             portable: bool = False, with_c: bool = True,
              progress: Callable[[str], None] | None = None) -> Path:
-    """Write the package ``out/name`` and return its path."""
+    """Write the package ``out/name`` and return its path.
+
+    With ``with_c`` (the default) the C kernels are compiled beside the NumPy modules
+    (``-march=native`` unless ``portable``); the package checks on import-time use that they fit
+    the machine it runs on, and falls back to NumPy with one warning when they do not.
+    """
     if not name.isidentifier():
         raise ArgumentValueError(f"--name {name!r} is not a valid Python package name")
     if mode not in MODES:
@@ -136,12 +194,24 @@ def generate(out: str | Path, name: str, *, dtypes: str | Iterable[str] = ("floa
             spec_hash = ir.spec_hash
             (staging / f"{module.name}.py").write_text(render_numpy_module(ir))
             say(f"rendered {module.name}.py ({time.perf_counter() - start:.2f} s)")
+        c_directories = (build_c_kernels(staging, dtypes, mode, baked, portable, say)
+                         if with_c else [])
+        preludes = {}
+        if mode != "exact":  # fast mode: the C kernels' scalars come from their own prelude
+            for directory in c_directories:
+                manifest = json.loads((staging / directory / "manifest.json").read_text())
+                config = KernelConfig(dtype=manifest["dtype"], mode=mode, constants=baked,
+                                      scalar_tensors=frozenset(manifest["scalar_tensors"]))
+                (staging / f"numpy_{directory}.py").write_text(
+                    render_numpy_module(kernel_ir(config)))
+                preludes[directory] = f"numpy_{directory}"
         (staging / "__init__.py").write_text(render(
             "package_init.py.j2", version=__version__, spec_name="adam", spec_hash=spec_hash,
             dtypes=dtypes, mode=mode, constants=constants,
             constants_text=", ".join(f"{k}={v!r}" for k, v in constants.items()) or "none",
             command=" ".join(["adamgen", "generate"] + sys.argv[2:]) if sys.argv else "",
-            modules=modules, defaults={k: repr(constants.get(k, v)) for k, v in DEFAULTS.items()}))
+            modules=modules, defaults={k: repr(constants.get(k, v)) for k, v in DEFAULTS.items()},
+            c_directories=c_directories, preludes=preludes, portable=portable))
         (staging / MARKER).write_text(f"adamgen {__version__}\n")
         if target.exists():
             old = target.with_name(f".{name}.old.{time.time_ns()}")

@@ -70,21 +70,30 @@ def c_kernel_for(dtype: str, scalar_tensors: frozenset[str]) -> CKernel | None:
 
 def scalars_for(kernel: CKernel, hyper: Mapping[str, float],
                  scalars: tuple[float, ...]) -> tuple[float, ...]:
-    """The prelude's scalars in the C kernel's order (fast mode reorders with the signature)."""
+    """The prelude's scalars in the C kernel's order (fast mode reorders with the signature).
+
+    The prelude comes from the NumPy module of the kernel's own configuration: the kernel's
+    ``prelude_module`` when its provider set one (a generated package), else the JIT cache's.
+    """
     if kernel.config.mode == "exact":
         return scalars
-    module = numpy_kernel(kernel.config)
+    module = getattr(kernel, "prelude_module", None) or numpy_kernel(kernel.config)
     return module.prelude(*(hyper[name] for name in module.HYPERPARAMETERS))
 
 
+#: Returns the C kernel for (dtype, scalar tensors), or None: the JIT cache's by default.
+CKernelProvider = Callable[[str, frozenset[str]], "CKernel | None"]
+
+
 def run_update(module: ModuleType, tensors: Mapping[str, Any], scalars: tuple[float, ...],
-               hyper: Mapping[str, float], buffers: Sequence[np.ndarray], in_place: bool) -> None:
+               hyper: Mapping[str, float], buffers: Sequence[np.ndarray], in_place: bool,
+               c_kernels: CKernelProvider | None = None) -> None:
     """One buffered update into ``buffers`` (``buffers[0] is w`` when ``in_place``)."""
     full = buffers[0]
     plan = _c_arguments(tensors, full) if all(b.flags.c_contiguous for b in buffers) else None
     kernel = None
     if plan is not None:
-        kernel = c_kernel_for(module.DTYPE, plan[1])
+        kernel = (c_kernels or c_kernel_for)(module.DTYPE, plan[1])
         if kernel is not None and in_place and "w" in plan[1]:
             kernel = None
     arrays = tuple(tensors.values())
