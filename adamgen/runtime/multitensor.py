@@ -45,6 +45,11 @@ class MultiTensorGroup:
             pointers = self.kernel.pointers
             self.pointers = (pointers(self.params, writable=True), pointers(self.grads),
                              pointers(self.ms, writable=True), pointers(self.vs, writable=True))
+            # step(grads): the same sizes as the owned gradients (checked by the optimizer), so
+            # one pointer table is refilled in place instead of a new list per step
+            self._external = pointers(self.grads)
+            self._from_buffer = self.kernel.ffi.from_buffer
+            self._array_type = self.kernel.ffi.typeof(f"{self.kernel.ctype}[]")
         self.variants = dispatch.variants(self.kernel, self.size)
         self._variant: str | None = None
 
@@ -77,11 +82,18 @@ class MultiTensorGroup:
         kernel = self.kernel
         assert kernel is not None
         pw, pg, pm, pv = self.pointers
+        buffers = None
         if external_grads is not None:
-            pg = kernel.pointers([external_grads[i] for i in self.indices])
+            pg = self._external
+            from_buffer, array_type = self._from_buffer, self._array_type
+            buffers = [from_buffer(array_type, external_grads[i]) for i in self.indices]
+            slots = pg.cdata
+            for slot, buffer in enumerate(buffers):
+                slots[slot] = buffer
         if kernel.config.mode != "exact":
             scalars = dispatch.scalars_for(kernel, dict(zip(HYPER, hyper)), scalars)
         kernel.multi_inplace(pw, pg, lr, pm, pv, scalars, **dispatch.threading(variant))
+        del buffers  # the C call is over: the gradients' buffers may be released
 
     def _run_numpy(self, params, grads, ms, vs, lr: float, scalars: tuple[float, ...]) -> None:
         update = self.numpy_module.update
