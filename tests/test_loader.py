@@ -39,6 +39,8 @@ def forget_everything():
 @pytest.fixture
 def fresh_loader(monkeypatch, tmp_path):
     monkeypatch.setenv("ADAMGEN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("ADAMGEN_VARIANT", raising=False)
+    refresh_environment()
     forget_everything()
     yield
     monkeypatch.undo()
@@ -126,6 +128,7 @@ def test_a_later_process_reuses_the_persisted_choice(tmp_path):
 
 def test_info_prints_the_variant_table(tmp_path):
     env = {**os.environ, "ADAMGEN_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("ADAMGEN_VARIANT", None)
     completed = subprocess.run([sys.executable, "-m", "adamgen", "info", "--build"], env=env,
                                capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr
