@@ -59,3 +59,11 @@ def generator_fingerprint() -> str:
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     return f"{__version__}-{digest.hexdigest()[:16]}"
+
+
+def example_path(name: str) -> Path:
+    """An example script: shipped in the wheel as ``adamgen/examples``, else the checkout's."""
+    for candidate in (PACKAGE_DIR / "examples" / name, PACKAGE_DIR.parent / "examples" / name):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"the example {name} is missing; reinstall adamgen")

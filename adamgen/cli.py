@@ -87,6 +87,12 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo
+
+    return demo(epochs=args.epochs, with_verify=not args.no_verify)
+
+
 def _verify(args: argparse.Namespace) -> int:
     from .theorems import run_cli
 
@@ -117,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     cache = commands.add_parser("cache", help="show or clear the kernel cache")
     cache.add_argument("action", choices=("info", "clear"))
     cache.set_defaults(run=_cache)
+
+    demo = commands.add_parser("demo", help="build, verify, measure and train: the whole tour")
+    demo.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
+    demo.add_argument("--no-verify", action="store_true", help="skip the symbolic proofs")
+    demo.set_defaults(run=_demo)
 
     verify = commands.add_parser(
         "verify", help="prove the kernels equal the spec and Adam's properties (SymPy)",
