@@ -37,11 +37,12 @@ def build_kernels() -> None:
     for dtype in ("float32", "float64"):
         for aliases, form in ((frozenset(), "functional"),
                               (frozenset({("w_new", "w")}), "in place")):
-            _timed(f"numpy {dtype} {form}",
-                   lambda: kernels.numpy_kernel(KernelConfig(dtype=dtype, aliases=aliases)))
+            config = KernelConfig(dtype=dtype, aliases=aliases)
+            _timed(f"numpy {dtype} {form}", lambda config=config: kernels.numpy_kernel(config))
         for scalars in (frozenset({"lr"}), frozenset()):
             label = f"c {dtype} ({'scalar' if scalars else 'array'} lr)"
-            kernel = _timed(label, lambda: dispatch.c_kernel_for(dtype, scalars))
+            kernel = _timed(label, lambda dtype=dtype, scalars=scalars:
+                            dispatch.c_kernel_for(dtype, scalars))
             if kernel is None:
                 print("  C is unavailable here: NumPy serves every call")
                 return
@@ -59,7 +60,7 @@ def measure_variants() -> None:
     for n in (1_000, 100_000, 3_000_000):
         w, g, m = (rng.standard_normal(n).astype(np.float32) for _ in range(3))
         _timed(f"adam_update on {n:>9,} float32 elements (first call measures)",
-               lambda: adamgen.adam_update(w, g, 1e-3, m, np.abs(g), 1))
+               lambda w=w, g=g, m=m: adamgen.adam_update(w, g, 1e-3, m, np.abs(g), 1))
     params = [rng.standard_normal(4096).astype(np.float32) for _ in range(500)]
     opt = adamgen.Adam(params)
     _timed("Adam.step over 500 tensors x 4096 (first step measures)", opt.step)

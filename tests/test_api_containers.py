@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from reference import adam_update_ref
 
 import adamgen
 from adamgen import Array, Container, array
-from reference import adam_update_ref
 
 
 def same_bits(a, b) -> bool:

@@ -10,12 +10,12 @@ import textwrap
 
 import numpy as np
 import pytest
+from reference import adam_update_ref
 
 import adamgen
 from adamgen.config import refresh_environment
 from adamgen.errors import ConfigError
 from adamgen.runtime import loader
-from reference import adam_update_ref
 
 VARIANTS = [None, "numpy", "c", "c-omp"]  # None: measured
 

@@ -5,12 +5,16 @@ from __future__ import annotations
 import pytest
 import sympy
 
-from adamgen.config import KernelConfig
 from adamgen.codegen.ir import Step
 from adamgen.codegen.lower import (
-    eliminate_common_subexpressions, eliminate_dead_steps, fold_constants, hoist_scalars, lower,
+    eliminate_common_subexpressions,
+    eliminate_dead_steps,
+    fold_constants,
+    hoist_scalars,
+    lower,
     translate,
 )
+from adamgen.config import KernelConfig
 from adamgen.errors import LoweringError
 from adamgen.spec import UpdateSpec, adam_spec
 

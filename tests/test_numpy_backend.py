@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adamgen.config import KernelConfig
 from adamgen.codegen.driver import kernel_ir, numpy_source
 from adamgen.codegen.numpy_backend import allocate_buffers
+from adamgen.config import KernelConfig
 
 GOLDEN = Path(__file__).parent / "golden" / "numpy_float32_exact.py.txt"
 ALIASES = {

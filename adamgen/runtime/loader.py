@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..config import current_environment
+from ..errors import CacheError
 
 BUDGET_SECONDS = 0.05
 MAX_ROUNDS = 9
@@ -75,7 +76,7 @@ def _choices_dir() -> Path | None:
 
     try:
         return kernel_cache().root / "choices"
-    except Exception:  # no usable cache: decisions live in memory only
+    except (CacheError, OSError):  # no usable cache: decisions live in memory only
         return None
 
 

@@ -43,7 +43,7 @@ def _as_parameter(index: str, value: Any) -> np.ndarray:
         source = value.detach() if hasattr(value, "detach") else value
         try:
             array = np.from_dlpack(source)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 (foreign objects raise anything)
             raise ArgumentTypeError(f"parameter {index}: cannot view it without a copy through "
                                     f"DLPack ({error}); only CPU tensors are supported") from None
         if not array.flags.writeable:  # NumPy marks DLPack imports read-only; memory is ours

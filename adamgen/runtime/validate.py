@@ -96,7 +96,7 @@ def as_tensor(name: str, value: Any, *, weak_scalars: bool = False) -> Any:
     elif hasattr(value, "__dlpack__"):
         try:
             array = np.from_dlpack(value)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 (foreign objects raise anything)
             raise ArgumentTypeError(f"{name} has __dlpack__ but NumPy cannot read it: "
                                     f"{error}") from None
     else:
