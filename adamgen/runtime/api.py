@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import KernelConfig
+from ..config import KernelConfig, current_environment
 from ..errors import ArgumentTypeError, ArgumentValueError, StepZeroDivisionError
 from . import validate
 from .array import Array
@@ -59,12 +59,12 @@ class Updater:
         self.kernels = kernels
         self.constants = dict(constants or {})
         self.runner = runner or run_numpy
-        self._modules: dict[tuple[str, frozenset], ModuleType | None] = {}
+        self._modules: dict[tuple[str, frozenset, str], ModuleType | None] = {}
         self._result_dtypes: dict[tuple, tuple[np.dtype, ...]] = {}
 
     def module(self, dtype: str, aliases: frozenset = frozenset()) -> ModuleType | None:
         """The kernel module for ``dtype`` and ``aliases``, memoised (the provider may be slow)."""
-        key = (dtype, aliases)
+        key = (dtype, aliases, current_environment().mode)  # the JIT follows ADAMGEN_MODE
         try:
             return self._modules[key]
         except KeyError:
