@@ -87,6 +87,24 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    """Run ``benchmarks/run.py`` of the source checkout (the suite and its peers are not part
+    of the installed package): the one next to this package, else the one in the current
+    directory."""
+    import subprocess
+    from pathlib import Path
+
+    from ._resources import PACKAGE_DIR
+
+    for root in (PACKAGE_DIR.parent, Path.cwd()):
+        if (root / "benchmarks" / "run.py").is_file():
+            return subprocess.call([sys.executable, "-m", "benchmarks.run", *args.bench_args],
+                                   cwd=root)
+    print("adamgen bench: error: the benchmark suite lives in the source checkout "
+          "(benchmarks/); run this command from a clone of adamgen", file=sys.stderr)
+    return 2
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import main as demo
 
@@ -123,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     cache = commands.add_parser("cache", help="show or clear the kernel cache")
     cache.add_argument("action", choices=("info", "clear"))
     cache.set_defaults(run=_cache)
+
+    bench = commands.add_parser(
+        "bench", help="benchmarks against the peers and the bandwidth roofline (--quick, ...)",
+        add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(run=_bench)
 
     demo = commands.add_parser("demo", help="build, verify, measure and train: the whole tour")
     demo.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")

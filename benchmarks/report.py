@@ -1,0 +1,217 @@
+"""The Markdown report of a run: targets first, then one table per case family.
+
+Ratios read "how many times faster adamgen is": a peer's time divided by adamgen's, so above 1
+adamgen wins and below 1 the peer does. GB/s counts one Adam step's traffic: 28 bytes per
+float32 element, 56 per float64 (4 arrays read, 3 written), whatever an implementation really
+moves (naive NumPy moves several times that; the figure is then an effective rate).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from .results import PEERS, PICK, Case, cases, find, targets
+
+
+def fmt_time(seconds: float) -> str:
+    if math.isnan(seconds):
+        return "—"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-9:.3g} ns"
+
+
+def fmt_num(value: float, spec: str = ".3g", suffix: str = "") -> str:
+    return "—" if math.isnan(value) else f"{value:{spec}}{suffix}"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def present_peers(all_cases: Sequence[Case]) -> list[str]:
+    seen = {name for case in all_cases for name in case.timings}
+    return [peer for peer in PEERS if peer in seen]
+
+
+def missing_columns(results: dict[str, Any]) -> list[str]:
+    """Sentences naming each optional package that is missing and what it removes."""
+    optional = results["workers"][0]["environment"]["optional"] if results["workers"] else {}
+    effects = {"numexpr": ("the numexpr column is", ".[bench]"),
+               "numba": ("the numba column and the GIL control are", ".[bench]"),
+               "torch": ("the torch fused and torch foreach columns and the torch targets are",
+                         "torch"),
+               "matplotlib": ("the plot is", ".[bench]")}
+    return [f"`{name}` is not installed, so {effects[name][0]} missing "
+            f"(`pip install {effects[name][1]}`)."
+            for name, version in optional.items() if version is None and name in effects]
+
+
+def sweep_table(all_cases: Sequence[Case], mode: str, dtype: str, peers: Sequence[str]) -> str:
+    columns = [p for p in peers if not (mode == "functional" and p.startswith("torch"))]
+    header = ["thr", "N", "adamgen", "GB/s", "% of probe", "probe GB/s",
+              *[f"× {p}" for p in columns], "clean rounds"]
+    rows = []
+    for case in sorted(find(all_cases, "sweep", mode=mode, dtype=dtype),
+                       key=lambda c: (c.threads, c.n)):
+        rows.append([str(case.threads), f"{case.n:.0e}" if case.n >= 1000 else str(case.n),
+                     fmt_time(case.seconds(PICK)), fmt_num(case.gbps(PICK), ".1f"),
+                     fmt_num(case.percent_of_roof(PICK), ".0f", " %"),
+                     fmt_num(case.bytes / case.roof[1] / 1e9, ".1f"),
+                     *[fmt_num(case.ratio(PICK, p), ".2f") for p in columns],
+                     clean_cell(case)])
+    return table(header, rows)
+
+
+def clean_cell(case: Case) -> str:
+    """Undisturbed rounds of the least lucky contender; ⚠ when its median had to use others."""
+    clean, rounds = case.clean
+    return f"{clean}/{rounds}" + (" ⚠" if clean < min(3, rounds) else "")
+
+
+def variants_table(all_cases: Sequence[Case]) -> str:
+    with_variants = [c for c in find(all_cases, "sweep") if c.adamgen_names()]
+    if not with_variants:
+        return ("The loader had no variants to choose between in this run (one candidate per "
+                "call, or a runtime without the measured choice), so none was forced.\n")
+    names: list[str] = []
+    for family in ("variant", "kernel"):
+        for case in with_variants:
+            names += [n for n in case.names(family) if n not in names]
+    header = ["mode", "dtype", "thr", "N", "pick", *names, "pick vs best forced"]
+    rows = []
+    for case in sorted(with_variants, key=lambda c: (c.mode, c.dtype, c.threads, c.n)):
+        best = case.best_variant()[1]
+        pick = case.seconds(PICK)
+        gap = ("—" if math.isnan(best) else f"{100 * (pick / best - 1):+.0f} %"
+               if case.n >= 1000 else f"{(pick - best) * 1e6:+.2f} µs")
+        rows.append([case.mode, case.dtype, str(case.threads), f"{case.n:.0e}",
+                     fmt_time(pick), *[fmt_time(case.seconds(n)) for n in names], gap])
+    return table(header, rows)
+
+
+def per_thread_table(all_cases: Sequence[Case], suite: str, reference: str,
+                     *, unit: str = "time") -> str:
+    """Rows: contenders; columns: time and ratio to ``reference`` at each thread count."""
+    group = sorted(find(all_cases, suite), key=lambda c: c.threads)
+    if not group:
+        return "Not measured in this run.\n"
+    names: list[str] = []
+    for case in group:
+        names += [n for n in case.timings if n not in names]
+    header = ["implementation"]
+    for case in group:
+        header += [f"{case.threads} thr", "GB/s" if unit == "time" else "calls/s",
+                   f"{reference} is × faster"]
+    rows = []
+    for name in names:
+        row = [name]
+        for case in group:
+            seconds = case.seconds(name)
+            error = case.timings.get(name, {}).get("error", "")
+            row += [("error: " + error[:40]) if error else fmt_time(seconds),
+                    fmt_num(case.gbps(name), ".1f") if unit == "time"
+                    else fmt_num(1 / seconds, ".3g"),
+                    fmt_num(case.ratio(reference, name), ".2f")]
+        rows.append(row)
+    rows.append(["*clean rounds*", *[cell for case in group
+                                     for cell in (clean_cell(case), "", "")]])
+    return table(header, rows)
+
+
+def gil_table(results: dict[str, Any]) -> str:
+    rows = []
+    for worker in results["workers"]:
+        for row in worker.get("gil", []):
+            rows.append([row["impl"], f"{row['n']:.0e}", fmt_time(row["one_thread"]),
+                         f"{row['ratio']:.2f}", f"{row['ratio_min']:.2f}",
+                         f"{row['clean']}/{row['rounds']}"
+                         + (" ⚠" if row["clean"] < min(3, row["rounds"]) else "")])
+    if not rows:
+        return "Not measured in this run.\n"
+    return table(["implementation", "N (float32)", "one step, one thread",
+                  "two threads / one (median)", "(best round)", "clean rounds"], rows)
+
+
+def targets_table(results: dict[str, Any]) -> str:
+    rows = [[t.issue, t.promise, t.case, t.measured,
+             {"met": "met", "short": "**short**"}.get(t.status, t.status), t.detail]
+            for t in targets(results)]
+    return table(["issue", "target", "case", "measured", "status", "gap"], rows)
+
+
+def machine_lines(results: dict[str, Any]) -> list[str]:
+    machine = results["machine"]
+    optional = results["workers"][0]["environment"]["optional"] if results["workers"] else {}
+    versions = ", ".join(f"{k} {v}" for k, v in optional.items() if v)
+    lines = [
+        f"- **CPU**: {machine['cpu']} ({machine['cores']}); caches: {machine['caches']}",
+        f"- **Memory**: {machine['memory']}; kernel {machine['kernel']}",
+        (f"- **Software**: Python {machine['python']}, numpy {machine['numpy']}, {versions}; "
+         f"{machine['compiler']}"),
+        f"- **adamgen**: {machine['adamgen']} at commit {machine['commit']}",
+        f"- **Probe flags**: `{' '.join(machine['probe_flags']) or 'probe not built'}`",
+    ]
+    if machine.get("unset"):
+        lines.append(f"- Unset for the workers: {', '.join(machine['unset'])} (they slow NumPy "
+                     "on this machine, PERFORMANCE-NOTES).")
+    return lines
+
+
+def markdown(results: dict[str, Any], plot_name: str | None) -> str:
+    all_cases = cases(results)
+    peers = present_peers(all_cases)
+    plan = results["plan"]
+    parts = [f"# adamgen benchmark report{' (quick)' if plan['quick'] else ''}\n",
+             f"Run {results['started']} in {results['seconds']:.0f} s: `{results['command']}`\n",
+             "\n".join(machine_lines(results)) + "\n"]
+    missing = missing_columns(results)
+    if missing:
+        parts.append("**Missing columns.** " + " ".join(missing) + "\n")
+    for worker in results["workers"]:
+        if worker.get("failed"):
+            parts.append(f"**Worker at {worker['threads']} thread(s) failed**: "
+                         f"{worker['failed']}\n")
+        if worker.get("environment", {}).get("probe_error"):
+            parts.append(f"**No probe** ({worker['environment']['probe_error']}): % of probe "
+                         "is missing.\n")
+    parts.append("Every figure is the median of interleaved rounds in one process per thread "
+                 "count. This VM is shared: a sample during which our threads waited for a CPU "
+                 "(other tenants, `/proc/self/task/*/schedstat`) more than 5 % of the time is "
+                 "left out when three clean ones remain; *clean rounds* gives the least lucky "
+                 "contender's count, ⚠ where its median had to include disturbed samples. "
+                 "Ratios (×) are a peer's time over adamgen's: above 1 adamgen is faster. "
+                 "GB/s counts 28 bytes per float32 element and 56 per float64 (one step's "
+                 "traffic: 4 arrays read, 3 written); the probe is a plain C loop with exactly "
+                 "that traffic, serial and OpenMP, the best of which is the roof.\n")
+    if plot_name:
+        parts.append(f"![throughput against N]({plot_name})\n")
+    parts.append("## Targets of issues 4, 5 and 7 (float32)\n")
+    parts.append(targets_table(results))
+    for mode, title in (("inplace", "In place: `adamgen.Adam([w]).step()` with owned grads"),
+                        ("functional", "Functional: `adamgen.adam_update` (three fresh outputs)")):
+        for dtype in plan["dtypes"]:
+            parts.append(f"## {title}, {dtype}\n")
+            parts.append(sweep_table(all_cases, mode, dtype, peers))
+    parts.append("## The loader's pick against every variant forced by name\n")
+    parts.append(variants_table(all_cases))
+    parts.append(f"## Many tensors: {plan['multi_count']} float32 tensors of "
+                 f"{plan['multi_size']} elements\n")
+    parts.append("`step()` uses the optimizer's own gradient buffer, `step(list)` takes a list "
+                 "of gradient arrays, `flat buffer` is one tensor of the same total size; peers "
+                 "loop over the tensors (torch's fused and foreach kernels take them all).\n")
+    parts.append(per_thread_table(all_cases, "multi", "adamgen step()"))
+    parts.append(f"## Per-call overhead: one float32 tensor of {plan['tiny_size']} elements\n")
+    parts.append(per_thread_table(all_cases, "tiny", "adamgen step()", unit="calls"))
+    parts.append("## The GIL: two Python threads, each updating its own array\n")
+    parts.append("At `ADAMGEN_NUM_THREADS=1`, one thread runs steps alone, then two threads run "
+                 "the same number of steps each at once. About 1 means the call releases the "
+                 "GIL; 2 means it holds it (the numba control). Beyond cache the two threads "
+                 "share memory bandwidth, so the bare C probe shows what the memory allows.\n")
+    parts.append(gil_table(results))
+    return "\n".join(parts)

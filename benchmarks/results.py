@@ -1,0 +1,246 @@
+"""Reading a run's results: the cases, their rooflines and ratios, and the targets of the issues.
+
+Kept apart from the Markdown and the plot so both read the same numbers the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+PEERS = ("numpy naive", "numpy best", "numexpr", "numba", "torch fused", "torch foreach")
+PICK = "adamgen"
+PICK_STEP = "adamgen step()"
+
+
+@dataclass(frozen=True)
+class Case:
+    """The timings of one case (one suite, mode, dtype, size and thread count), by contender."""
+
+    suite: str
+    mode: str
+    dtype: str
+    threads: int
+    n: int
+    bytes: int
+    timings: dict[str, dict[str, Any]]
+
+    def seconds(self, name: str) -> float:
+        record = self.timings.get(name)
+        return float(record["seconds"]) if record and not record["error"] else math.nan
+
+    def gbps(self, name: str) -> float:
+        return self.bytes / self.seconds(name) / 1e9
+
+    @property
+    def roof(self) -> tuple[str, float]:
+        """The fastest probe: (its name, its seconds); NaN when no probe ran."""
+        probes = [(name, self.seconds(name)) for name, r in self.timings.items()
+                  if r["family"] == "probe" and not math.isnan(self.seconds(name))]
+        return min(probes, key=lambda p: p[1]) if probes else ("", math.nan)
+
+    def percent_of_roof(self, name: str) -> float:
+        return 100.0 * self.roof[1] / self.seconds(name)
+
+    def ratio(self, name: str, other: str) -> float:
+        """How many times faster ``name`` is than ``other`` (other's time / name's time)."""
+        return self.seconds(other) / self.seconds(name)
+
+    @property
+    def clean(self) -> tuple[int, int]:
+        """(fewest undisturbed samples of any contender, rounds): see :mod:`benchmarks.timing`."""
+        live = [r for r in self.timings.values() if r["samples"]]
+        if not live:
+            return (0, 0)
+        return (min(int(r.get("clean", len(r["samples"]))) for r in live),
+                max(len(r["samples"]) for r in live))
+
+    def names(self, family: str) -> list[str]:
+        return [name for name, r in self.timings.items() if r["family"] == family]
+
+    def adamgen_names(self) -> list[str]:
+        """Forced variants, then adamgen's kernels called directly."""
+        return self.names("variant") + self.names("kernel")
+
+    def best_variant(self) -> tuple[str, float]:
+        variants = [(name, self.seconds(name)) for name in self.names("variant")
+                    if not math.isnan(self.seconds(name))]
+        return min(variants, key=lambda v: v[1]) if variants else ("", math.nan)
+
+
+def cases(results: dict[str, Any]) -> list[Case]:
+    """Every case of every worker, in run order."""
+    grouped: dict[tuple[Any, ...], Case] = {}
+    for worker in results["workers"]:
+        for record in worker.get("records", []):
+            key = (record["suite"], record["mode"], record["dtype"], record["threads"],
+                   record["n"])
+            case = grouped.get(key)
+            if case is None:
+                case = grouped[key] = Case(*key, bytes=record["bytes"], timings={})
+            case.timings[record["impl"]] = record
+    return list(grouped.values())
+
+
+def find(all_cases: Iterable[Case], suite: str, **match: Any) -> list[Case]:
+    return [c for c in all_cases if c.suite == suite
+            and all(getattr(c, k) == v for k, v in match.items())]
+
+
+def one(all_cases: Iterable[Case], suite: str, **match: Any) -> Case | None:
+    found = find(all_cases, suite, **match)
+    return found[0] if found else None
+
+
+# -- the targets of issues 4, 5 and 7 -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Target:
+    """One promise, what was measured for it, and whether it holds.
+
+    ``status`` is ``met``, ``short`` or ``not measured``; ``detail`` says by how much or why.
+    """
+
+    issue: str
+    promise: str
+    case: str
+    measured: str
+    status: str
+    detail: str = ""
+
+
+def _check(issue: str, promise: str, case: str, value: float, limit: float, *,
+           higher_is_better: bool, fmt: str) -> Target:
+    if math.isnan(value):
+        return Target(issue, promise, case, "—", "not measured", "a contender is missing: see the missing columns")
+    ok = value >= limit if higher_is_better else value <= limit
+    if ok:
+        return Target(issue, promise, case, fmt.format(value), "met")
+    gap = (limit / value if higher_is_better else value / limit) - 1
+    return Target(issue, promise, case, fmt.format(value), "short",
+                  f"{100 * gap:.0f} % short of {fmt.format(limit)}")
+
+
+def targets(results: dict[str, Any]) -> list[Target]:
+    """Every speed target of issues 4, 5 and 7, checked against this run (float32)."""
+    all_cases = cases(results)
+    out: list[Target] = []
+
+    def missing(issue: str, promise: str, case: str) -> None:
+        out.append(Target(issue, promise, case, "—", "not measured",
+                          "not in this run (see --quick / --sizes)"))
+
+    # Issue 4: beyond cache, in place, 1 and 2 threads.
+    for threads in (1, 2):
+        for n in (10_000_000, 30_000_000):
+            label = f"N={n:.0e}, {threads} thr"
+            case = one(all_cases, "sweep", mode="inplace", dtype="float32", threads=threads, n=n)
+            if case is None:
+                missing("4, 7", ">= 95 % of the probe", label)
+                missing("4, 7", "no slower than torch fused", label)
+                continue
+            out.append(_check("4, 7", ">= 95 % of the probe", label, case.percent_of_roof(PICK),
+                              95.0, higher_is_better=True, fmt="{:.0f} %"))
+            out.append(_check("4, 7", "no slower than torch fused", label,
+                              case.ratio(PICK, "torch fused"), 1.0, higher_is_better=True,
+                              fmt="{:.2f}x"))
+    # Issue 4: in cache, 2 threads, >= 1.5x torch fused.
+    for n in (10_000, 100_000, 1_000_000):
+        label = f"N={n:.0e}, 2 thr"
+        case = one(all_cases, "sweep", mode="inplace", dtype="float32", threads=2, n=n)
+        if case is None:
+            missing("4, 7", ">= 1.5x torch fused", label)
+            continue
+        out.append(_check("4, 7", ">= 1.5x torch fused", label, case.ratio(PICK, "torch fused"),
+                          1.5, higher_is_better=True, fmt="{:.2f}x"))
+    # Issue 4: the functional API against the naive NumPy expression.
+    for n, threads, limit in ((1_000_000, 1, 10.0), (1_000_000, 2, 10.0),
+                              (10_000_000, 1, 3.5), (10_000_000, 2, 5.0)):
+        label = f"functional N={n:.0e}, {threads} thr"
+        case = one(all_cases, "sweep", mode="functional", dtype="float32", threads=threads, n=n)
+        promise = f">= {limit:g}x numpy naive"
+        if case is None:
+            missing("4, 7", promise, label)
+            continue
+        out.append(_check("4, 7", promise, label, case.ratio(PICK, "numpy naive"), limit,
+                          higher_is_better=True, fmt="{:.1f}x"))
+    # Issue 5: many tensors.
+    for threads, limit in ((1, 2.5), (2, 4.0)):
+        label = f"{results['plan']['multi_count']} x {results['plan']['multi_size']}, " \
+                f"{threads} thr"
+        case = one(all_cases, "multi", threads=threads)
+        if case is None:
+            missing("5", "step() within 1.25x of one flat call", label)
+            continue
+        out.append(_check("5", "step() within 1.25x of one flat call", label,
+                          case.ratio("adamgen flat buffer", "adamgen step()"), 1.25,
+                          higher_is_better=False, fmt="{:.2f}x"))
+        count = results["plan"]["multi_count"]
+        extra = (case.seconds("adamgen step(list)") - case.seconds("adamgen flat buffer")) / count
+        out.append(_check("5", "step(list) <= 1 us per tensor above the flat call", label,
+                          extra * 1e6, 1.0, higher_is_better=False, fmt="{:.2f} us"))
+        out.append(_check("5, 7" if threads == 2 else "5", f">= {limit:g}x torch fused", label,
+                          case.ratio("adamgen step()", "torch fused"), limit,
+                          higher_is_better=True, fmt="{:.1f}x"))
+    # Issue 5: per-call overhead.
+    for threads in (1, 2):
+        case = one(all_cases, "tiny", threads=threads)
+        label = f"N={results['plan']['tiny_size']}, {threads} thr"
+        if case is None:
+            missing("5", "step() <= 3 us", label)
+            continue
+        out.append(_check("5", "step() <= 3 us", label, case.seconds("adamgen step()") * 1e6,
+                          3.0, higher_is_better=False, fmt="{:.2f} us"))
+        out.append(_check("5", "step([g]) <= 5 us", label,
+                          case.seconds("adamgen step([g])") * 1e6, 5.0,
+                          higher_is_better=False, fmt="{:.2f} us"))
+    # Issue 5: the loader's pick against the best variant forced by hand.
+    out += loader_targets(all_cases)
+    # Issue 7: the GIL, judged against the GIL-free C probe run the same way.
+    promise = "two threads take about the time of one (<= 1.3x)"
+    for worker in results["workers"]:
+        for n in sorted({row["n"] for row in worker.get("gil", [])}):
+            mine = next((r for r in worker["gil"] if r["n"] == n and r["impl"] == PICK_STEP),
+                        None)
+            control = next((r for r in worker["gil"] if r["n"] == n
+                            and r["impl"] == "probe serial"), None)
+            if mine is None:
+                continue
+            label = f"GIL, N={n:.0e}"
+            if control is not None and control["ratio"] > 1.5:
+                out.append(Target("7", promise, label, f"{mine['ratio']:.2f}x", "not measured",
+                                  f"the machine gave one core: the GIL-free C probe took "
+                                  f"{control['ratio']:.2f}x too"))
+                continue
+            out.append(_check("7", promise, label, mine["ratio"], 1.3, higher_is_better=False,
+                              fmt="{:.2f}x"))
+    return out
+
+
+def loader_targets(all_cases: Iterable[Case]) -> list[Target]:
+    """The pick is never > 10 % slower than the best forced variant from 1e3 on, nor > 0.5 us
+    slower below (float32); one row per mode and thread count, naming the worst size."""
+    out = []
+    groups: dict[tuple[str, str, int], list[Case]] = {}
+    for case in find(all_cases, "sweep", dtype="float32"):
+        if case.names("variant"):
+            groups.setdefault((case.mode, case.dtype, case.threads), []).append(case)
+    for (mode, dtype, threads), group in sorted(groups.items()):
+        worst_large = max(((c.seconds(PICK) / c.best_variant()[1] - 1, c) for c in group
+                           if c.n >= 1000), default=None, key=lambda p: p[0])
+        worst_small = max(((c.seconds(PICK) - c.best_variant()[1], c) for c in group
+                           if c.n < 1000), default=None, key=lambda p: p[0])
+        label = f"{mode} {dtype}, {threads} thr"
+        if worst_large is not None:
+            gap, case = worst_large
+            out.append(_check("5", "pick <= 10 % slower than the best forced variant",
+                              f"{label}, worst N={case.n:.0e}", 100 * gap, 10.0,
+                              higher_is_better=False, fmt="{:+.0f} %"))
+        if worst_small is not None:
+            gap, case = worst_small
+            out.append(_check("5", "pick <= 0.5 us slower than the best forced variant",
+                              f"{label}, N={case.n}", gap * 1e6, 0.5,
+                              higher_is_better=False, fmt="{:+.2f} us"))
+    return out
