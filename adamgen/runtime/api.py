@@ -27,6 +27,7 @@ from ..errors import ArgumentTypeError, ArgumentValueError, StepZeroDivisionErro
 from . import validate
 from .array import Array
 from .container import Container, key_mismatch
+from .outputs import empty_outputs
 
 TENSORS = ("w", "dcdw", "lr", "mw_tm1", "vw_tm1")
 OUT_IS_W = frozenset({("w_new", "w")})
@@ -247,9 +248,10 @@ class PreparedCall:
                 module = in_place_module
             else:  # no in-place kernel: compute into a fresh buffer, then copy into out
                 direct = False
-        buffers = [out if direct else np.empty(self.output_shapes[0], self.dtypes[0])]
-        buffers += [np.empty(shape, dtype)
-                    for shape, dtype in zip(self.output_shapes[1:], self.dtypes[1:])]
+        # the buffered form's outputs share one shape and dtype: one recycled block holds them
+        fresh = empty_outputs(len(self.output_shapes) - direct, self.output_shapes[0],
+                              self.dtypes[0])
+        buffers = [out] + fresh if direct else fresh
         with np.errstate(all="ignore"):
             self.updater.runner(module, self.tensors, self.scalars, self.hyper, buffers,
                                 in_place and direct)
