@@ -106,3 +106,19 @@ def _fresh_adamgen_environment():
     refresh_environment()
     yield
     refresh_environment()
+
+
+@pytest.fixture
+def recorded_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[tuple, dict]]:
+    """Replace ``adamgen.runtime.api.adam_update`` with a recorder, so a test sees what the
+    Array and Container methods forward, not what the math gives."""
+    from adamgen.runtime import api
+
+    calls: list[tuple[tuple, dict]] = []
+
+    def record(*args: object, **kwargs: object) -> str:
+        calls.append((args, kwargs))
+        return "result"
+
+    monkeypatch.setattr(api, "adam_update", record)
+    return calls

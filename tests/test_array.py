@@ -2,37 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-import types
 
 import numpy as np
 import pytest
 
-import adamgen.runtime
 from adamgen.runtime.array import Array, array
 
 
-@pytest.fixture
-def recorded_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[tuple, dict]]:
-    """Replace ``adamgen.runtime.api.adam_update`` with a recorder (a stub module if api.py is
-    not written yet), so the tests see what the methods forward, not what the math gives."""
-    try:
-        api = importlib.import_module("adamgen.runtime.api")
-    except ModuleNotFoundError as error:
-        if error.name != "adamgen.runtime.api":
-            raise
-        api = types.ModuleType("adamgen.runtime.api")
-        monkeypatch.setitem(sys.modules, "adamgen.runtime.api", api)
-        monkeypatch.setattr(adamgen.runtime, "api", api, raising=False)
-    calls: list[tuple[tuple, dict]] = []
-
-    def record(*args: object, **kwargs: object) -> str:
-        calls.append((args, kwargs))
-        return "result"
-
-    monkeypatch.setattr(api, "adam_update", record, raising=False)
-    return calls
 
 
 # -- dtype defaults -------------------------------------------------------------------------

@@ -41,6 +41,17 @@ KernelProvider = Callable[[KernelConfig], "ModuleType | None"]
 BufferedRunner = Callable[..., None]
 
 
+def prelude_scalars(module: ModuleType, hyper: dict[str, float], step: Any,
+                    epsilon: Any) -> tuple[float, ...]:
+    """The kernel's per-call scalars from its own prelude, with a clear division-by-zero error."""
+    try:
+        return module.prelude(*(hyper[name] for name in module.HYPERPARAMETERS))
+    except ZeroDivisionError:
+        raise StepZeroDivisionError(
+            f"step={step!r} with epsilon={epsilon!r} divides by zero in the bias correction "
+            "(1 - beta1**step + epsilon); use step >= 1 or epsilon > 0") from None
+
+
 def run_numpy(module: ModuleType, tensors: dict[str, Any], scalars: tuple[float, ...],
               hyper: dict[str, float], buffers: list[np.ndarray], in_place: bool) -> None:
     """The buffered update on the NumPy module alone (generated packages without C)."""
@@ -118,12 +129,7 @@ class Updater:
                   else self.result_dtypes(module, tensors))
         if out is not None:
             validate.check_out(out, output_shapes[0], dtypes[0])
-        try:
-            scalars = module.prelude(*(hyper[name] for name in module.HYPERPARAMETERS))
-        except ZeroDivisionError:
-            raise StepZeroDivisionError(
-                f"step={step!r} with epsilon={epsilon!r} divides by zero in the bias correction "
-                "(1 - beta1**step + epsilon); use step >= 1 or epsilon > 0") from None
+        scalars = prelude_scalars(module, hyper, step, epsilon)
         return PreparedCall(module, tensors, scalars, hyper, output_shapes, dtypes, buffered, out,
                             self)
 

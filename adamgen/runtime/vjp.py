@@ -51,8 +51,9 @@ from .. import cache as artifact_cache
 from .._resources import PACKAGE_DIR, generator_fingerprint
 from ..codegen import build
 from ..config import KernelConfig, environment
-from ..errors import ArgumentTypeError, ArgumentValueError, CompileError, StepZeroDivisionError
+from ..errors import ArgumentTypeError, ArgumentValueError, CompileError
 from . import c_kernels, validate
+from .api import prelude_scalars
 from .c_kernels import CKernel
 from .kernels import kernel_cache, numpy_kernel
 
@@ -255,12 +256,7 @@ class VJP:
         config = KernelConfig(dtype=FLOAT_DTYPES[dtype], scalar_tensors=frozenset(
             n for n, v in inputs.items() if not isinstance(v, np.ndarray)))
         module = numpy_vjp_kernel(config)  # the prelude is the one definition of the scalars
-        try:
-            scalars = module.prelude(*(hyper[n] for n in module.HYPERPARAMETERS))
-        except ZeroDivisionError:
-            raise StepZeroDivisionError(
-                f"step={step!r} with epsilon={epsilon!r} divides by zero in the bias correction "
-                "(1 - beta1**step + epsilon); use step >= 1 or epsilon > 0") from None
+        scalars = prelude_scalars(module, hyper, step, epsilon)
         buffers = [np.empty(full, dtype) for _ in module.OUTPUTS]
         operands = [inputs[n] for n in module.TENSORS]
         backend = self.backend if self.backend != "auto" else environment().backend or "auto"
