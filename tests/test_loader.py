@@ -134,3 +134,14 @@ def test_info_prints_the_variant_table(tmp_path):
     assert completed.returncode == 0, completed.stderr
     for expected in ("variants", "bucket", "winner", "float16", "mode"):
         assert expected in completed.stdout, completed.stdout
+
+
+@pytest.mark.parametrize("shape", [(), (1,)])
+def test_measuring_a_one_element_in_place_update_never_touches_the_callers_array(
+        shape, fresh_loader):
+    """Regression (found by hypothesis): timing ran the in-place form on a view of ``w``."""
+    w = np.full(shape, 3.0)
+    g, m, v = np.full(shape, 0.5), np.full(shape, 0.1), np.full(shape, 0.2)
+    expected = adam_update_ref(w.copy(), g, 0.01, m, v, 2)
+    adamgen.adam_update(w, g, 0.01, m, v, 2, out=w)
+    assert w.tobytes() == expected[0].tobytes()

@@ -149,9 +149,10 @@ def _update_timers(module: ModuleType, kernel: CKernel | None, tensors: Mapping[
                    scalars: tuple[float, ...], hyper: Mapping[str, float],
                    plan: tuple[list[Any], frozenset[str]] | None, m: int, in_place: bool,
                    variants: tuple[str, ...]) -> dict[str, Callable[[], None]]:
-    """Timing closures on scratch arrays of ``m`` elements (never the caller's arrays)."""
+    """Timing closures on scratch arrays of ``m`` elements: copies, never the caller's arrays
+    (a size-one argument is copied too: with ``out=w`` the timed in-place run writes into it)."""
     dtype = np.dtype(module.DTYPE)
-    numpy_in = [value.reshape(-1) if isinstance(value, np.ndarray) and value.size == 1
+    numpy_in = [value.reshape(-1).copy() if isinstance(value, np.ndarray) and value.size == 1
                 else value if not isinstance(value, np.ndarray)
                 else np.full(m, 0.5 + 0.25 * i, dtype) for i, value in enumerate(tensors.values())]
     outputs = [numpy_in[0] if in_place else np.empty(m, dtype),
