@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import statistics
 import tempfile
 import threading
 import time
@@ -99,11 +100,11 @@ def _write(path: Path, decision: Decision) -> None:
 
 
 def measure(timers: Mapping[str, Timer], budget: float = BUDGET_SECONDS) -> dict[str, float]:
-    """The fastest of several interleaved runs per candidate, within ``budget``.
+    """Median seconds per candidate, interleaved round by round within ``budget``.
 
-    The minimum, not the median: on a shared machine another process can only add time to a
-    run, so the fastest run is the best estimate of what a variant costs when it gets the cores
-    (a disturbed round otherwise persists a wrong winner for every later process).
+    The median, not the minimum: what a variant typically costs includes its start-up (waking
+    OpenMP threads on a VM can cost milliseconds per call), and one lucky run must not crown a
+    variant that is slow on most calls.
     """
     samples: dict[str, list[float]] = {name: [] for name in timers}
     for run in timers.values():  # warm-up: page in scratch memory, load code
@@ -116,7 +117,7 @@ def measure(timers: Mapping[str, Timer], budget: float = BUDGET_SECONDS) -> dict
             samples[name].append(time.perf_counter() - start)
         if time.perf_counter() > deadline and all(len(s) >= 3 for s in samples.values()):
             break
-    return {name: min(values) for name, values in samples.items()}
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def choose(problem: str, n: int, candidates: tuple[str, ...], context: Mapping[str, str],
