@@ -31,6 +31,8 @@ from .outputs import empty_outputs
 
 TENSORS = ("w", "dcdw", "lr", "mw_tm1", "vw_tm1")
 OUT_IS_W = frozenset({("w_new", "w")})
+#: Argument types that are never Containers (the common case skips the isinstance walk).
+_PLAIN_TYPES = frozenset({np.ndarray, Array, float, int, bool, type(None)})
 FLOAT_DTYPES = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32",
                 np.dtype(np.float64): "float64"}
 
@@ -73,6 +75,7 @@ class Updater:
         self.runner = runner or run_numpy
         self._modules: dict[tuple[str, frozenset, str], ModuleType | None] = {}
         self._result_dtypes: dict[tuple, tuple[np.dtype, ...]] = {}
+        self._shapes: dict[tuple, tuple] = {}
 
     def module(self, dtype: str, aliases: frozenset = frozenset()) -> ModuleType | None:
         """The kernel module for ``dtype`` and ``aliases``, memoised (the provider may be slow)."""
@@ -114,14 +117,10 @@ class Updater:
         tensors["lr"] = self.learning_rate(lr, tensors)
         shapes = {name: value.shape if isinstance(value, np.ndarray) else ()
                   for name, value in tensors.items()}
-        full_shape = validate.broadcast_shape(
-            {name: shape for name, shape in shapes.items() if shape} or shapes)
         dtype = _common_float_dtype(tensors)
         buffered_module = self.module(dtype) if dtype else None
         module = buffered_module or self.module("mixed")
-        output_shapes = tuple(
-            validate.broadcast_shape({n: shapes[n] for n in module.DEPENDS[name] if n in shapes})
-            for name in module.OUTPUTS)
+        full_shape, output_shapes = self.output_shapes(module, shapes)
         buffered = buffered_module is not None and all(s == full_shape for s in output_shapes)
         if not buffered:
             module = self.module("mixed")
@@ -132,6 +131,23 @@ class Updater:
         scalars = prelude_scalars(module, hyper, step, epsilon)
         return PreparedCall(module, tensors, scalars, hyper, output_shapes, dtypes, buffered, out,
                             self)
+
+    def output_shapes(self, module: ModuleType, shapes: dict[str, tuple[int, ...]],
+                      ) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+        """The broadcast shape of all arguments and of each output (from the dependency record),
+        memoised by the arguments' shapes: a training loop asks the same question every call."""
+        key = (module.SPEC_HASH, tuple(shapes.values()))
+        found = self._shapes.get(key)
+        if found is None:
+            full = validate.broadcast_shape(
+                {name: shape for name, shape in shapes.items() if shape} or shapes)
+            outputs = tuple(validate.broadcast_shape(
+                {n: shapes[n] for n in module.DEPENDS[name] if n in shapes})
+                for name in module.OUTPUTS)
+            found = self._shapes[key] = (full, outputs)
+            if len(self._shapes) > 4096:  # bounded: shapes vary without end in some programs
+                self._shapes.clear()
+        return found
 
     @staticmethod
     def learning_rate(lr: Any, tensors: dict[str, Any]) -> Any:
@@ -172,7 +188,9 @@ class Updater:
         arguments = {"w": w, "dcdw": dcdw, "lr": lr, "mw_tm1": mw_tm1, "vw_tm1": vw_tm1,
                      "step": step, "beta1": beta1, "beta2": beta2, "epsilon": epsilon,
                      "stop_gradients": stop_gradients, "out": out}
-        if any(isinstance(value, Container) for value in arguments.values()):
+        if Container in set(map(type, arguments.values())) or any(
+                isinstance(value, Container) for value in arguments.values()
+                if type(value) not in _PLAIN_TYPES):
             return self.update_containers(arguments)
         return self.prepare(**arguments).run()
 
@@ -306,8 +324,11 @@ def _jit_kernels(config: KernelConfig) -> ModuleType:
 
 def _jit_runner(*args: Any) -> None:
     """NumPy or C, as the loader measured (imported on first use: it loads cffi's backend)."""
+    global _jit_runner
     from .dispatch import run_update
 
+    _jit_runner = run_update  # later calls go straight to the dispatcher
+    _JIT.runner = run_update
     run_update(*args)
 
 

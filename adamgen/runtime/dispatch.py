@@ -55,6 +55,7 @@ _kernels: dict[tuple[str, str, frozenset[str]], CKernel | None] = {}
 def forget() -> None:
     """Drop memoised C kernels (tests that switch cache directories)."""
     _kernels.clear()
+    _descriptions.clear()
 
 
 def c_kernel_for(dtype: str, scalar_tensors: frozenset[str]) -> CKernel | None:
@@ -99,10 +100,7 @@ def run_update(module: ModuleType, tensors: Mapping[str, Any], scalars: tuple[fl
     arrays = tuple(tensors.values())
     candidates = variants(kernel, full.size)
     if full.size and (len(candidates) > 1 or current_environment().variant is not None):
-        form = "inplace" if in_place else "functional"
-        problem = f"{form} {module.DTYPE} {module.MODE} scalar({','.join(sorted(plan[1]))})" \
-            if plan else f"{form} {module.DTYPE} numpy-only"
-        context = {"c": kernel.cache_key if kernel else "", "threads": str(default_threads())}
+        problem, context = _describe(module, kernel, plan[1] if plan else None, in_place)
         variant = loader.choose(
             problem, full.size, candidates, context,
             lambda m: _update_timers(module, kernel, tensors, scalars, hyper, plan, m, in_place,
@@ -119,6 +117,23 @@ def run_update(module: ModuleType, tensors: Mapping[str, Any], scalars: tuple[fl
         kernel.inplace_w(*plan[0], c_scalars, *buffers[1:], **threading(variant))
     else:
         kernel.functional(*plan[0], c_scalars, *buffers, **threading(variant))
+
+
+_descriptions: dict[tuple, tuple[str, dict[str, str]]] = {}
+
+
+def _describe(module: ModuleType, kernel: CKernel | None, scalar_names: frozenset[str] | None,
+              in_place: bool) -> tuple[str, dict[str, str]]:
+    """The loader's problem name and context for a call, memoised (the hot path asks often)."""
+    key = (module.DTYPE, module.MODE, id(kernel), scalar_names, in_place)
+    found = _descriptions.get(key)
+    if found is None:
+        form = "inplace" if in_place else "functional"
+        problem = (f"{form} {module.DTYPE} {module.MODE} scalar({','.join(sorted(scalar_names))})"
+                   if scalar_names is not None else f"{form} {module.DTYPE} numpy-only")
+        context = {"c": kernel.cache_key if kernel else "", "threads": str(default_threads())}
+        found = _descriptions[key] = (problem, context)
+    return found
 
 
 def _c_arguments(tensors: Mapping[str, Any],

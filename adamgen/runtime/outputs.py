@@ -16,6 +16,7 @@ blocks are kept, so an abandoned pool costs at most a few blocks of the largest 
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 
@@ -58,7 +59,7 @@ def _aligned(raw: np.ndarray, nbytes: int) -> np.ndarray:
 def empty_outputs(count: int, shape: tuple[int, ...], dtype: np.dtype) -> list[np.ndarray]:
     """``count`` new C-contiguous arrays of ``shape`` and ``dtype``, from one (recycled) block."""
     dtype = np.dtype(dtype)
-    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    size = math.prod(shape) * dtype.itemsize
     if size * count < MIN_BYTES:
         return [np.empty(shape, dtype) for _ in range(count)]
     aligned = -(-size // 64) * 64  # each output starts on a 64-byte boundary
