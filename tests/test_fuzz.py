@@ -636,9 +636,6 @@ def test_regression_exactly_aliased_inputs_with_out_w(variant, n):
 
 
 @needs_c
-@pytest.mark.xfail(strict=True, reason="bug: out=w with an input that partially overlaps w "
-                   "runs the in-place C kernel on overlapping memory (api.PreparedCall."
-                   "_run_buffered treats in_place as safe without checking the other inputs)")
 @pytest.mark.parametrize("variant", ["c", "c-omp"])
 @pytest.mark.parametrize("other", ["dcdw", "mw_tm1", "vw_tm1"])
 def test_regression_out_w_with_a_partially_overlapping_input(variant, other):
@@ -657,8 +654,6 @@ def test_regression_out_w_with_a_partially_overlapping_input(variant, other):
 
 
 @needs_c
-@pytest.mark.xfail(strict=True, reason="bug: out=w with partially overlapping inputs (see "
-                   "test_regression_out_w_with_a_partially_overlapping_input)")
 def test_fuzz_out_w_with_partially_overlapping_inputs():
     """The fuzzer's own form of the bug above; turns into a plain fuzz test once it is fixed."""
     @fuzz_settings(60)
@@ -760,9 +755,6 @@ def test_regression_vjp_python_number_cotangent_is_rounded_like_c():
         assert_bitwise_equal(a, b, name)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: validate._as_real calls float() unguarded, so an "
-                   "integer beyond float range raises a bare OverflowError that names no "
-                   "argument and is not an AdamgenError")
 @pytest.mark.parametrize("name", ["step", "beta1", "beta2", "epsilon"])
 def test_regression_integer_beyond_float_range_is_a_named_error(name):
     """Found with ``st.integers()`` for the scalars: ``step=10**400`` (a Python int, which the

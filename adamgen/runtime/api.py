@@ -262,10 +262,13 @@ class PreparedCall:
 
     def _run_buffered(self, arrays: tuple[Any, ...]) -> tuple:
         module, out = self.module, self.out
-        in_place = out is not None and _same_view(out, self.tensors["w"])
-        direct = out is not None and out.dtype == self.dtypes[0] and out.flags.c_contiguous and (
-            in_place or not any(isinstance(a, np.ndarray) and np.shares_memory(out, a)
-                                for a in arrays))
+        w = self.tensors["w"]
+        in_place = out is not None and _same_view(out, w)
+        # out may be written directly only when no input it is not exactly (w, for out=w)
+        # shares its memory: a partial overlap would be read after being written
+        direct = out is not None and out.dtype == self.dtypes[0] and out.flags.c_contiguous and \
+            not any(isinstance(a, np.ndarray) and not (in_place and a is w)
+                    and np.shares_memory(out, a) for a in arrays)
         if in_place and direct:
             in_place_module = self.updater.module(module.DTYPE, OUT_IS_W)
             if in_place_module is not None:

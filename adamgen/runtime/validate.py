@@ -129,7 +129,16 @@ def as_step(value: Any) -> float:
 
 
 def _as_real(name: str, value: Any) -> float:
-    if type(value) is float or type(value) is int:  # the common case, without ABC checks
+    if type(value) is float:  # the common case, without ABC checks
+        return value
+    try:
+        return _to_float(name, value)
+    except OverflowError:  # an int beyond float range: a bare OverflowError names nothing
+        raise ArgumentValueError(f"{name}={value!r} is beyond the range of a float") from None
+
+
+def _to_float(name: str, value: Any) -> float:
+    if type(value) is int:
         return float(value)
     if isinstance(value, (bool, np.bool_)):
         raise ArgumentTypeError(f"{name} is a bool; expected a real number")
