@@ -694,9 +694,6 @@ def test_adam_step_with_non_contiguous_gradients_on_numpy(layout):
 
 
 @needs_c
-@pytest.mark.xfail(strict=True, reason="bug: Adam.step(grads) hands non-C-contiguous "
-                   "gradients to cffi's from_buffer (ValueError 'ndarray is not C-contiguous') "
-                   "after step_count was incremented; the NumPy variant accepts them")
 @pytest.mark.parametrize("layout", NON_C_CONTIGUOUS)
 @pytest.mark.parametrize("variant", ["c", "c-omp"])
 def test_regression_adam_step_with_non_contiguous_gradients(variant, layout):
@@ -718,9 +715,6 @@ def test_regression_adam_step_with_non_contiguous_gradients(variant, layout):
 
 
 @needs_c
-@pytest.mark.xfail(strict=True, reason="bug: Adam accepts Fortran-ordered parameters, but "
-                   "MultiTensorGroup gathers their pointers with ffi.from_buffer, which raises "
-                   "'ndarray is not C-contiguous' whenever a C kernel is available")
 @pytest.mark.parametrize("grads", ["opt.grads", "C-ordered", "F-ordered"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_regression_adam_with_fortran_ordered_parameters(variant, grads):

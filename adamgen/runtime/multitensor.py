@@ -24,6 +24,12 @@ ALL_IN_PLACE = frozenset({("w_new", "w"), ("mw", "mw_tm1"), ("vw", "vw_tm1")})
 DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
 
 
+def flat(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """1-d views in memory order: the C kernels walk memory, and a Fortran-ordered parameter,
+    its state and its gradient share one memory order (the optimizer makes sure of it)."""
+    return [a.ravel(order="K") for a in arrays]
+
+
 class MultiTensorGroup:
     """The parameters of one dtype and their optimizer-owned state."""
 
@@ -43,11 +49,12 @@ class MultiTensorGroup:
             self.kernel = None
         if self.kernel is not None:  # pointers gathered once, reused every step
             pointers = self.kernel.pointers
-            self.pointers = (pointers(self.params, writable=True), pointers(self.grads),
-                             pointers(self.ms, writable=True), pointers(self.vs, writable=True))
+            self.pointers = (pointers(flat(self.params), writable=True), pointers(flat(self.grads)),
+                             pointers(flat(self.ms), writable=True),
+                             pointers(flat(self.vs), writable=True))
             # step(grads): the same sizes as the owned gradients (checked by the optimizer), so
             # one pointer table is refilled in place instead of a new list per step
-            self._external = pointers(self.grads)
+            self._external = pointers(flat(self.grads))
             self._from_buffer = self.kernel.ffi.from_buffer
             self._array_type = self.kernel.ffi.typeof(f"{self.kernel.ctype}[]")
         self.variants = dispatch.variants(self.kernel, self.size)
@@ -86,7 +93,8 @@ class MultiTensorGroup:
         if external_grads is not None:
             pg = self._external
             from_buffer, array_type = self._from_buffer, self._array_type
-            buffers = [from_buffer(array_type, external_grads[i]) for i in self.indices]
+            buffers = [from_buffer(array_type, external_grads[i].ravel(order="K"))
+                       for i in self.indices]
             slots = pg.cdata
             for slot, buffer in enumerate(buffers):
                 slots[slot] = buffer

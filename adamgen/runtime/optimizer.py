@@ -62,6 +62,17 @@ def _as_parameter(index: str, value: Any) -> np.ndarray:
     return array
 
 
+def _is_fortran(array: np.ndarray) -> bool:
+    return array.flags.f_contiguous and not array.flags.c_contiguous
+
+
+def _same_layout(grad: np.ndarray, param: np.ndarray) -> bool:
+    """Whether ``grad``'s memory holds its elements in ``param``'s memory order, contiguously."""
+    if _is_fortran(param):
+        return bool(grad.flags.f_contiguous)
+    return bool(grad.flags.c_contiguous)
+
+
 class Adam:
     """Adam over a list (or a Container) of float32/float64 arrays, updated in place.
 
@@ -135,10 +146,10 @@ class Adam:
         """
         lr = self._checked_lr()
         external = None if grads is None else self._checked_grads(grads)
-        self.step_count += 1
-        hyper = (self.beta1, self.beta2, self.epsilon, float(self.step_count))
+        hyper = (self.beta1, self.beta2, self.epsilon, float(self.step_count + 1))
         for group in self._groups:
             group.run(lr, hyper, external)
+        self.step_count += 1
 
     def _checked_lr(self) -> float:
         lr = self.lr
@@ -169,6 +180,9 @@ class Adam:
                 got = (f"{getattr(grad, 'shape', '?')} {getattr(grad, 'dtype', type(grad))}")
                 raise ArgumentValueError(f"gradient {name} is {got}; expected "
                                          f"{param.shape} {param.dtype}")
+            if not _same_layout(grad, param):  # the kernels walk memory: match the parameter's
+                grad = (np.asfortranarray(grad) if _is_fortran(param)
+                        else np.ascontiguousarray(grad))
             checked.append(grad)
         return checked
 
