@@ -405,9 +405,6 @@ def test_damaged_artifacts_are_rebuilt(damage, tmp_path):
 
 
 @needs_c
-@pytest.mark.xfail(strict=True, reason="bug: vjp._load_c neither invalidates and rebuilds a C "
-                   "kernel that fails to load (as c_kernels._load and the NumPy loaders do) nor "
-                   "falls back to NumPy: CacheError escapes from adam_update_vjp")
 def test_damaged_vjp_kernel_that_passes_validation_is_rebuilt(tmp_path):
     cache = tmp_path / "cache"
     env = clean_env(ADAMGEN_CACHE_DIR=str(cache))
@@ -483,10 +480,6 @@ def test_a_load_that_fails_once_is_rebuilt(fresh_cache, monkeypatch):
 
 
 @needs_c
-@pytest.mark.xfail(strict=True, reason="bug: a C kernel whose load always fails (a noexec "
-                   "cache mount, a missing libgomp) raises CacheError out of adam_update, Adam "
-                   "and adam_update_vjp; c_kernels.c_kernel and vjp._load_c catch CompileError "
-                   "only, so NumPy never takes over")
 def test_a_load_that_always_fails_falls_back_to_numpy(fresh_cache, monkeypatch):
     from adamgen.codegen import build
 
@@ -501,9 +494,6 @@ def test_a_load_that_always_fails_falls_back_to_numpy(fresh_cache, monkeypatch):
 
 
 @needs_c
-@pytest.mark.xfail(strict=True, reason="bug: an OSError while building a C kernel (disk full, "
-                   "quota, read-only remount) escapes from adam_update instead of falling back "
-                   "to NumPy with the one 'C kernels are unavailable' warning")
 def test_a_build_that_fails_with_a_full_disk_falls_back_to_numpy(fresh_cache, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -353,12 +353,14 @@ def c_kernel(config: KernelConfig, *, portable: bool = False,
         if memo_key not in _kernels:
             try:
                 _kernels[memo_key] = _load(base, spec_name, portable)
-            except CompileError as exc:
+            except (CompileError, CacheError, OSError) as exc:
+                # a failed build, an artifact that will not load even after one rebuild
+                # (a noexec cache mount, a missing libgomp), a full disk: NumPy serves instead
                 EVENTS.append({"kernel": f"c {base.describe()}", "built": False,
                                "error": str(exc).splitlines()[0]})
                 if environment().strict:
                     raise
-                _warn_once(exc)
+                warn_unavailable(exc)
                 _kernels[memo_key] = None
     return _kernels[memo_key]
 
@@ -372,7 +374,8 @@ def clear_memo() -> None:
     default_threads.cache_clear()
 
 
-def _warn_once(exc: CompileError) -> None:
+def warn_unavailable(exc: Exception) -> None:
+    """One warning per process that C is unavailable, whichever kernel found out first."""
     global _warned
     if not _warned:
         _warned = True

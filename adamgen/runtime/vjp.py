@@ -39,7 +39,6 @@ import math
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -51,7 +50,7 @@ from .. import cache as artifact_cache
 from .._resources import PACKAGE_DIR, generator_fingerprint
 from ..codegen import build
 from ..config import KernelConfig, environment
-from ..errors import ArgumentTypeError, ArgumentValueError, CompileError
+from ..errors import ArgumentTypeError, ArgumentValueError, CacheError, CompileError
 from . import c_kernels, validate
 from .api import prelude_scalars
 from .c_kernels import CKernel
@@ -185,14 +184,22 @@ def _load_c(config: KernelConfig) -> CKernel | None:
     try:
         key = artifact_cache.cache_key(build.key_fields(generator_fingerprint(), flags, variant))
         name = build.extension_module_name(key)
-        entry = kernel_cache().get_or_build(c_kernels.KIND, key, functools.partial(
-            _build_c, config, info.openmp, flags, name))
-        module = build.load_extension(entry.path / f"{name}{build.extension_suffix()}", name)
-    except CompileError as error:
+        cache = kernel_cache()
+        for attempt in (1, 2):
+            entry = cache.get_or_build(c_kernels.KIND, key, functools.partial(
+                _build_c, config, info.openmp, flags, name))
+            try:
+                module = build.load_extension(entry.path / f"{name}{build.extension_suffix()}",
+                                              name)
+                break
+            except CacheError:  # a damaged artifact is a miss: remove it and rebuild once
+                if attempt == 2:
+                    raise
+                cache.invalidate(c_kernels.KIND, key)
+    except (CompileError, CacheError, OSError) as error:
         if environment().strict:
             raise
-        warnings.warn(f"adamgen: the C VJP kernel is unavailable, NumPy serves instead: "
-                      f"{str(error).splitlines()[0]}", RuntimeWarning, stacklevel=4)
+        c_kernels.warn_unavailable(error)
         return None
     return CKernel(config, SPEC_NAME, module, entry, key, time.perf_counter() - start)
 
