@@ -464,10 +464,6 @@ def _child_new_kernel(queue) -> None:
         queue.put(("error", repr(error), None))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a fork while another thread holds adamgen's "
-                   "module locks (loader._lock during a first-use measurement, c_kernels._lock "
-                   "during a kernel load or build) leaves the lock held forever in the child; "
-                   "no os.register_at_fork handler re-initialises them")
 @pytest.mark.parametrize("held", ["loader measurement", "C kernel load"])
 def test_fork_while_another_thread_holds_an_adamgen_lock(held, monkeypatch, tmp_path):
     if dispatch.c_kernel_for("float32", frozenset({"lr"})) is None:

@@ -66,9 +66,11 @@ EVENTS: list[dict[str, object]] = []
 
 
 def _after_fork_in_child() -> None:
-    """libgomp is not fork-safe: a child that starts a parallel region may hang. Stay serial."""
-    global _forked_child
+    """libgomp is not fork-safe: a child that starts a parallel region may hang. Stay serial.
+    And a lock another thread held at the fork would never be released in the child."""
+    global _forked_child, _lock
     _forked_child = True
+    _lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):

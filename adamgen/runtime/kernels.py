@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import logging
 import sys
+import os
 import threading
 import time
 from pathlib import Path
@@ -27,6 +28,16 @@ from ..config import KernelConfig
 log = logging.getLogger("adamgen.kernels")
 
 _lock = threading.Lock()
+
+
+def _new_lock_in_child() -> None:
+    """A child forked while another thread held the lock would wait for it forever."""
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_child)
 _modules: dict[tuple[str, KernelConfig], ModuleType] = {}
 #: What happened to each kernel this process asked for: shown by ``adamgen info``.
 EVENTS: list[dict[str, object]] = []

@@ -52,6 +52,16 @@ class Decision:
 
 
 _lock = threading.Lock()
+
+
+def _new_lock_in_child() -> None:
+    """A child forked while another thread held the lock would wait for it forever."""
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_child)
 _decisions: dict[str, Decision] = {}
 _winners: dict[tuple, str] = {}  # the hot path's memo: no hashing, no JSON
 

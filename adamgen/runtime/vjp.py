@@ -37,6 +37,7 @@ import hashlib
 import importlib.util
 import math
 import sys
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -102,6 +103,16 @@ def sum_to_shape(values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 # --- kernels --------------------------------------------------------------------------------
 
 _lock = threading.Lock()
+
+
+def _new_lock_in_child() -> None:
+    """A child forked while another thread held the lock would wait for it forever."""
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_child)
 _modules: dict[tuple[str, KernelConfig], Any] = {}
 
 
