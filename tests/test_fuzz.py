@@ -603,9 +603,6 @@ def test_fuzz_vjp_numpy_and_c_backends_agree_bit_for_bit():
     print(f"\n[fuzz] adam_update_vjp, numpy vs c: {examples} examples", file=sys.stderr)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: with Python-number cotangents the NumPy VJP "
-                   "module multiplies two Python floats (beta1*d_mw, s1*d_mw, beta2*d_vw) in "
-                   "double, while C rounds each to the dtype first")
 def test_fuzz_vjp_backends_agree_with_python_number_cotangents():
     if not c_vjp_available():
         pytest.skip("no C compiler: the C VJP kernel is unavailable")
@@ -732,8 +729,6 @@ def test_regression_adam_with_fortran_ordered_parameters(variant, grads):
     assert_bitwise_equal(param, expected)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the NumPy VJP backend computes scalar-only steps "
-                   "of Python-number cotangents in double (see the fuzz test above)")
 def test_regression_vjp_python_number_cotangent_is_rounded_like_c():
     """Shrunk: float32 0-d primals, ``d_mw = 121129691.0``, beta1 = 0.75. C computes
     ``beta1 * float32(d_mw)`` = 90847264; NumPy ``0.75 * 121129691.0`` in double, rounded

@@ -17,17 +17,19 @@ bytes per call is what would show: 4 MiB / 10**5 calls = 42 bytes per call.
   updates (each call is 3 leaf updates, so 6 * 10**4 updates); and 2000 calls of ``c-omp`` on
   4096 elements (the smallest size it runs at; a leaked buffer would be 16 KiB per call, 32 MiB
   in all).
+* 2000 calls with outputs of 1-2 MB in 5 alternating sizes, which come from recycled blocks
+  (``adamgen.runtime.outputs``): a block kept per call would be gigabytes.
 
-LeakSanitizer and valgrind: a subprocess runs every entry point (13 calls per iteration) under
+LeakSanitizer and valgrind: a subprocess runs every entry point (11 calls per iteration) under
 ``liblsan`` (``LD_PRELOAD``) and under ``valgrind --leak-check=full``, twice, with few and with
 many iterations; a leak record counts when one of its frames is in an adamgen kernel
 (``_adamgen_*.so``), the cffi backend or adamgen's cache directory (Python's own exit-time
 records do not), and those may not grow with the number of calls: cffi's one-time module set-up
 allocations, never freed, are reported identically by both runs. A deliberate 1234-byte
 ``malloc`` dropped through ctypes proves each tool really reports. Each run is skipped when its
-tool is missing. Valgrind cannot decode AVX-512, so on such CPUs the kernels
-for that run are built with ``-mno-avx512f`` added (a separate cache key; the C code, the cffi
-wrapper and every allocation path are the same).
+tool is missing. Valgrind cannot decode AVX-512, so on such CPUs the kernels for that run are
+built with ``-mno-avx512f`` added (a separate cache key; the C code, the cffi wrapper and every
+allocation path are the same).
 """
 
 from __future__ import annotations

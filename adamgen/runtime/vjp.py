@@ -289,6 +289,11 @@ class VJP:
                     for v in operands]
             kernel.functional(*flat, scalars, *(b.reshape(-1) for b in buffers))
         else:
+            # scalar tensors as 0-d arrays of the dtype: each is rounded once, and a step
+            # between two of them computes in the dtype, as C computes it (two Python floats
+            # would multiply in double)
+            operands = [v if isinstance(v, np.ndarray) else np.asarray(v, dtype)
+                        for v in operands]
             with np.errstate(all="ignore"):
                 module.update(*operands, scalars, *buffers)
         elementwise = dict(zip(module.OUTPUTS, buffers))
