@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from ._version import __version__
-from .errors import AdamgenError
+from .errors import AdamgenError, CacheError
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -39,10 +39,14 @@ def _info(args: argparse.Namespace) -> int:
               "float16 stays on numpy")
     else:
         print(f"  c        unavailable: {compiler.reason}; numpy serves every call")
-    cache = kernels.kernel_cache()
-    summary = cache.info()
-    print(f"cache:     {cache.root} ({summary['count']} entries, "
-          f"{summary['size_bytes'] / 1e6:.2f} MB)")
+    try:
+        cache = kernels.kernel_cache()
+    except CacheError as error:
+        print(f"cache:     none: {error}")
+    else:
+        summary = cache.info()
+        print(f"cache:     {cache.root} ({summary['count']} entries, "
+              f"{summary['size_bytes'] / 1e6:.2f} MB)")
     if args.build:
         adam_update = __import__("adamgen").adam_update
         for dtype in ("float32", "float64"):

@@ -323,16 +323,14 @@ def test_unusable_cache_dir_falls_back_to_a_private_temp_cache(kind, place):
     assert not list(tmp.iterdir())
 
 
-@pytest.mark.xfail(strict=True, reason="bug: with no writable directory at all (read-only HOME, "
-                   "cache dir and temporary directory) kernel_cache() raises CacheError "
-                   "'cannot create a private temporary cache directory' from every entry "
-                   "point, although the NumPy kernels could be generated in memory")
 def test_no_writable_directory_at_all_still_computes(place):
     prefix = unprivileged()
     home = read_only_dir(place / "home")
     tmp = read_only_dir(place / "tmp")
+    # not strict: compiling needs a file, so C is unavailable here by design (strict would
+    # rightly turn that fallback into an error)
     report = run_script(clean_env(HOME=str(home), TMPDIR=str(tmp), HOSTILE_TEMPDIR=str(tmp),
-                                  ADAMGEN_CACHE_DIR=None), prefix, cwd=home)
+                                  ADAMGEN_CACHE_DIR=None, ADAMGEN_STRICT=None), prefix, cwd=home)
     assert_correct(report, c_ran=False)
     assert 1 <= len(report["warnings"]) <= 2, report["warnings"]  # the cache's, maybe C's
 

@@ -24,6 +24,7 @@ from types import ModuleType
 from .. import cache as artifact_cache
 from .._resources import generator_fingerprint
 from ..config import KernelConfig
+from ..errors import CacheError
 
 log = logging.getLogger("adamgen.kernels")
 
@@ -44,9 +45,27 @@ EVENTS: list[dict[str, object]] = []
 
 
 @functools.cache
+def _open_cache() -> artifact_cache.ArtifactCache | None:
+    try:
+        return artifact_cache.open_default_cache() or artifact_cache.private_temp_cache()
+    except CacheError:  # not even a private temporary directory: kernels live in memory
+        return None
+
+
 def kernel_cache() -> artifact_cache.ArtifactCache:
-    """The user's cache, or a private temporary one (with one warning) when it is unusable."""
-    return artifact_cache.open_default_cache() or artifact_cache.private_temp_cache()
+    """The user's cache, or a private temporary one (with one warning) when it is unusable.
+
+    Raises :class:`CacheError` when no directory at all is writable; NumPy kernels are then
+    generated in memory (:func:`numpy_kernel`) and C is unavailable (compiling needs a file).
+    """
+    cache = _open_cache()
+    if cache is None:
+        raise CacheError("no writable directory for adamgen's kernel cache (the cache "
+                         "directory and the temporary directory are both unusable)")
+    return cache
+
+
+kernel_cache.cache_clear = _open_cache.cache_clear  # type: ignore[attr-defined]
 
 
 def numpy_cache_key(config: KernelConfig, spec_name: str) -> str:
@@ -88,8 +107,23 @@ def numpy_kernel(config: KernelConfig, spec_name: str = "adam") -> ModuleType:
     return module
 
 
+def _in_memory(config: KernelConfig, spec_name: str) -> ModuleType:
+    """Render and execute a kernel without any file: the path of last resort."""
+    from ..codegen.driver import numpy_source
+
+    module = ModuleType(f"adamgen_numpy_in_memory_{spec_name}")
+    exec(compile(numpy_source(config, spec_name), module.__name__, "exec"),  # noqa: S102
+         module.__dict__)
+    EVENTS.append({"kernel": f"numpy {config.describe()}", "built": True, "seconds": 0.0,
+                   "path": "(memory: no writable directory)"})
+    return module
+
+
 def _load_numpy_kernel(config: KernelConfig, spec_name: str) -> ModuleType:
-    cache = kernel_cache()
+    try:
+        cache = kernel_cache()
+    except CacheError:
+        return _in_memory(config, spec_name)
     key = numpy_cache_key(config, spec_name)
     start = time.perf_counter()
     for attempt in (1, 2):

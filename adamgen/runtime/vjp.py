@@ -156,7 +156,15 @@ def _load_numpy(config: KernelConfig) -> ModuleType:
         "kind": "numpy", "spec": SPEC_NAME, "generator": generator_fingerprint(),
         "derivatives": derivatives_fingerprint(), "config": config.describe(),
         "python": f"{sys.version_info[0]}.{sys.version_info[1]}"})
-    cache = kernel_cache()
+    try:
+        cache = kernel_cache()
+    except CacheError:  # no writable directory at all: render in memory
+        from ..codegen.driver import numpy_source
+
+        module = ModuleType(f"adamgen_vjp_in_memory_{key[:16]}")
+        exec(compile(numpy_source(config, SPEC_NAME), module.__name__, "exec"),  # noqa: S102
+             module.__dict__)
+        return module
     for attempt in (1, 2):
         entry = cache.get_or_build("numpy", key, functools.partial(_write_numpy, config))
         try:
