@@ -9,8 +9,8 @@
   while 8 threads ask for it, and 4 processes building into one fresh cache share the builds.
 * Processes that fork after running the threaded (OpenMP) kernels from several threads do not
   hang in the child (multiprocessing's ``fork`` context, with a timeout; the child is killed if
-  it does not finish). Forking while another thread holds one of adamgen's locks is the xfailed
-  regression at the end.
+  it does not finish), even when another thread holds one of adamgen's locks at the fork (the
+  regression at the end).
 """
 
 from __future__ import annotations

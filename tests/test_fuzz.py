@@ -549,8 +549,8 @@ def vjp_cases(draw, number_cotangents: bool = False) -> VJPCase:
     outputs = {"w_new": np.broadcast_shapes(*shapes.values()),
                "mw": np.broadcast_shapes(shapes["dcdw"], shapes["mw_tm1"]),
                "vw": np.broadcast_shapes(shapes["dcdw"], shapes["vw_tm1"])}
-    # Python-number cotangents (scalar tensors of the C kernel) disagree between the backends:
-    # a known bug, fuzzed by the xfailed test below; the main test uses array cotangents.
+    # Python-number cotangents (scalar tensors of the C kernel) have their own fuzz test below
+    # (they once disagreed between the backends); this one uses array cotangents.
     cotangents = []
     for name, shape in outputs.items():
         if number_cotangents:

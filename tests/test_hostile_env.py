@@ -12,11 +12,11 @@ kernel cache did.
   another user. adamgen builds into a private temporary directory (removed at exit), warns once,
   and still runs C. As root (which ignores permission bits) the child runs under ``setpriv``
   without ``CAP_DAC_OVERRIDE``/``CAP_DAC_READ_SEARCH``, so mode bits bind it too. No writable
-  directory at all is an xfailed bug.
+  directory at all: NumPy kernels are rendered in memory, C falls back with one warning.
 * Artifacts that do not load: a damaged ``.so`` (truncated: the manifest catches it; garbage
   with a matching manifest: ``dlopen`` fails, the entry is invalidated and rebuilt once), a
   damaged NumPy module. A load that always fails (``noexec``), and a build that fails with an
-  ``OSError`` (disk full), are xfailed bugs: they escape instead of falling back to NumPy.
+  ``OSError`` (disk full), fall back to NumPy with the one warning.
 * A cache written by another adamgen version or for another CPU feature set is not used: with
   ``ADAMGEN_REQUIRE_CACHE_HIT=1`` the same process hits and the other one gets
   ``CacheMissError``; without it the other builds its own entries and measures its own choices.
@@ -381,7 +381,7 @@ def test_damaged_artifacts_are_rebuilt(damage, tmp_path):
     fix = "matching manifest" in damage
     damaged = 0
     if ".so" in damage:
-        # the VJP's C kernel is damaged only when the manifest catches it (see the xfail below)
+        # the VJP's C kernel is damaged only when the manifest catches it (see the test below)
         for entry in _entries(cache, "c-kernel", vjp_kernels=None if not fix else False):
             for so in entry.glob("*.so"):
                 content = so.read_bytes()
