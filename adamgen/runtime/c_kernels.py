@@ -31,7 +31,6 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -45,6 +44,7 @@ from .._resources import generator_fingerprint
 from ..codegen import build
 from ..config import KernelConfig, environment
 from ..errors import CacheError, CompileError
+from .forksafe import ForkSafeLock
 from .kernels import kernel_cache
 
 log = logging.getLogger("adamgen.c_kernels")
@@ -57,7 +57,7 @@ DTYPES = ("float32", "float64")
 DEFAULT_THRESHOLD = 16_384
 _CTYPES = {"float32": "float", "float64": "double"}
 
-_lock = threading.Lock()
+_lock = ForkSafeLock()
 _kernels: dict[tuple[str, KernelConfig, bool], CKernel | None] = {}
 _warned = False
 _forked_child = False
@@ -66,11 +66,9 @@ EVENTS: list[dict[str, object]] = []
 
 
 def _after_fork_in_child() -> None:
-    """libgomp is not fork-safe: a child that starts a parallel region may hang. Stay serial.
-    And a lock another thread held at the fork would never be released in the child."""
-    global _forked_child, _lock
+    """libgomp is not fork-safe: a child that starts a parallel region may hang. Stay serial."""
+    global _forked_child
     _forked_child = True
-    _lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):

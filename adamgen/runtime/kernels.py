@@ -15,8 +15,6 @@ import hashlib
 import importlib.util
 import logging
 import sys
-import os
-import threading
 import time
 from pathlib import Path
 from types import ModuleType
@@ -25,20 +23,11 @@ from .. import cache as artifact_cache
 from .._resources import generator_fingerprint
 from ..config import KernelConfig
 from ..errors import CacheError
+from .forksafe import ForkSafeLock
 
 log = logging.getLogger("adamgen.kernels")
 
-_lock = threading.Lock()
-
-
-def _new_lock_in_child() -> None:
-    """A child forked while another thread held the lock would wait for it forever."""
-    global _lock
-    _lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_lock_in_child)
+_lock = ForkSafeLock()
 _modules: dict[tuple[str, KernelConfig], ModuleType] = {}
 #: What happened to each kernel this process asked for: shown by ``adamgen info``.
 EVENTS: list[dict[str, object]] = []

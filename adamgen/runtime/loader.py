@@ -24,7 +24,6 @@ import json
 import os
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -32,6 +31,7 @@ from pathlib import Path
 
 from ..config import current_environment
 from ..errors import CacheError
+from .forksafe import ForkSafeLock
 
 BUDGET_SECONDS = 0.05
 MAX_ROUNDS = 9
@@ -51,17 +51,7 @@ class Decision:
     source: str  # "measured", "cache dir", "forced"
 
 
-_lock = threading.Lock()
-
-
-def _new_lock_in_child() -> None:
-    """A child forked while another thread held the lock would wait for it forever."""
-    global _lock
-    _lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_lock_in_child)
+_lock = ForkSafeLock()
 _decisions: dict[str, Decision] = {}
 _winners: dict[tuple, str] = {}  # the hot path's memo: no hashing, no JSON
 

@@ -18,25 +18,15 @@ from __future__ import annotations
 
 import math
 import sys
-import os
-import threading
 
 import numpy as np
+
+from .forksafe import ForkSafeLock
 
 MIN_BYTES = 1 << 20
 MAX_FREE_BLOCKS = 2
 
-_lock = threading.Lock()
-
-
-def _new_lock_in_child() -> None:
-    """A child forked while another thread held the lock would wait for it forever."""
-    global _lock
-    _lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_lock_in_child)
+_lock = ForkSafeLock()
 _blocks: list[np.ndarray] = []
 
 

@@ -37,8 +37,6 @@ import hashlib
 import importlib.util
 import math
 import sys
-import os
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -55,6 +53,7 @@ from ..errors import ArgumentTypeError, ArgumentValueError, CacheError, CompileE
 from . import c_kernels, validate
 from .api import prelude_scalars
 from .c_kernels import CKernel
+from .forksafe import ForkSafeLock
 from .kernels import kernel_cache, numpy_kernel
 
 TENSORS = ("w", "dcdw", "lr", "mw_tm1", "vw_tm1")
@@ -102,17 +101,7 @@ def sum_to_shape(values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 # --- kernels --------------------------------------------------------------------------------
 
-_lock = threading.Lock()
-
-
-def _new_lock_in_child() -> None:
-    """A child forked while another thread held the lock would wait for it forever."""
-    global _lock
-    _lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_lock_in_child)
+_lock = ForkSafeLock()
 _modules: dict[tuple[str, KernelConfig], Any] = {}
 
 
