@@ -12,28 +12,27 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from typing import Any
+
+
+_instances: weakref.WeakSet[ForkSafeLock] = weakref.WeakSet()
 
 
 class ForkSafeLock:
     """A ``threading.Lock`` (used with ``with``), renewed in a forked child."""
 
-    _instances: weakref.WeakSet[ForkSafeLock] = weakref.WeakSet()
-
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        ForkSafeLock._instances.add(self)
+        _instances.add(self)
 
-    def __enter__(self) -> ForkSafeLock:
+    def __enter__(self) -> None:
         self._lock.acquire()
-        return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._lock.release()
 
 
 def _renew_in_child() -> None:
-    for lock in list(ForkSafeLock._instances):
+    for lock in list(_instances):
         lock._lock = threading.Lock()
 
 
