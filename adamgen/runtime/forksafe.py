@@ -13,7 +13,6 @@ import os
 import threading
 import weakref
 
-
 _instances: weakref.WeakSet[ForkSafeLock] = weakref.WeakSet()
 
 
