@@ -43,7 +43,7 @@ from .. import cache as artifact_cache
 from .._resources import generator_fingerprint
 from ..codegen import build
 from ..config import KernelConfig, environment
-from ..errors import CacheError, CompileError
+from ..errors import CacheError, CacheMissError, CompileError
 from .forksafe import ForkSafeLock
 from .kernels import kernel_cache
 
@@ -353,6 +353,8 @@ def c_kernel(config: KernelConfig, *, portable: bool = False,
         if memo_key not in _kernels:
             try:
                 _kernels[memo_key] = _load(base, spec_name, portable)
+            except CacheMissError:  # ADAMGEN_REQUIRE_CACHE_HIT: a miss must be seen
+                raise
             except (CompileError, CacheError, OSError) as exc:
                 # a failed build, an artifact that will not load even after one rebuild
                 # (a noexec cache mount, a missing libgomp), a full disk: NumPy serves instead
