@@ -249,6 +249,13 @@ class FormPlan:
     store_lines: tuple[str, ...]
     in_place: bool
     multi: bool
+    outputs: tuple[str, ...]
+    streamed: str | None  # the functional form's streaming-store wrapper around ``chunk``
+
+    @property
+    def entry(self) -> str:
+        """What the entry points call for a range: the streaming wrapper where there is one."""
+        return self.streamed or self.chunk
 
 
 def plan_form(name: str, ir: KernelIR, ctype: str) -> FormPlan:
@@ -303,8 +310,11 @@ def plan_form(name: str, ir: KernelIR, ctype: str) -> FormPlan:
     summary = (f"{', '.join(o for o, _ in overwrites)} overwrite{'s' * (len(overwrites) == 1)} "
                f"{', '.join(i for _, i in overwrites)} (may alias)" if in_place
                else "inputs and outputs distinct (restrict)")
+    outputs = tuple(p.name for p in parameters if p.role == "out")
+    streamed = None if in_place else f"{ir.spec_name}_{name}_streamed"
     return FormPlan(name, summary, f"{ir.spec_name}_{name}_chunk", tuple(parameters),
-                    tuple(list_parameters), uniform, body, stores, in_place, multi)
+                    tuple(list_parameters), uniform, body, stores, in_place, multi, outputs,
+                    streamed)
 
 
 def entry_points(spec_name: str, plan: FormPlan, openmp: bool) -> list[CFunction]:
@@ -345,11 +355,24 @@ def wrap_signature(symbol: str, parameters: Sequence[CParameter], *, storage: st
 
 
 def wrap_call(symbol: str, parameters: Sequence[CParameter], extra: Sequence[str] = (), *,
-              index: str | None = None, indent: int = 4, width: int = 100) -> str:
+              index: str | None = None, block_at: str | None = None, indent: int = 4,
+              width: int = 100) -> str:
     """``symbol(args);`` forwarding ``parameters`` (``*_list`` ones as ``name[index]``) and then
-    ``extra``, wrapped at ``width`` columns; the first line is not indented (the template is)."""
-    words = [f"{p.name}[{index}]" if index and p.role.endswith("_list") else p.name
-             for p in parameters] + list(extra)
+    ``extra``, wrapped at ``width`` columns; the first line is not indented (the template is).
+
+    ``block_at``: a block of the range starting there, written to the local ``<output>_block``
+    arrays (inputs advance by ``block_at``, outputs go to the blocks).
+    """
+    def word(p: CParameter) -> str:
+        if index and p.role.endswith("_list"):
+            return f"{p.name}[{index}]"
+        if block_at and p.role == "in":
+            return f"{p.name} + {block_at}"
+        if block_at and p.role == "out":
+            return f"{p.name}_block"
+        return p.name
+
+    words = [word(p) for p in parameters] + list(extra)
     lines, line = [], f"{symbol}("
     for position, word in enumerate(words):
         word += ");" if position == len(words) - 1 else ","
@@ -390,7 +413,8 @@ def render_c_module(irs: Mapping[str, KernelIR], *, openmp: bool,
         "version": __version__, "ir": first, "config": base, "variant": variant_name(base),
         "ctype": ctype, "flag_lines": textwrap.wrap(" ".join(flags) or "(not recorded)", 86,
                                    break_long_words=False, break_on_hyphens=False), "openmp": openmp,
-        "plans": plans, "functions": functions, "entries": entries, "align": CHUNK_ALIGN,
+        "plans": plans, "streaming": any(plan.streamed for plan in plans),
+        "vector_suffix": "ps" if ctype == "float" else "pd", "functions": functions, "entries": entries, "align": CHUNK_ALIGN,
         "spec": first.spec_name, "signature": wrap_signature, "call": wrap_call,
         "range": (CParameter("begin", "int64_t", "n"), CParameter("end", "int64_t", "n")),
     }

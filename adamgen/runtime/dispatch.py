@@ -26,6 +26,7 @@ from ..config import KernelConfig, current_environment
 from . import loader
 from .c_kernels import CKernel, c_kernel, default_threads
 from .kernels import numpy_kernel
+from .outputs import empty_outputs
 
 C_DTYPES = ("float32", "float64")
 
@@ -160,6 +161,14 @@ def _scratch_like(value: Any, m: int, dtype: np.dtype, fill: float) -> Any:
     return value if not isinstance(value, np.ndarray) else np.full(m, fill, dtype)
 
 
+def _timing_outputs(w: Any, in_place: bool, m: int, dtype: np.dtype) -> list[np.ndarray]:
+    """Outputs laid out as the real call's: the functional API's come from the aligned pool
+    (the C kernel streams into outputs that share an alignment), in place ``w`` is one."""
+    if in_place:
+        return [w, np.empty(m, dtype), np.empty(m, dtype)]
+    return empty_outputs(3, (m,), dtype)
+
+
 def _update_timers(module: ModuleType, kernel: CKernel | None, tensors: Mapping[str, Any],
                    scalars: tuple[float, ...], hyper: Mapping[str, float],
                    plan: tuple[list[Any], frozenset[str]] | None, m: int, in_place: bool,
@@ -170,16 +179,14 @@ def _update_timers(module: ModuleType, kernel: CKernel | None, tensors: Mapping[
     numpy_in = [value.reshape(-1).copy() if isinstance(value, np.ndarray) and value.size == 1
                 else value if not isinstance(value, np.ndarray)
                 else np.full(m, 0.5 + 0.25 * i, dtype) for i, value in enumerate(tensors.values())]
-    outputs = [numpy_in[0] if in_place else np.empty(m, dtype),
-               np.empty(m, dtype), np.empty(m, dtype)]
+    outputs = _timing_outputs(numpy_in[0], in_place, m, dtype)
     timers: dict[str, Callable[[], None]] = {
         "numpy": lambda: module.update(*numpy_in, scalars, *outputs)}
     if kernel is not None and plan is not None:
         c_in = [a if not isinstance(a, np.ndarray) else np.full(m, 0.5 + 0.25 * i, dtype)
                 for i, a in enumerate(plan[0])]
         c_scalars = scalars_for(kernel, hyper, scalars)
-        c_out = [c_in[0] if in_place else np.empty(m, dtype), np.empty(m, dtype),
-                 np.empty(m, dtype)]
+        c_out = _timing_outputs(c_in[0], in_place, m, dtype)
         run = kernel.inplace_w if in_place else kernel.functional
         tail = c_out[1:] if in_place else c_out
         for variant in variants[1:]:
