@@ -87,6 +87,11 @@ def layout(array: np.ndarray, kind: str) -> np.ndarray:
         return view
     if kind == "transposed":
         return np.ascontiguousarray(array.T).T
+    if kind == "misaligned":  # C-contiguous, one byte past an element boundary
+        raw = np.empty(array.nbytes + 1, np.uint8)
+        view = raw[1:].view(array.dtype).reshape(array.shape)
+        view[...] = array
+        return view
     raise ValueError(kind)
 
 
@@ -249,6 +254,31 @@ def test_non_contiguous_inputs_match_reference(dtype, kind):
     w, g, m, v = random_state((40, 31), dtype, np.random.default_rng(7))
     lr = np.abs(random_state((40, 31), dtype, np.random.default_rng(8))[0])
     check_against_reference(*(layout(x, kind) for x in (w, g, lr, m, v)), 5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("target", ["w", "out"])
+def test_misaligned_arrays_match_reference_and_never_reach_c(dtype, target, monkeypatch):
+    """A typed C pointer to a misaligned element is undefined behaviour: such calls run on
+    NumPy, even with the C variant forced."""
+    from adamgen.runtime.c_kernels import CKernel
+
+    def refuse(*args, **kwargs):
+        for value in (*args, *kwargs.values()):
+            assert not isinstance(value, np.ndarray) or value.flags.aligned, "misaligned to C"
+    for form in ("functional", "inplace_w"):
+        original = getattr(CKernel, form)
+        monkeypatch.setattr(CKernel, form, lambda self, *a, _f=original, **k: (
+            refuse(*a, **k), _f(self, *a, **k))[1])
+    monkeypatch.setenv("ADAMGEN_VARIANT", "c")
+    w, g, m, v = random_state((70_001,), dtype, np.random.default_rng(12))
+    if target == "w":
+        check_against_reference(layout(w, "misaligned"), g, 0.01, m, v, 3)
+    else:
+        expected = adam_update_ref(w, g, 0.01, m, v, 3)
+        out = layout(w, "misaligned")
+        adamgen.adam_update(out, g, 0.01, m, v, 3, out=out)
+        assert_all_bitwise_equal([out], expected[:1])
 
 
 def test_mixed_layouts_in_one_call_match_reference():

@@ -117,6 +117,9 @@ def test_bad_construction_and_bad_state_are_rejected():
         Adam([np.ones(3, np.int64)])
     with pytest.raises(ValueError, match="contiguous"):
         Adam([np.ones(6, np.float32)[::2]])
+    with pytest.raises(ValueError, match="parameter 0 starts at an address that is not a "
+                                         "multiple of its 4-byte element"):
+        Adam([np.zeros(13, np.uint8)[1:].view(np.float32)])
     with pytest.raises(ValueError, match="beta1"):
         Adam([np.ones(3, np.float32)], beta1=1.0)
     opt = Adam([np.ones(3, np.float32)])
@@ -143,3 +146,22 @@ def test_torch_parameters_are_updated_in_place_without_copies():
         twin[i], _, _ = adamgen.adam_update(twin[i], grads[i], 0.05, m[i], v[i], 1)
     assert weight.detach().numpy().tobytes() == twin[0].tobytes()
     assert bias.numpy().tobytes() == twin[1].tobytes()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_misaligned_gradients_are_copied_not_read_through_misaligned_pointers(dtype):
+    rng = np.random.default_rng(6)
+    params = [rng.standard_normal(s).astype(dtype) for s in [(70_001,), (3, 5)]]
+    twin = [p.copy() for p in params]
+    grads = [rng.standard_normal(p.shape).astype(dtype) for p in params]
+    misaligned = []
+    for g in grads:
+        raw = np.empty(g.nbytes + 1, np.uint8)
+        view = raw[1:].view(dtype).reshape(g.shape)
+        view[...] = g
+        assert not view.flags.aligned
+        misaligned.append(view)
+    Adam(params, lr=0.01).step(misaligned)
+    Adam(twin, lr=0.01).step(grads)
+    for got, want in zip(params, twin):
+        assert got.tobytes() == want.tobytes()

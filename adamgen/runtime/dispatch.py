@@ -8,7 +8,8 @@ For a buffered update (one float dtype, every output of the full shape) the cand
 
 C needs every array argument either of the full shape (copied to C order when it is not: a
 documented copy, one extra pass) or of size one (then passed as a scalar, never materialised), and
-the outputs C-contiguous. Anything else runs on NumPy, which broadcasts and strides natively.
+the outputs C-contiguous; every array element-aligned (a misaligned typed pointer is undefined
+behaviour in C). Anything else runs on NumPy, which broadcasts and strides natively.
 :func:`adamgen.runtime.loader.choose` times the candidates once per size bucket on scratch arrays
 and remembers the winner; because every exact variant gives the same bits, the choice only
 changes speed.
@@ -92,7 +93,8 @@ def run_update(module: ModuleType, tensors: Mapping[str, Any], scalars: tuple[fl
                c_kernels: CKernelProvider | None = None) -> None:
     """One buffered update into ``buffers`` (``buffers[0] is w`` when ``in_place``)."""
     full = buffers[0]
-    plan = _c_arguments(tensors, full) if all(b.flags.c_contiguous for b in buffers) else None
+    plan = (_c_arguments(tensors, full)
+            if all(b.flags.c_contiguous and b.flags.aligned for b in buffers) else None)
     kernel = None
     if plan is not None:
         kernel = (c_kernels or c_kernel_for)(module.DTYPE, plan[1])
@@ -150,8 +152,8 @@ def _c_arguments(tensors: Mapping[str, Any],
         elif value.size == 1 and size != 1:
             arguments.append(float(value.reshape(-1)[0]))
             scalar_names.append(name)
-        elif value.shape != full.shape:
-            return None  # a partial broadcast: NumPy handles it
+        elif value.shape != full.shape or not value.flags.aligned:
+            return None  # a partial broadcast, or misaligned elements: NumPy handles them
         else:
             arguments.append(value if value.flags.c_contiguous else np.ascontiguousarray(value))
     return arguments, frozenset(scalar_names)

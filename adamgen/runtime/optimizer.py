@@ -59,6 +59,10 @@ def _as_parameter(index: str, value: Any) -> np.ndarray:
                                  f"{array.strides}); pass a contiguous array to update in place")
     if not array.flags.writeable:
         raise ArgumentValueError(f"parameter {index} is read-only")
+    if not array.flags.aligned:  # C reads elements through typed pointers: UB when misaligned
+        raise ArgumentValueError(f"parameter {index} starts at an address that is not a multiple "
+                                 f"of its {array.dtype.itemsize}-byte element; pass an aligned "
+                                 "array (np.array(p) makes one) to update in place")
     return array
 
 
@@ -67,7 +71,10 @@ def _is_fortran(array: np.ndarray) -> bool:
 
 
 def _same_layout(grad: np.ndarray, param: np.ndarray) -> bool:
-    """Whether ``grad``'s memory holds its elements in ``param``'s memory order, contiguously."""
+    """Whether ``grad``'s memory holds its elements in ``param``'s memory order, contiguously
+    and element-aligned, as the kernels read it."""
+    if not grad.flags.aligned:
+        return False
     if _is_fortran(param):
         return bool(grad.flags.f_contiguous)
     return bool(grad.flags.c_contiguous)
@@ -181,8 +188,7 @@ class Adam:
                 raise ArgumentValueError(f"gradient {name} is {got}; expected "
                                          f"{param.shape} {param.dtype}")
             if not _same_layout(grad, param):  # the kernels walk memory: match the parameter's
-                grad = (np.asfortranarray(grad) if _is_fortran(param)
-                        else np.ascontiguousarray(grad))
+                grad = np.array(grad, order="F" if _is_fortran(param) else "C")
             checked.append(grad)
         return checked
 
