@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import warnings
 import zlib
 from decimal import Decimal
 from pathlib import Path
@@ -594,6 +595,20 @@ def test_out_float32_for_a_float64_result_is_same_kind():
     result = adamgen.adam_update(w, g, np.array(0.1), m, v, 2, out=out)
     assert result[0] is out
     assert_bitwise_equal(out, expected[0].astype(np.float32), "out")
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["one-dtype", "mixed-dtypes"])
+def test_out_narrower_than_w_new_takes_inf_without_a_warning(buffered):
+    w = np.array([1e300, -1e300, 1.0])
+    g, m, v = (np.full(3, 0.5, np.float64 if buffered else np.float32) for _ in range(3))
+    out = np.zeros(3, np.float32)
+    expected = adam_update_ref(w, g, 0.1, m, v, 2)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adamgen.adam_update(w, g, 0.1, m, v, 2, out=out)
+    with np.errstate(over="ignore"):
+        assert_bitwise_equal(out, expected.astype(np.float32), "out")
+    assert np.isinf(out[:2]).all()
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=FLOAT_IDS)

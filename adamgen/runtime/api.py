@@ -230,6 +230,14 @@ class Updater:
         return tuple(results)
 
 
+def _copy_into_out(out: np.ndarray, w_new: np.ndarray) -> None:
+    """``w_new`` into a caller's ``out`` of the same or a narrower float kind. Values beyond the
+    narrower type become inf, as the cast defines; like the update itself, this raises no
+    floating-point warning."""
+    with np.errstate(over="ignore"):
+        np.copyto(out, w_new, casting="same_kind")
+
+
 class PreparedCall:
     """A validated call: arguments converted, scalars computed, kernel chosen; nothing written."""
 
@@ -256,7 +264,7 @@ class PreparedCall:
                 results = self.module.update(*arrays, self.scalars)
             results = tuple(np.asarray(r) for r in results)
             if self.out is not None:
-                np.copyto(self.out, results[0], casting="same_kind")
+                _copy_into_out(self.out, results[0])
                 results = (self.out,) + results[1:]
         return self._wrap(results)
 
@@ -283,7 +291,7 @@ class PreparedCall:
             self.updater.runner(module, self.tensors, self.scalars, self.hyper, buffers,
                                 in_place and direct)
         if out is not None and not direct:
-            np.copyto(out, buffers[0], casting="same_kind")
+            _copy_into_out(out, buffers[0])
             buffers[0] = out
         return tuple(buffers)
 
