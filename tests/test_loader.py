@@ -89,6 +89,21 @@ def test_every_variant_gives_the_same_bits(monkeypatch):
     assert results["numpy"] == results["c"] == results["c-omp"]
 
 
+@pytest.mark.parametrize("forced, candidates, expected", [
+    ("c-omp", ("numpy", "c"), "c"),  # one thread, no OpenMP or few elements: serial C
+    ("c-omp", ("numpy",), "numpy"),  # float16: no C at all
+    ("c", ("numpy",), "numpy"),
+    ("c", ("numpy", "c", "c-omp"), "c"),
+    ("numpy", ("numpy", "c", "c-omp"), "numpy"),
+])
+def test_a_forced_variant_that_does_not_fit_yields_to_the_nearest_that_does(
+        forced, candidates, expected, monkeypatch):
+    monkeypatch.setenv("ADAMGEN_VARIANT", forced)
+    refresh_environment()
+    never = {"numpy": None}  # forcing measures nothing
+    assert loader.choose("p", 100, candidates, {}, lambda m: never, 4) == expected
+
+
 def test_unknown_variant_is_an_error_naming_the_accepted_ones(monkeypatch):
     monkeypatch.setenv("ADAMGEN_VARIANT", "gpu")
     with pytest.raises(ConfigError, match="ADAMGEN_VARIANT.*numpy, c, c-omp"):

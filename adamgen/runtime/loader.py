@@ -13,7 +13,8 @@ array, which is already far beyond the caches. The winner is remembered in memor
 directory (``<cache>/choices/``), so a later process skips the measurement.
 
 ``ADAMGEN_VARIANT=<name>`` forces one variant wherever it fits (C does not fit float16, nor a
-partially broadcast argument: NumPy serves those); an unknown name is an error listing the
+partially broadcast argument: NumPy serves those; ``c-omp`` where threads do not fit runs serial
+C); an unknown name is an error listing the
 accepted ones (:data:`adamgen.config.VARIANTS`). ``adamgen info`` prints :func:`decisions`.
 """
 
@@ -133,8 +134,11 @@ def choose(problem: str, n: int, candidates: tuple[str, ...], context: Mapping[s
     """
     forced = current_environment().variant  # validated against config.VARIANTS when read
     if forced is not None:
-        # a variant that does not fit this call (C for float16, threads without OpenMP) yields
-        # to the always-available first candidate, NumPy
+        # a variant that does not fit this call yields: c-omp to serial C (one thread, no
+        # OpenMP, too few elements to split), C to the always-available first candidate, NumPy
+        # (float16, a partially broadcast argument)
+        if forced not in candidates and forced == "c-omp" and "c" in candidates:
+            return "c"
         return forced if forced in candidates else candidates[0]
     if len(candidates) == 1:
         return candidates[0]
