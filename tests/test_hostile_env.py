@@ -425,7 +425,7 @@ def fresh_cache(monkeypatch, tmp_path):
         c_kernels.clear_memo()
         kernels.kernel_cache.cache_clear()
         # the in-process memos of loaded modules too, so kernels really load from the new cache
-        for memo in (getattr(kernels, "_modules", None), getattr(vjp, "_modules", None),
+        for memo in (getattr(kernels, "_modules", None),
                      getattr(getattr(adamgen.runtime.api, "_JIT", None), "_modules", None)):
             if hasattr(memo, "clear"):
                 memo.clear()
@@ -496,10 +496,9 @@ def test_a_build_that_fails_with_a_full_disk_falls_back_to_numpy(fresh_cache, mo
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(c_kernels, "_build", disk_full)
-    monkeypatch.setattr(vjp, "_build_c", disk_full)
+    monkeypatch.setattr(c_kernels, "_build", disk_full)  # the update's and the VJP's kernels
     seen = _all_entry_points_match_the_reference()
-    assert 1 <= len(seen) <= 2, [str(w.message) for w in seen]  # the update's and the VJP's
+    assert len(seen) == 1, [str(w.message) for w in seen]  # one warning, as for no compiler
 
 
 def test_cache_dir_removed_while_running(fresh_cache):

@@ -384,9 +384,10 @@ def wrap_call(symbol: str, parameters: Sequence[CParameter], extra: Sequence[str
     return "\n".join(lines)
 
 
-def variant_name(config: KernelConfig) -> str:
-    """The variant a C file covers (its alias forms are all inside it)."""
-    return "c " + config.describe()
+def variant_name(config: KernelConfig, spec_name: str = "adam") -> str:
+    """The variant a C file covers (its alias forms are all inside it); other specs than the
+    update itself are named."""
+    return "c " + config.describe() + ("" if spec_name == "adam" else f" ({spec_name})")
 
 
 def render_c_module(irs: Mapping[str, KernelIR], *, openmp: bool,
@@ -410,7 +411,7 @@ def render_c_module(irs: Mapping[str, KernelIR], *, openmp: bool,
     entries = {plan.name: entry_points(first.spec_name, plan, openmp) for plan in plans}
     functions = [f for plan in plans for f in entries[plan.name]]
     context = {
-        "version": __version__, "ir": first, "config": base, "variant": variant_name(base),
+        "version": __version__, "ir": first, "config": base, "variant": variant_name(base, first.spec_name),
         "ctype": ctype, "flag_lines": textwrap.wrap(" ".join(flags) or "(not recorded)", 86,
                                    break_long_words=False, break_on_hyphens=False), "openmp": openmp,
         "plans": plans, "streaming": any(plan.streamed for plan in plans),
@@ -420,4 +421,5 @@ def render_c_module(irs: Mapping[str, KernelIR], *, openmp: bool,
     }
     source = render("c_kernel.c.j2", **context)
     cdef = render("cffi_cdef.h.j2", **context)
-    return CKernelSource(base, source, cdef, tuple(functions), openmp, variant_name(base))
+    return CKernelSource(base, source, cdef, tuple(functions), openmp,
+                         variant_name(base, first.spec_name))

@@ -8,6 +8,7 @@ pulls in SymPy and Jinja.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from ..config import KernelConfig
 from ..spec import UpdateSpec, adam_spec
@@ -30,23 +31,28 @@ def numpy_source(config: KernelConfig, spec_name: str = "adam") -> str:
     return render_numpy_module(kernel_ir(config, spec_name))
 
 
+#: Per spec, the forms its C file holds: form name -> (output, the input it overwrites) pairs.
+#: Which output may overwrite which input is knowledge about the spec, so it lives here beside
+#: :data:`SPECS`. A VJP never overwrites its inputs: the functional form only.
+ALIAS_FORMS: dict[str, dict[str, frozenset[tuple[str, str]]]] = {
+    "adam": {
+        "functional": frozenset(),
+        "inplace_w": frozenset({("w_new", "w")}),
+        "inplace_all": frozenset({("w_new", "w"), ("mw", "mw_tm1"), ("vw", "vw_tm1")}),
+    },
+    "adam_vjp": {"functional": frozenset()},
+}
+
+
 def c_source(config: KernelConfig, spec_name: str = "adam", *, openmp: bool = True,
              flags: tuple[str, ...] = ()) -> CKernelSource:
     """spec -> IR (one per alias form) -> one C file holding every form, and its cffi cdef.
 
-    ``config.aliases`` is ignored: the file holds the functional form and each in-place form
-    named below (which output overwrites which input is knowledge about the spec, so it lives
-    here beside :data:`SPECS`). A form whose overwritten input is a scalar tensor is left out.
+    ``config.aliases`` is ignored: the file holds the forms :data:`ALIAS_FORMS` names for the
+    spec. A form whose overwritten input is a scalar tensor is left out.
     """
-    from dataclasses import replace
-
-    forms = {"adam": {
-        "functional": frozenset(),
-        "inplace_w": frozenset({("w_new", "w")}),
-        "inplace_all": frozenset({("w_new", "w"), ("mw", "mw_tm1"), ("vw", "vw_tm1")}),
-    }}[spec_name]
     irs = {name: kernel_ir(replace(config, aliases=aliases), spec_name)
-           for name, aliases in forms.items()
+           for name, aliases in ALIAS_FORMS[spec_name].items()
            if not {source for _, source in aliases} & config.scalar_tensors}
     return render_c_module(irs, openmp=openmp, flags=flags)
 
@@ -62,12 +68,3 @@ def adam_vjp_spec() -> UpdateSpec:
 
 
 SPECS["adam_vjp"] = adam_vjp_spec
-
-
-def vjp_c_source(config: KernelConfig, *, openmp: bool = True,
-                 flags: tuple[str, ...] = ()) -> CKernelSource:
-    """The VJP's C file: the functional form only (a VJP never overwrites its inputs)."""
-    from dataclasses import replace
-
-    ir = kernel_ir(replace(config, aliases=frozenset()), "adam_vjp")
-    return render_c_module({"functional": ir}, openmp=openmp, flags=flags)

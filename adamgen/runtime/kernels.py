@@ -64,13 +64,18 @@ def numpy_cache_key(config: KernelConfig, spec_name: str) -> str:
     })
 
 
+def _variant(config: KernelConfig, spec_name: str) -> str:
+    """How ``adamgen info`` names a NumPy kernel; other specs than the update are named."""
+    return f"numpy {config.describe()}" + ("" if spec_name == "adam" else f" ({spec_name})")
+
+
 def _write_numpy_module(config: KernelConfig, spec_name: str, directory: Path) -> dict[str, str]:
     from ..codegen.driver import numpy_source  # generation time: SymPy and Jinja load here
 
     source = numpy_source(config, spec_name)
     (directory / "kernel.py").write_text(source)
     return {"source_sha256": hashlib.sha256(source.encode()).hexdigest(),
-            "variant": f"numpy {config.describe()}"}
+            "variant": _variant(config, spec_name)}
 
 
 def _import_file(path: Path, module_name: str) -> ModuleType:
@@ -103,7 +108,7 @@ def _in_memory(config: KernelConfig, spec_name: str) -> ModuleType:
     module = ModuleType(f"adamgen_numpy_in_memory_{spec_name}")
     exec(compile(numpy_source(config, spec_name), module.__name__, "exec"),  # noqa: S102
          module.__dict__)
-    EVENTS.append({"kernel": f"numpy {config.describe()}", "built": True, "seconds": 0.0,
+    EVENTS.append({"kernel": _variant(config, spec_name), "built": True, "seconds": 0.0,
                    "path": "(memory: no writable directory)"})
     return module
 
@@ -127,7 +132,7 @@ def _load_numpy_kernel(config: KernelConfig, spec_name: str) -> ModuleType:
             log.warning("cached NumPy kernel %s failed to import; rebuilding", entry.path)
             cache.invalidate("numpy", key)
     seconds = time.perf_counter() - start
-    EVENTS.append({"kernel": f"numpy {config.describe()}", "built": entry.built,
+    EVENTS.append({"kernel": _variant(config, spec_name), "built": entry.built,
                    "seconds": seconds, "path": str(entry.path)})
     log.debug("numpy kernel %s %s in %.3f s (%s)", config.describe(),
               "built" if entry.built else "fetched from cache", seconds, entry.path)

@@ -32,35 +32,19 @@ The rule at ``v = 0`` (where ``d sqrt(v)/dv`` is unbounded) is documented in
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import importlib.util
 import math
-import sys
-import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from .. import cache as artifact_cache
-from .._resources import PACKAGE_DIR, generator_fingerprint
-from ..codegen import build
 from ..config import KernelConfig, environment
-from ..errors import (
-    ArgumentTypeError,
-    ArgumentValueError,
-    CacheError,
-    CacheMissError,
-    CompileError,
-)
-from . import c_kernels, validate
+from ..errors import ArgumentTypeError, ArgumentValueError
+from . import validate
 from .api import prelude_scalars
-from .c_kernels import CKernel
-from .forksafe import ForkSafeLock
-from .kernels import kernel_cache, numpy_kernel
+from .c_kernels import CKernel, c_kernel
+from .kernels import numpy_kernel
 
 TENSORS = ("w", "dcdw", "lr", "mw_tm1", "vw_tm1")
 SPEC_NAME = "adam_vjp"
@@ -106,130 +90,17 @@ def sum_to_shape(values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 # --- kernels --------------------------------------------------------------------------------
-
-_lock = ForkSafeLock()
-_modules: dict[tuple[str, KernelConfig], Any] = {}
-
-
-@functools.cache
-def derivatives_fingerprint() -> str:
-    """A hash of :mod:`adamgen.derivatives` (read as bytes: no SymPy), for the cache keys.
-
-    The generator fingerprint covers spec.py, codegen/ and templates/, not derivatives.py.
-    """
-    return hashlib.sha256((PACKAGE_DIR / "derivatives.py").read_bytes()).hexdigest()[:16]
-
-
-def _memoised(kind: str, config: KernelConfig, load: Callable[[KernelConfig], Any]) -> Any:
-    memo_key = (kind, config)
-    if memo_key not in _modules:
-        with _lock:
-            if memo_key not in _modules:
-                _modules[memo_key] = load(config)
-    return _modules[memo_key]
-
+# The VJP is one more spec (``adam_vjp`` in codegen/driver.py): the same cache, loaders and
+# fallbacks as the update's kernels. Its C file holds the functional form only.
 
 def numpy_vjp_kernel(config: KernelConfig) -> ModuleType:
     """The generated NumPy VJP module for ``config``, from the cache (built on a miss)."""
-    return _memoised("numpy", config, _load_numpy)
+    return numpy_kernel(config, SPEC_NAME)
 
 
 def c_vjp_kernel(config: KernelConfig) -> CKernel | None:
-    """The compiled C VJP kernel for ``config``, or None when C cannot serve it.
-
-    ``c_kernels.c_kernel`` cannot build it yet (its ``c_source`` knows Adam's alias forms
-    only), so this builds the functional form with the same build machinery and wraps it in
-    the same :class:`CKernel`.
-    """
-    if config.dtype not in c_kernels.DTYPES or not build.probe_compiler().available:
-        return None
-    return _memoised("c", config, _load_c)
-
-
-def _load_numpy(config: KernelConfig) -> ModuleType:
-    key = artifact_cache.cache_key({
-        "kind": "numpy", "spec": SPEC_NAME, "generator": generator_fingerprint(),
-        "derivatives": derivatives_fingerprint(), "config": config.describe(),
-        "python": f"{sys.version_info[0]}.{sys.version_info[1]}"})
-    try:
-        cache = kernel_cache()
-    except CacheError:  # no writable directory at all: render in memory
-        from ..codegen.driver import numpy_source
-
-        module = ModuleType(f"adamgen_vjp_in_memory_{key[:16]}")
-        exec(compile(numpy_source(config, SPEC_NAME), module.__name__, "exec"),  # noqa: S102
-             module.__dict__)
-        return module
-    for attempt in (1, 2):
-        entry = cache.get_or_build("numpy", key, functools.partial(_write_numpy, config))
-        try:
-            return _import(entry.path / "kernel.py", key)
-        except Exception:  # a damaged artifact is a miss: remove it and rebuild once
-            if attempt == 2:
-                raise
-            cache.invalidate("numpy", key)
-    raise AssertionError("unreachable")
-
-
-def _import(path: Path, key: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"adamgen_vjp_{key[:16]}", path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _write_numpy(config: KernelConfig, directory: Path) -> dict[str, str]:
-    from ..codegen.driver import numpy_source  # generation time: SymPy and Jinja load here
-
-    source = numpy_source(config, SPEC_NAME)
-    (directory / "kernel.py").write_text(source)
-    return {"source_sha256": hashlib.sha256(source.encode()).hexdigest(),
-            "variant": f"numpy {SPEC_NAME} {config.describe()}"}
-
-
-def _load_c(config: KernelConfig) -> CKernel | None:
-    start = time.perf_counter()
-    info = build.probe_compiler()
-    flags = build.compile_flags(config.mode, openmp=info.openmp, portable=False)
-    variant = {"kind": "c", "spec": SPEC_NAME, "config": config.describe(),
-               "derivatives": derivatives_fingerprint()}
-    try:
-        key = artifact_cache.cache_key(build.key_fields(generator_fingerprint(), flags, variant))
-        name = build.extension_module_name(key)
-        cache = kernel_cache()
-        for attempt in (1, 2):
-            entry = cache.get_or_build(c_kernels.KIND, key, functools.partial(
-                _build_c, config, info.openmp, flags, name))
-            try:
-                module = build.load_extension(entry.path / f"{name}{build.extension_suffix()}",
-                                              name)
-                break
-            except CacheError:  # a damaged artifact is a miss: remove it and rebuild once
-                if attempt == 2:
-                    raise
-                cache.invalidate(c_kernels.KIND, key)
-    except CacheMissError:  # ADAMGEN_REQUIRE_CACHE_HIT: a miss must be seen
-        raise
-    except (CompileError, CacheError, OSError) as error:
-        if environment().strict:
-            raise
-        c_kernels.warn_unavailable(error)
-        return None
-    return CKernel(config, SPEC_NAME, module, entry, key, time.perf_counter() - start)
-
-
-def _build_c(config: KernelConfig, openmp: bool, flags: list[str], name: str,
-             directory: Path) -> dict[str, object]:
-    from ..codegen.driver import vjp_c_source  # generation time: SymPy and Jinja load here
-
-    rendered = vjp_c_source(config, openmp=openmp, flags=tuple(flags))
-    (directory / "kernel.c").write_text(rendered.source, encoding="utf-8")
-    build.compile_extension(name, rendered.source, rendered.cdef, directory, flags)
-    return {"variant": rendered.variant, "openmp": openmp, "flags": flags, "module": name,
-            "source_sha256": hashlib.sha256(rendered.source.encode()).hexdigest(),
-            "functions": [f.describe() for f in rendered.functions]}
+    """The compiled C VJP kernel for ``config``, or None when C cannot serve it."""
+    return c_kernel(config, spec_name=SPEC_NAME)
 
 
 # --- the call -------------------------------------------------------------------------------
