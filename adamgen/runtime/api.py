@@ -85,7 +85,6 @@ class Updater:
         except KeyError:
             found = self._modules[key] = self.kernels(KernelConfig(dtype=dtype, aliases=aliases))
             return found
-        self._result_dtypes: dict[tuple, tuple[np.dtype, ...]] = {}
 
     # -- validation ---------------------------------------------------------------------------
 
@@ -185,14 +184,16 @@ class Updater:
     def __call__(self, w: Any, dcdw: Any, lr: Any, mw_tm1: Any, vw_tm1: Any, step: Any, *,
                  beta1: Any = 0.9, beta2: Any = 0.999, epsilon: Any = 1e-07,
                  stop_gradients: Any = True, out: Any = None) -> tuple[Any, Any, Any]:
-        arguments = {"w": w, "dcdw": dcdw, "lr": lr, "mw_tm1": mw_tm1, "vw_tm1": vw_tm1,
-                     "step": step, "beta1": beta1, "beta2": beta2, "epsilon": epsilon,
-                     "stop_gradients": stop_gradients, "out": out}
-        if Container in set(map(type, arguments.values())) or any(
-                isinstance(value, Container) for value in arguments.values()
-                if type(value) not in _PLAIN_TYPES):
-            return self.update_containers(arguments)
-        return self.prepare(**arguments).run()
+        for value in (w, dcdw, lr, mw_tm1, vw_tm1, step, beta1, beta2, epsilon, stop_gradients,
+                      out):
+            if type(value) not in _PLAIN_TYPES and isinstance(value, Container):
+                return self.update_containers({
+                    "w": w, "dcdw": dcdw, "lr": lr, "mw_tm1": mw_tm1, "vw_tm1": vw_tm1,
+                    "step": step, "beta1": beta1, "beta2": beta2, "epsilon": epsilon,
+                    "stop_gradients": stop_gradients, "out": out})
+        return self.prepare(w=w, dcdw=dcdw, lr=lr, mw_tm1=mw_tm1, vw_tm1=vw_tm1, step=step,
+                            beta1=beta1, beta2=beta2, epsilon=epsilon,
+                            stop_gradients=stop_gradients, out=out).run()
 
     def update_containers(self, arguments: dict[str, Any]) -> tuple[Any, ...]:
         """Leaf by leaf, with plain arguments broadcast to every leaf.
