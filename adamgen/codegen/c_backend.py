@@ -361,16 +361,18 @@ def render_c_module(irs: Mapping[str, KernelIR], *, openmp: bool,
     plans = [plan_form(name, ir, ctype) for name, ir in irs.items()]
     entries = {plan.name: entry_points(first.spec_name, plan, openmp) for plan in plans}
     functions = [f for plan in plans for f in entries[plan.name]]
+    variant = variant_name(base, first.spec_name)
     context = {
-        "version": __version__, "ir": first, "config": base, "variant": variant_name(base, first.spec_name),
-        "ctype": ctype, "flag_lines": textwrap.wrap(" ".join(flags) or "(not recorded)", 86,
-                                   break_long_words=False, break_on_hyphens=False), "openmp": openmp,
-        "plans": plans, "streaming": any(plan.streamed for plan in plans),
-        "vector_suffix": "ps" if ctype == "float" else "pd", "functions": functions, "entries": entries, "align": CHUNK_ALIGN,
+        "version": __version__, "ir": first, "config": base, "variant": variant,
+        "ctype": ctype, "openmp": openmp,
+        "flag_lines": textwrap.wrap(" ".join(flags) or "(not recorded)", 86,
+                                    break_long_words=False, break_on_hyphens=False),
+        "plans": plans, "functions": functions, "entries": entries, "align": CHUNK_ALIGN,
+        "streaming": any(plan.streamed for plan in plans),
+        "vector_suffix": "ps" if ctype == "float" else "pd",  # the intrinsics' element suffix
         "spec": first.spec_name, "signature": wrap_signature, "call": wrap_call,
         "range": (CParameter("begin", "int64_t", "n"), CParameter("end", "int64_t", "n")),
     }
     source = render("c_kernel.c.j2", **context)
     cdef = render("cffi_cdef.h.j2", **context)
-    return CKernelSource(base, source, cdef, tuple(functions), openmp,
-                         variant_name(base, first.spec_name))
+    return CKernelSource(base, source, cdef, tuple(functions), openmp, variant)

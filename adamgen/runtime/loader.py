@@ -14,8 +14,8 @@ directory (``<cache>/choices/``), so a later process skips the measurement.
 
 ``ADAMGEN_VARIANT=<name>`` forces one variant wherever it fits (C does not fit float16, nor a
 partially broadcast argument: NumPy serves those; ``c-omp`` where threads do not fit runs serial
-C); an unknown name is an error listing the
-accepted ones (:data:`adamgen.config.VARIANTS`). ``adamgen info`` prints :func:`decisions`.
+C); an unknown name is an error listing the accepted ones (:data:`adamgen.config.VARIANTS`).
+``adamgen info`` prints :func:`decisions`.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def choose(problem: str, n: int, candidates: tuple[str, ...], context: Mapping[s
         # a variant that does not fit this call yields: c-omp to serial C (one thread, no
         # OpenMP, too few elements to split), C to the always-available first candidate, NumPy
         # (float16, a partially broadcast argument)
-        if forced not in candidates and forced == "c-omp" and "c" in candidates:
+        if forced == "c-omp" and forced not in candidates and "c" in candidates:
             return "c"
         return forced if forced in candidates else candidates[0]
     if len(candidates) == 1:
