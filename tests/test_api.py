@@ -597,6 +597,24 @@ def test_out_float32_for_a_float64_result_is_same_kind():
     assert_bitwise_equal(out, expected[0].astype(np.float32), "out")
 
 
+@pytest.mark.parametrize("variant", ["numpy", "c", "c-omp"])
+@pytest.mark.parametrize("lr", [1e30, np.array(1e30)], ids=["one-dtype", "mixed-dtypes"])
+def test_inf_and_nan_are_values_not_floating_point_warnings(variant, lr, monkeypatch):
+    """Overflow, inf - inf, 0/0 and NaN compare as the reference computes them, on every
+    variant (the mixed-dtype form runs NumPy whatever is forced), with warnings as errors."""
+    from adamgen.config import refresh_environment
+
+    monkeypatch.setenv("ADAMGEN_VARIANT", variant)
+    refresh_environment()
+    specials = np.array(SPECIALS + (3e38, -3e38), np.float32)
+    w, g, m, v = (np.resize(np.roll(specials, k), 5003) for k in range(4))
+    expected = adam_update_ref(w, g, lr, m, v, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        actual = adamgen.adam_update(w, g, lr, m, v, 2)
+    assert_all_bitwise_equal(actual, expected)
+
+
 @pytest.mark.parametrize("buffered", [True, False], ids=["one-dtype", "mixed-dtypes"])
 def test_out_narrower_than_w_new_takes_inf_without_a_warning(buffered):
     w = np.array([1e300, -1e300, 1.0])

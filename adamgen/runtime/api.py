@@ -41,6 +41,9 @@ FLOAT_DTYPES = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32"
 KernelProvider = Callable[[KernelConfig], "ModuleType | None"]
 #: Runs one buffered update: (module, tensors, scalars, hyperparameters, buffers, in_place).
 BufferedRunner = Callable[..., None]
+#: (kernel module, output shapes, output dtypes, buffered): what the arguments' dtypes and
+#: shapes decide, memoised per signature by :meth:`Updater.prepare`.
+CallPlan = tuple[ModuleType, tuple[tuple[int, ...], ...], tuple[np.dtype, ...], bool]
 
 
 def prelude_scalars(module: ModuleType, hyper: dict[str, float], step: Any,
@@ -56,8 +59,12 @@ def prelude_scalars(module: ModuleType, hyper: dict[str, float], step: Any,
 
 def run_numpy(module: ModuleType, tensors: dict[str, Any], scalars: tuple[float, ...],
               hyper: dict[str, float], buffers: list[np.ndarray], in_place: bool) -> None:
-    """The buffered update on the NumPy module alone (generated packages without C)."""
-    module.update(*tensors.values(), scalars, *buffers)
+    """The buffered update on the NumPy module alone (generated packages without C).
+
+    A runner silences NumPy's floating-point warnings where NumPy computes: inf and NaN are
+    values of the update, as in the reference, not errors (C raises no warnings at all)."""
+    with np.errstate(all="ignore"):
+        module.update(*tensors.values(), scalars, *buffers)
 
 
 class Updater:
@@ -75,7 +82,7 @@ class Updater:
         self.runner = runner or run_numpy
         self._modules: dict[tuple[str, frozenset, str], ModuleType | None] = {}
         self._result_dtypes: dict[tuple, tuple[np.dtype, ...]] = {}
-        self._shapes: dict[tuple, tuple] = {}
+        self._plans: dict[tuple, CallPlan] = {}
 
     def module(self, dtype: str, aliases: frozenset = frozenset()) -> ModuleType | None:
         """The kernel module for ``dtype`` and ``aliases``, memoised (the provider may be slow)."""
@@ -114,6 +121,27 @@ class Updater:
             "vw_tm1": validate.as_tensor("vw_tm1", vw_tm1),
         }
         tensors["lr"] = self.learning_rate(lr, tensors)
+        signature = (current_environment().mode, *(
+            (value.dtype, value.shape) if isinstance(value, np.ndarray) else type(value)
+            for value in tensors.values()))
+        plan = self._plans.get(signature)
+        if plan is None:
+            plan = self._plan(tensors)
+            if len(self._plans) > 4096:  # bounded: shapes vary without end in some programs
+                self._plans.clear()
+            self._plans[signature] = plan
+        module, output_shapes, dtypes, buffered = plan
+        if out is not None:
+            validate.check_out(out, output_shapes[0], dtypes[0])
+        scalars = prelude_scalars(module, hyper, step, epsilon)
+        return PreparedCall(module, tensors, scalars, hyper, output_shapes, dtypes, buffered, out,
+                            self)
+
+    def _plan(self, tensors: dict[str, Any]) -> CallPlan:
+        """What a call's arguments' dtypes and shapes decide: the kernel module, the output
+        shapes and dtypes, and whether the buffered single-dtype form serves. Memoised by
+        :meth:`prepare` on exactly those (a training loop asks the same question every call);
+        a shape error raises here, every time, as nothing is memoised then."""
         shapes = {name: value.shape if isinstance(value, np.ndarray) else ()
                   for name, value in tensors.items()}
         dtype = _common_float_dtype(tensors)
@@ -125,28 +153,19 @@ class Updater:
             module = self.module("mixed")
         dtypes = ((np.dtype(dtype),) * len(output_shapes) if buffered
                   else self.result_dtypes(module, tensors))
-        if out is not None:
-            validate.check_out(out, output_shapes[0], dtypes[0])
-        scalars = prelude_scalars(module, hyper, step, epsilon)
-        return PreparedCall(module, tensors, scalars, hyper, output_shapes, dtypes, buffered, out,
-                            self)
+        return module, output_shapes, dtypes, buffered
 
-    def output_shapes(self, module: ModuleType, shapes: dict[str, tuple[int, ...]],
+    @staticmethod
+    def output_shapes(module: ModuleType, shapes: dict[str, tuple[int, ...]],
                       ) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
-        """The broadcast shape of all arguments and of each output (from the dependency record),
-        memoised by the arguments' shapes: a training loop asks the same question every call."""
-        key = (module.SPEC_HASH, tuple(shapes.values()))
-        found = self._shapes.get(key)
-        if found is None:
-            full = validate.broadcast_shape(
-                {name: shape for name, shape in shapes.items() if shape} or shapes)
-            outputs = tuple(validate.broadcast_shape(
-                {n: shapes[n] for n in module.DEPENDS[name] if n in shapes})
-                for name in module.OUTPUTS)
-            found = self._shapes[key] = (full, outputs)
-            if len(self._shapes) > 4096:  # bounded: shapes vary without end in some programs
-                self._shapes.clear()
-        return found
+        """The broadcast shape of all arguments and of each output (from the dependency
+        record)."""
+        full = validate.broadcast_shape(
+            {name: shape for name, shape in shapes.items() if shape} or shapes)
+        outputs = tuple(validate.broadcast_shape(
+            {n: shapes[n] for n in module.DEPENDS[name] if n in shapes})
+            for name in module.OUTPUTS)
+        return full, outputs
 
     @staticmethod
     def learning_rate(lr: Any, tensors: dict[str, Any]) -> Any:
@@ -288,9 +307,8 @@ class PreparedCall:
         fresh = empty_outputs(len(self.output_shapes) - direct, self.output_shapes[0],
                               self.dtypes[0])
         buffers = [out] + fresh if direct else fresh
-        with np.errstate(all="ignore"):
-            self.updater.runner(module, self.tensors, self.scalars, self.hyper, buffers,
-                                in_place and direct)
+        self.updater.runner(module, self.tensors, self.scalars, self.hyper, buffers,
+                            in_place and direct)
         if out is not None and not direct:
             _copy_into_out(out, buffers[0])
             buffers[0] = out

@@ -112,7 +112,8 @@ def run_update(module: ModuleType, tensors: Mapping[str, Any], scalars: tuple[fl
     else:
         variant = "numpy"
     if variant == "numpy":
-        module.update(*arrays, scalars, *buffers)
+        with np.errstate(all="ignore"):  # inf and NaN are values here (see api.run_numpy)
+            module.update(*arrays, scalars, *buffers)
         return
     assert kernel is not None and plan is not None
     c_scalars = scalars_for(kernel, hyper, scalars)
@@ -182,8 +183,11 @@ def _update_timers(module: ModuleType, kernel: CKernel | None, tensors: Mapping[
                 else value if not isinstance(value, np.ndarray)
                 else np.full(m, 0.5 + 0.25 * i, dtype) for i, value in enumerate(tensors.values())]
     outputs = _timing_outputs(numpy_in[0], in_place, m, dtype)
-    timers: dict[str, Callable[[], None]] = {
-        "numpy": lambda: module.update(*numpy_in, scalars, *outputs)}
+    def numpy_timer() -> None:
+        with np.errstate(all="ignore"):  # as run_update calls it
+            module.update(*numpy_in, scalars, *outputs)
+
+    timers: dict[str, Callable[[], None]] = {"numpy": numpy_timer}
     if kernel is not None and plan is not None:
         c_in = [a if not isinstance(a, np.ndarray) else np.full(m, 0.5 + 0.25 * i, dtype)
                 for i, a in enumerate(plan[0])]
