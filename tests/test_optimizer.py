@@ -165,3 +165,34 @@ def test_misaligned_gradients_are_copied_not_read_through_misaligned_pointers(dt
     Adam(twin, lr=0.01).step(grads)
     for got, want in zip(params, twin):
         assert got.tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("variant", ["c", "c-omp"])
+def test_fast_mode_steps_with_the_fast_kernel_and_its_own_scalars(variant, monkeypatch):
+    """ADAMGEN_MODE=fast: the optimizer's one C call per step runs the fast kernel with the fast
+    prelude's scalars (reordered and folded), bit for bit as the kernel's own in-place form."""
+    from adamgen.config import KernelConfig, refresh_environment
+    from adamgen.runtime import dispatch
+    from adamgen.runtime.c_kernels import c_kernel
+    from adamgen.runtime.kernels import numpy_kernel
+
+    monkeypatch.setenv("ADAMGEN_MODE", "fast")
+    monkeypatch.setenv("ADAMGEN_VARIANT", variant)
+    refresh_environment()
+    dispatch.forget()
+    fast = c_kernel(KernelConfig(mode="fast", scalar_tensors=frozenset({"lr"})))
+    if fast is None:
+        pytest.skip("no C compiler")
+    rng = np.random.default_rng(8)
+    params = [rng.standard_normal(n).astype(np.float32) for n in (5000, 17, 3000)]
+    grads = [rng.standard_normal(p.shape).astype(np.float32) for p in params]
+    expected = [p.copy() for p in params]
+    ms = [np.zeros_like(p) for p in params]
+    vs = [np.zeros_like(p) for p in params]
+    scalars = numpy_kernel(fast.config).prelude(0.9, 0.999, 1e-7, 1.0)
+    for w, g, m, v in zip(expected, grads, ms, vs):
+        fast.inplace_all(w, g, 0.01, m, v, scalars, threads=1)
+    Adam(params, lr=0.01).step(grads)
+    for got, want in zip(params, expected):
+        assert got.tobytes() == want.tobytes()
+    dispatch.forget()

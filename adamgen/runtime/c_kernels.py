@@ -156,6 +156,9 @@ class KernelFunction:
             "same_sizes": functools.partial(_same_sizes, self.symbol),
             "c_function": getattr(lib, self.symbol), "resolve_threads": resolve_threads,
             "owner": self}
+        #: the cffi function itself, for callers that hold its C arguments already (pointer
+        #: tables gathered once): no conversion, no check
+        self.c_function: Callable[..., None] = namespace["c_function"]
         self.python_source = self._generate()
         exec(compile(self.python_source, f"<adamgen {self.symbol}>", "exec"),  # noqa: S102
              namespace)

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..config import KernelConfig, current_environment
 from . import dispatch, loader
+from .c_kernels import resolve_threads
 from .kernels import numpy_kernel
 
 HYPER = ("beta1", "beta2", "epsilon", "step")
@@ -57,6 +58,11 @@ class MultiTensorGroup:
             self._external = pointers(flat(self.grads))
             self._from_buffer = self.kernel.ffi.from_buffer
             self._array_type = self.kernel.ffi.typeof(f"{self.kernel.ctype}[]")
+            # the C entry points themselves: the pointer tables above are all they take
+            symbol = f"{self.kernel.spec_name}_multi_inplace"
+            self._serial = self.kernel.function(symbol).c_function
+            threaded = self.kernel.functions.get(f"{symbol}_omp")
+            self._threaded = threaded.c_function if threaded else None
         self.variants = dispatch.variants(self.kernel, self.size)
         self._variant: str | None = None
 
@@ -100,7 +106,12 @@ class MultiTensorGroup:
                 slots[slot] = buffer
         if kernel.config.mode != "exact":
             scalars = dispatch.scalars_for(kernel, dict(zip(HYPER, hyper)), scalars)
-        kernel.multi_inplace(pw, pg, lr, pm, pv, scalars, **dispatch.threading(variant))
+        arguments = (pw.cdata, pg.cdata, lr, pm.cdata, pv.cdata, *scalars, pw.sizes_cdata,
+                     pw.count)
+        if variant == "c" or self._threaded is None:
+            self._serial(*arguments)
+        else:  # as dispatch.threading("c-omp"): every thread from the first element
+            self._threaded(*arguments, resolve_threads(None), 0)
         del buffers  # the C call is over: the gradients' buffers may be released
 
     def _run_numpy(self, params, grads, ms, vs, lr: float, scalars: tuple[float, ...]) -> None:
