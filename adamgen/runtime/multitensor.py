@@ -56,6 +56,9 @@ class MultiTensorGroup:
             # step(grads): the same sizes as the owned gradients (checked by the optimizer), so
             # one pointer table is refilled in place instead of a new list per step
             self._external = pointers(flat(self.grads))
+            # cffi reads C-contiguous memory: a Fortran-ordered gradient is passed flattened
+            self._fortran = [p.flags.f_contiguous and not p.flags.c_contiguous
+                             for p in self.params]
             self._from_buffer = self.kernel.ffi.from_buffer
             self._array_type = self.kernel.ffi.typeof(f"{self.kernel.ctype}[]")
             # the C entry points themselves: the pointer tables above are all they take
@@ -99,8 +102,9 @@ class MultiTensorGroup:
         if external_grads is not None:
             pg = self._external
             from_buffer, array_type = self._from_buffer, self._array_type
-            buffers = [from_buffer(array_type, external_grads[i].ravel(order="K"))
-                       for i in self.indices]
+            buffers = [from_buffer(array_type, external_grads[i].ravel(order="K") if fortran
+                                   else external_grads[i])
+                       for i, fortran in zip(self.indices, self._fortran)]
             slots = pg.cdata
             for slot, buffer in enumerate(buffers):
                 slots[slot] = buffer

@@ -70,16 +70,6 @@ def _is_fortran(array: np.ndarray) -> bool:
     return array.flags.f_contiguous and not array.flags.c_contiguous
 
 
-def _same_layout(grad: np.ndarray, param: np.ndarray) -> bool:
-    """Whether ``grad``'s memory holds its elements in ``param``'s memory order, contiguously
-    and element-aligned, as the kernels read it."""
-    if not grad.flags.aligned:
-        return False
-    if _is_fortran(param):
-        return bool(grad.flags.f_contiguous)
-    return bool(grad.flags.c_contiguous)
-
-
 class Adam:
     """Adam over a list (or a Container) of float32/float64 arrays, updated in place.
 
@@ -103,6 +93,8 @@ class Adam:
             raise ArgumentValueError("params is empty: nothing to optimise")
         self._names = names
         self.params = [_as_parameter(name, p) for name, p in zip(names, raw)]
+        #: what each gradient must be: the parameter's shape, dtype and memory order
+        self._expected = [(p.shape, p.dtype, _is_fortran(p)) for p in self.params]
         self.lr = lr
         self.beta1 = validate.as_hyperparameter("beta1", beta1, 0.0, 1.0)
         self.beta2 = validate.as_hyperparameter("beta2", beta2, 0.0, 1.0)
@@ -179,16 +171,16 @@ class Adam:
                 raise ArgumentValueError(f"grads has {len(values)} arrays; expected "
                                          f"{len(self.params)}, one per parameter")
         checked = []
-        for name, param, grad in zip(self._names, self.params, values):
+        for name, (shape, dtype, fortran), grad in zip(self._names, self._expected, values):
             if not isinstance(grad, np.ndarray):
                 grad = _as_parameter(name, grad) if hasattr(grad, "__dlpack__") else grad
-            if not isinstance(grad, np.ndarray) or grad.shape != param.shape \
-                    or grad.dtype != param.dtype:
+            if not isinstance(grad, np.ndarray) or grad.shape != shape or grad.dtype != dtype:
                 got = (f"{getattr(grad, 'shape', '?')} {getattr(grad, 'dtype', type(grad))}")
-                raise ArgumentValueError(f"gradient {name} is {got}; expected "
-                                         f"{param.shape} {param.dtype}")
-            if not _same_layout(grad, param):  # the kernels walk memory: match the parameter's
-                grad = np.array(grad, order="F" if _is_fortran(param) else "C")
+                raise ArgumentValueError(f"gradient {name} is {got}; expected {shape} {dtype}")
+            # the kernels walk memory through typed pointers: the parameter's order, aligned
+            flags = grad.flags
+            if not (flags.aligned and (flags.f_contiguous if fortran else flags.c_contiguous)):
+                grad = np.array(grad, order="F" if fortran else "C")
             checked.append(grad)
         return checked
 
