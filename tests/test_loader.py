@@ -120,6 +120,30 @@ def test_measurement_stays_within_its_budget_and_is_remembered(fresh_loader):
     assert set(decisions[0].seconds) >= {"numpy", "c"}
 
 
+@pytest.mark.parametrize("waits", [[0.0, 1.0, 1.0, 2.0], [0.0, 1.0, 1.0, 1.0]],
+                         ids=["disturbed twice", "disturbed once"])
+def test_a_disturbed_measurement_is_repeated_and_never_persisted(fresh_loader, monkeypatch,
+                                                                 tmp_path, waits):
+    """A measurement during which this thread waited for a CPU (a neighbour, or another
+    library's spinning threads) is taken again; only an undisturbed one is remembered."""
+    delays = iter(waits)  # run_delay() before and after each attempt: 1 s of waiting = disturbed
+    monkeypatch.setattr(loader, "run_delay", lambda: next(delays))
+    made = []
+
+    def timers(m):
+        made.append(m)
+        return {"numpy": lambda: None, "c": lambda: None}
+
+    winner = loader.choose("p", 5000, ("numpy", "c"), {}, timers, 4)
+    assert winner in ("numpy", "c") and len(made) == 2
+    (decision,) = loader.decisions()
+    persisted = list((tmp_path / "cache").rglob("choices/*.json"))
+    if waits[-1] > waits[-2]:
+        assert decision.source == "measured, disturbed: not remembered" and persisted == []
+    else:
+        assert decision.source == "measured" and len(persisted) == 1
+
+
 def test_a_later_process_reuses_the_persisted_choice(tmp_path):
     env = {**os.environ, "ADAMGEN_CACHE_DIR": str(tmp_path / "cache")}
     env.pop("ADAMGEN_VARIANT", None)

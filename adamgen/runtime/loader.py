@@ -10,7 +10,11 @@ call in a bucket the candidates are timed on **scratch arrays** made for the pur
 caller's: an update must be applied exactly once), interleaved, within a budget of about 50 ms;
 a bucket too large to time whole is timed on a representative slice of ``MAX_TIMED_BYTES`` per
 array, which is already far beyond the caches. The winner is remembered in memory and in the cache
-directory (``<cache>/choices/``), so a later process skips the measurement.
+directory (``<cache>/choices/``), so a later process skips the measurement. A measurement during
+which this thread waited for a CPU (``/proc/thread-self/schedstat``: a neighbour, or another
+library's threads spinning in this process) is repeated once and, if disturbed again, serves this
+process only: a persisted wrong winner would slow every later process (seen on the shared
+development VM: serial C timed at 4x its cost beside spinning OpenMP workers, NumPy crowned).
 
 ``ADAMGEN_VARIANT=<name>`` forces one variant wherever it fits (C does not fit float16, nor a
 partially broadcast argument: NumPy serves those; ``c-omp`` where threads do not fit runs serial
@@ -37,6 +41,10 @@ from .forksafe import ForkSafeLock
 BUDGET_SECONDS = 0.05
 MAX_ROUNDS = 9
 MAX_TIMED_BYTES = 8 << 20
+#: A measurement during which this thread waited for a CPU more than this share of the time
+#: measured the neighbours (another process, or another library's spinning threads), not the
+#: variants: it is repeated once, and a second disturbed one serves this process only.
+DISTURBED_SHARE = 0.05
 
 #: A timing closure: runs one candidate once on scratch data.
 Timer = Callable[[], None]
@@ -100,6 +108,26 @@ def _write(path: Path, decision: Decision) -> None:
         pass  # remembering is an optimisation; the decision stands for this process
 
 
+def run_delay() -> float:
+    """Seconds the calling thread has spent runnable but waiting for a CPU (NaN if unknown:
+    ``/proc/thread-self/schedstat`` is Linux's)."""
+    try:
+        with open("/proc/thread-self/schedstat", encoding="ascii") as stream:
+            return int(stream.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def _measure_watched(timers: Mapping[str, Timer]) -> tuple[dict[str, float], bool]:
+    """:func:`measure`, and whether this thread waited for a CPU more than
+    :data:`DISTURBED_SHARE` of the time meanwhile (a decision persisted from such a run would
+    stay wrong for every later process)."""
+    waited, start = run_delay(), time.perf_counter()
+    seconds = measure(timers)
+    wall = time.perf_counter() - start
+    return seconds, run_delay() - waited > DISTURBED_SHARE * wall  # NaN compares False
+
+
 def measure(timers: Mapping[str, Timer], budget: float = BUDGET_SECONDS) -> dict[str, float]:
     """Median seconds per candidate, interleaved round by round within ``budget``.
 
@@ -155,10 +183,15 @@ def choose(problem: str, n: int, candidates: tuple[str, ...], context: Mapping[s
             decision = _read(directory / f"{key}.json") if directory else None
             if decision is None or decision.winner not in candidates:
                 elements = timed_elements(n, itemsize)
-                seconds = measure(make_timers(elements))
+                for _attempt in range(2):
+                    seconds, disturbed = _measure_watched(make_timers(elements))
+                    if not disturbed:
+                        break
                 winner = min(candidates, key=lambda name: seconds[name])
-                decision = Decision(problem, bucket, winner, seconds, elements, "measured")
-                if directory:
+                decision = Decision(problem, bucket, winner, seconds, elements,
+                                    "measured, disturbed: not remembered" if disturbed
+                                    else "measured")
+                if directory and not disturbed:
                     _write(directory / f"{key}.json", decision)
             _decisions[key] = decision
         _winners[memo_key] = decision.winner
