@@ -245,6 +245,9 @@ def test_8_threads_hitting_a_new_bucket_measure_once(fresh_loader, monkeypatch):
         return real_measure(timers, *args, **kwargs)
 
     monkeypatch.setattr(loader, "measure", counting_measure)
+    # the 7 waiting threads must not make the measurement look disturbed (it would be repeated
+    # and not persisted: tested in test_loader.py); here only the locking is under test
+    monkeypatch.setattr(loader, "run_delay", lambda: 0.0)
     n = 3 * 2**13 + 5  # bucket 15
     case = inputs(n, np.float32, seed=11)
     expected = adam_update_ref(*case[:2], 0.001, *case[2:], 4)
@@ -324,7 +327,10 @@ def test_cold_process_8_threads_build_each_kernel_once(tmp_path):
         assert all(built for _, built in events), events
     problems = Counter((p, b) for p, b, _ in report["decisions"])
     assert all(count == 1 for count in problems.values()), report["decisions"]
-    assert {s for _, _, s in report["decisions"]} <= {"measured"}
+    # measured here, never read from a cache dir (a measurement disturbed by the 7 other
+    # threads is measured again and kept in memory only: see test_loader.py)
+    assert {s for _, _, s in report["decisions"]} <= {"measured",
+                                                      "measured, disturbed: not remembered"}
     rng = np.random.default_rng(0)
     n = 3 * 2**13 + 5
     w, g, m = (rng.standard_normal(n).astype(np.float32) for _ in range(3))
