@@ -69,8 +69,9 @@ class KernelConfig:
             "aliases": sorted(self.aliases),
         }, sort_keys=True)
 
-    def describe(self) -> str:
-        """A short, stable, human-readable name used in headers and variant tables."""
+    def describe(self, spec_name: str = "adam") -> str:
+        """A short, stable, human-readable name used in headers and variant tables; a spec other
+        than the update itself (its VJP) is named at the end."""
         parts = [self.dtype, self.mode]
         if self.constants:
             parts.append("const(" + ",".join(f"{k}={v!r}" for k, v in self.constants) + ")")
@@ -78,6 +79,8 @@ class KernelConfig:
             parts.append("scalar(" + ",".join(sorted(self.scalar_tensors)) + ")")
         if self.aliases:
             parts.append("alias(" + ",".join(f"{o}={i}" for o, i in sorted(self.aliases)) + ")")
+        if spec_name != "adam":
+            parts.append(f"({spec_name})")
         return " ".join(parts)
 
 

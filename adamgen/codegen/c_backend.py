@@ -336,9 +336,8 @@ def wrap_call(symbol: str, parameters: Sequence[CParameter], extra: Sequence[str
 
 
 def variant_name(config: KernelConfig, spec_name: str = "adam") -> str:
-    """The variant a C file covers (its alias forms are all inside it); other specs than the
-    update itself are named."""
-    return "c " + config.describe() + ("" if spec_name == "adam" else f" ({spec_name})")
+    """The variant a C file covers (its alias forms are all inside it)."""
+    return "c " + config.describe(spec_name)
 
 
 def render_c_module(irs: Mapping[str, KernelIR], *, openmp: bool,

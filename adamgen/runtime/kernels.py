@@ -65,8 +65,8 @@ def numpy_cache_key(config: KernelConfig, spec_name: str) -> str:
 
 
 def _variant(config: KernelConfig, spec_name: str) -> str:
-    """How ``adamgen info`` names a NumPy kernel; other specs than the update are named."""
-    return f"numpy {config.describe()}" + ("" if spec_name == "adam" else f" ({spec_name})")
+    """How ``adamgen info`` names a NumPy kernel."""
+    return f"numpy {config.describe(spec_name)}"
 
 
 def _write_numpy_module(config: KernelConfig, spec_name: str, directory: Path) -> dict[str, str]:
