@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
+from .interface import SpecRef
 
 DTYPES = ("float16", "float32", "float64")
 MODES = ("exact", "fast")
@@ -31,6 +32,8 @@ class KernelConfig:
     """What one generated kernel is specialised for. Every field changes the generated code.
 
     Attributes:
+        spec: the rule the kernel computes (its name, options and, for a rule defined outside
+            adamgen, its graph's hash): every key built from the config is keyed by the rule.
         dtype: element type of every array; ``"mixed"`` renders the dtype-generic NumPy form
             that leaves promotion to NumPy (used when the arrays' dtypes differ).
         mode: ``"exact"`` follows the spec's evaluation order operation by operation;
@@ -42,6 +45,7 @@ class KernelConfig:
         aliases: ``(output, input)`` pairs that share memory (``out=w`` is ``("w_new", "w")``).
     """
 
+    spec: SpecRef = field(default_factory=lambda: SpecRef("ivy_adam"))
     dtype: str = "float32"
     mode: str = "exact"
     constants: tuple[tuple[str, float], ...] = ()
@@ -64,23 +68,20 @@ class KernelConfig:
         """A canonical text of every field, for cache keys: the same in every process
         (``repr`` of a frozenset depends on the hash seed, so it is not used)."""
         return json.dumps({
-            "dtype": self.dtype, "mode": self.mode, "constants": self.constants,
+            "spec": self.spec.key(), "dtype": self.dtype, "mode": self.mode, "constants": self.constants,
             "scalar_tensors": sorted(self.scalar_tensors),
             "aliases": sorted(self.aliases),
         }, sort_keys=True)
 
-    def describe(self, spec_name: str = "adam") -> str:
-        """A short, stable, human-readable name used in headers and variant tables; a spec other
-        than the update itself (its VJP) is named at the end."""
-        parts = [self.dtype, self.mode]
+    def describe(self) -> str:
+        """A short, stable, human-readable name used in headers and variant tables."""
+        parts = [self.spec.label, self.dtype, self.mode]
         if self.constants:
             parts.append("const(" + ",".join(f"{k}={v!r}" for k, v in self.constants) + ")")
         if self.scalar_tensors:
             parts.append("scalar(" + ",".join(sorted(self.scalar_tensors)) + ")")
         if self.aliases:
             parts.append("alias(" + ",".join(f"{o}={i}" for o, i in sorted(self.aliases)) + ")")
-        if spec_name != "adam":
-            parts.append(f"({spec_name})")
         return " ".join(parts)
 
 

@@ -161,8 +161,9 @@ def vjp_spec(spec: UpdateSpec) -> UpdateSpec:
     used = set().union(*(tree.free_symbols for _, tree in outputs))
     tensors = tuple(s for s in spec.tensors + tuple(cotangent_symbols(spec).values())
                     if s in used)
-    return UpdateSpec(name=f"{spec.name}_vjp", tensors=tensors,
-                      hyperparameters=spec.hyperparameters, outputs=tuple(outputs))
+    return UpdateSpec(f"{spec.name}_vjp", tensors=tensors,
+                      hyperparameters=spec.interface.hyperparameters, outputs=tuple(outputs),
+                      summary=f"the vector-Jacobian product of {spec.name}")
 
 
 def _is_dyadic(number: sympy.Rational) -> bool:

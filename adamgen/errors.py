@@ -31,8 +31,17 @@ class ConfigError(AdamgenError, ValueError):
     """An ``ADAMGEN_*`` environment variable or a configuration field has a bad value."""
 
 
-class LoweringError(AdamgenError):
+class SpecError(AdamgenError, ValueError):
+    """An update spec is malformed: names, declarations, or a construct no kernel can compute."""
+
+
+class LoweringError(SpecError):
     """The spec uses a construct the kernel IR cannot express."""
+
+
+class InexactVariantError(AdamgenError, ValueError):
+    """A variant was forced that cannot compute a rule's every operation exactly (e.g. NumPy
+    and a float64 fused multiply-add)."""
 
 
 class CompileError(AdamgenError):

@@ -267,7 +267,7 @@ def test_misaligned_arrays_match_reference_and_never_reach_c(dtype, target, monk
     def refuse(*args, **kwargs):
         for value in (*args, *kwargs.values()):
             assert not isinstance(value, np.ndarray) or value.flags.aligned, "misaligned to C"
-    for form in ("functional", "inplace_w"):
+    for form in ("functional", "inplace_parameter"):
         original = getattr(CKernel, form)
         monkeypatch.setattr(CKernel, form, lambda self, *a, _f=original, **k: (
             refuse(*a, **k), _f(self, *a, **k))[1])

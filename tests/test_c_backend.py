@@ -81,7 +81,7 @@ def test_no_fmax_and_int64_indices(f32, f64):
 def test_restrict_only_in_the_functional_form(f32):
     parts = sections(f32.source)
     assert parts["functional"].count("restrict") > 10
-    for form in ("inplace_w", "inplace_all"):
+    for form in ("inplace_parameter", "inplace_all"):
         assert "restrict" not in parts[form], form
     for function in f32.functions:
         pointers = [p for p in function.parameters if "*" in p.ctype]
@@ -94,7 +94,7 @@ def test_in_place_forms_take_one_pointer_per_overwritten_array(f32):
     all_in_place = [p.name for p in by_symbol["adam_inplace_all"].parameters]
     assert all_in_place[:5] == ["w", "dcdw", "lr", "mw_tm1", "vw_tm1"]
     assert not {"w_new", "mw", "vw"} & set(all_in_place)
-    w_in_place = [p.name for p in by_symbol["adam_inplace_w"].parameters]
+    w_in_place = [p.name for p in by_symbol["adam_inplace_parameter"].parameters]
     assert "w_new" not in w_in_place and {"mw", "vw"} <= set(w_in_place)
     roles = {p.name: p.role for p in by_symbol["adam_inplace_all"].parameters}
     assert roles["w"] == roles["mw_tm1"] == roles["vw_tm1"] == "inout" and roles["dcdw"] == "in"
@@ -124,7 +124,7 @@ def test_scalar_tensors_are_values_and_uniform_steps_leave_the_loop():
     loop = functional.index("for (int64_t i")
     assert -1 < functional.index("const float t21_scale = s6*lr;") < loop
     state = c_source(KernelConfig(scalar_tensors=frozenset({"mw_tm1", "vw_tm1"})))
-    assert {f.form for f in state.functions} == {"functional", "inplace_w"}  # no inplace_all
+    assert {f.form for f in state.functions} == {"functional", "inplace_parameter"}  # no inplace_all
 
 
 def test_without_openmp_there_are_no_threaded_entry_points():

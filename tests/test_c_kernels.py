@@ -40,7 +40,7 @@ SIZES = [0, 1, 15, 16, 17, 4097, 1_000_003]
 STEPS = [1, 1270, 10**4, 3.4]
 KINDS = {"array-lr": frozenset(), "scalar-lr": frozenset({"lr"}),
          "scalar-state": frozenset({"lr", "vw_tm1"})}
-FORMS = ("functional", "inplace_w", "inplace_all")
+FORMS = ("functional", "inplace_parameter", "inplace_all")
 HYPER = {"beta1": 0.9, "beta2": 0.999, "epsilon": 1e-7}
 
 pytestmark = pytest.mark.skipif(not build.probe_compiler().available, reason="no C compiler")
@@ -148,7 +148,7 @@ def run_form(form: str, function: Callable[..., None], options: dict[str, Any],
         outs = tuple(np.full(n, 7, dtype) for _ in range(3))
         function(w, g, lr, m, v, scalars, *outs, **options)
         return outs
-    if form == "inplace_w":
+    if form == "inplace_parameter":
         mw, vw = np.full(n, 7, dtype), np.full(n, 7, dtype)
         w = w.copy()
         function(w, g, lr, m, v, scalars, mw, vw, **options)
@@ -226,7 +226,7 @@ def test_kernel_scalars_are_the_numpy_preludes(kind):
 
 def test_forms_present_per_signature():
     assert kernel("float32", "array-lr").forms == FORMS + ("multi_inplace",)
-    assert kernel("float32", "scalar-state").forms == ("functional", "inplace_w")
+    assert kernel("float32", "scalar-state").forms == ("functional", "inplace_parameter")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -289,7 +289,7 @@ def test_in_place_forms_allow_exactly_aliased_inputs(dtype):
         if form == "functional":
             continue
         w = a["w"].copy()
-        if form == "inplace_w":
+        if form == "inplace_parameter":
             mw, vw = np.empty_like(w), np.empty_like(w)
             function(w, w, 0.001, a["mw_tm1"], a["vw_tm1"], scalars, mw, vw, **options)
         else:
@@ -626,7 +626,7 @@ for n in (0, 1, 15, 16, 17, 63, 64, 65, 255, 256, 257, 300, 4097):
                 for a, b in zip(got, expected):
                     assert a.tobytes() == b.tobytes(), (symbol, n)
             continue
-        elif f.form == "inplace_w":
+        elif f.form == "inplace_parameter":
             got = [w.copy(), np.empty(n, dtype), np.empty(n, dtype)]
             f(got[0], g, 0.001, m, v, scalars, got[1], got[2], **options)
         elif f.form == "inplace_all":

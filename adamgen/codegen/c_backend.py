@@ -21,47 +21,45 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy
 from sympy.codegen.ast import Assignment, Declaration, Variable, float32, float64, real, value_const
 from sympy.printing.c import C99CodePrinter
 
+from .. import language
 from .._version import __version__
 from ..config import KernelConfig
 from .c_literals import c_literal
-from .ir import KernelIR, Operand, Step
+from ..spec import RESERVED_NAMES
+from .ir import KernelIR, Step, rounding
+from .steps import step_expression
 from .templating import render
 
 #: dtype -> (C element type, SymPy type the printer maps ``real`` to)
 ELEMENT_TYPES = {"float32": ("float", float32), "float64": ("double", float64)}
-#: Names the generated code uses itself; an IR name equal to one of them is refused.
-RESERVED = frozenset({"i", "n", "k", "c", "begin", "end", "lo", "hi", "offset", "total",
-                      "sizes", "count", "nthreads", "threshold", "parts", "part"})
+#: Roundings a kernel can do, per element dtype (to bfloat16/float16 from float32 compute;
+#: to float32 from float64).
+ROUNDINGS = {"float32": ("bfloat16", "float16", "float32"), "float64": ("float32", "float64")}
 #: Multi-tensor chunks start on multiples of this many elements (whole cache lines).
 CHUNK_ALIGN = 64
 
 
-class ClampNonnegative(sympy.Function):
-    """``x if x >= 0 else 0`` (NaN becomes 0), printed as a comparison, never ``fmax``: the
-    vector ``vmaxps`` picks an operand by position when one is NaN."""
-
-    nargs = 1
-
-
-class SelectPositive(sympy.Function):
-    """``a if c > 0 else 0`` (NaN ``c`` gives 0; an inf/NaN ``a`` is discarded where c <= 0)."""
-
-    nargs = 2
-
-
 class KernelCPrinter(C99CodePrinter):
-    """C99 printer for one element dtype: ``sqrtf`` and ``f``-suffixed literals for float32."""
+    """C99 printer for one element dtype: ``sqrtf``/``fmaf`` and ``f``-suffixed literals for
+    float32, and the spec language's nodes as exactly their IEEE operation.
+
+    No node is printed through a libm function whose vector form might differ: ``maximum`` is a
+    comparison (the vector ``vmaxps`` picks an operand by position when one is NaN), ``sign`` two
+    comparisons, ``where`` a conditional expression; ``fma`` is C's ``fma``/``fmaf`` (correctly
+    rounded by definition, so every vectorisation of it gives the same bits).
+    """
 
     def __init__(self, dtype: str) -> None:
         super().__init__({"type_aliases": {real: ELEMENT_TYPES[dtype][1]}, "order": "none",
                           "contract": False})
         self.dtype = dtype
+        self.suffix = "f" if dtype == "float32" else ""
 
     def _print_Float(self, expr: sympy.Float) -> str:
         return c_literal(float(expr), self.dtype)
@@ -69,13 +67,36 @@ class KernelCPrinter(C99CodePrinter):
     def _print_Integer(self, expr: sympy.Integer) -> str:
         return c_literal(float(expr), self.dtype)
 
-    def _print_ClampNonnegative(self, expr: ClampNonnegative) -> str:
-        x = self._print(expr.args[0])
-        return f"({x} >= 0 ? {x} : 0)"
+    def _print_Fma(self, expr: language.Fma) -> str:
+        return f"fma{self.suffix}({', '.join(self._print(a) for a in expr.args)})"
 
-    def _print_SelectPositive(self, expr: SelectPositive) -> str:
-        condition, value = (self._print(a) for a in expr.args)
-        return f"({condition} > 0 ? {value} : 0)"
+    def _print_Sqrt(self, expr: language.Sqrt) -> str:
+        return f"sqrt{self.suffix}({self._print(expr.args[0])})"
+
+    def _print_Sign(self, expr: language.Sign) -> str:
+        x = self._print(expr.args[0])
+        one, zero = c_literal(1.0, self.dtype), c_literal(0.0, self.dtype)
+        return f"({x} > 0 ? {one} : ({x} < 0 ? -{one} : {zero}))"
+
+    def _print_Maximum(self, expr: language.Maximum) -> str:
+        a, b = (self._print(x) for x in expr.args)
+        return f"(({a} >= {b} || {a} != {a}) ? {a} : {b})"
+
+    def _print_Minimum(self, expr: language.Minimum) -> str:
+        a, b = (self._print(x) for x in expr.args)
+        return f"(({a} <= {b} || {a} != {a}) ? {a} : {b})"
+
+    def _print_RoundTo(self, expr: language.RoundTo) -> str:
+        x = self._print(expr.args[0])
+        if expr.dtype == self.dtype:
+            return x
+        if expr.dtype == "float32":
+            return f"(double)(float)({x})"
+        return f"adamgen_round_{expr.dtype}({x})"
+
+    def _print_Piecewise(self, expr: sympy.Piecewise) -> str:
+        (value, condition), (otherwise, _) = expr.args
+        return f"({self._print(condition)} ? {self._print(value)} : {self._print(otherwise)})"
 
 
 @dataclass(frozen=True)
@@ -143,36 +164,11 @@ def _symbol_map(ir: KernelIR, aliases: Mapping[str, str], scalar_tensors: frozen
         leaves[name] = sympy.Symbol(name, real=True)
     for step in ir.body:
         leaves[step.target] = sympy.Symbol(step.target, real=True)
+    buffers = ir.buffer_names()
     for output in ir.output_names:
-        target = aliases.get(output, output)
+        target = aliases.get(output, buffers[output])
         leaves[f"out:{output}"] = sympy.IndexedBase(target, shape=(length,))[element_index]
     return leaves
-
-
-def step_expression(step: Step, leaves: Mapping[str, sympy.Basic]) -> sympy.Expr:
-    """One IR step as an unevaluated SymPy expression, printed back as exactly that operation."""
-    def leaf(operand: Operand) -> sympy.Basic:
-        return leaves[operand] if isinstance(operand, str) else sympy.Float(float(operand))
-
-    args = [leaf(a) for a in step.args]
-    minus_one = sympy.Integer(-1)
-    if step.op == "add":
-        return sympy.Add(args[0], args[1], evaluate=False)
-    if step.op == "sub":
-        return sympy.Add(args[0], sympy.Mul(minus_one, args[1], evaluate=False), evaluate=False)
-    if step.op == "mul":
-        return sympy.Mul(args[0], args[1], evaluate=False)
-    if step.op == "div":
-        return sympy.Mul(args[0], sympy.Pow(args[1], minus_one, evaluate=False), evaluate=False)
-    if step.op == "neg":
-        return sympy.Mul(minus_one, args[0], evaluate=False)
-    if step.op == "sqrt":
-        return sympy.Pow(args[0], sympy.S.Half, evaluate=False)
-    if step.op == "clamp_nonnegative":
-        return ClampNonnegative(args[0])
-    if step.op == "select_positive":
-        return SelectPositive(args[0], args[1])
-    raise ValueError(f"no C form for body step {step} (pow belongs in the prelude)")
 
 
 def _uniform_steps(ir: KernelIR, scalar_tensors: frozenset[str]) -> frozenset[str]:
@@ -215,10 +211,15 @@ def plan_form(name: str, ir: KernelIR, ctype: str) -> FormPlan:
     aliases = dict(config.aliases)  # output -> the input it overwrites
     overwritten = set(aliases.values())
     scalar_tensors = frozenset(config.scalar_tensors)
-    clash = (set(ir.tensors) | set(ir.kernel_scalars) | set(ir.output_names)
-             | {s.target for s in ir.body}) & RESERVED
+    clash = (set(ir.tensors) | set(ir.kernel_scalars) | set(ir.buffer_names().values())
+             | {s.target for s in ir.body}) & RESERVED_NAMES
     if clash:
         raise ValueError(f"IR names {sorted(clash)} clash with names the C template uses")
+    for step in ir.body:
+        target = rounding(step.op)
+        if target is not None and target not in ROUNDINGS[config.dtype]:
+            raise ValueError(f"{step}: a {config.dtype} kernel cannot round to {target} "
+                             f"(it rounds to {', '.join(ROUNDINGS[config.dtype])})")
     for output, source in aliases.items():
         if source in scalar_tensors:
             raise ValueError(f"{output} cannot overwrite {source}: it is a scalar tensor")
@@ -239,9 +240,10 @@ def plan_form(name: str, ir: KernelIR, ctype: str) -> FormPlan:
     scalars = [CParameter(s, ctype, "scalar") for s in ir.kernel_scalars]
     parameters += scalars
     list_parameters += scalars
+    buffers = ir.buffer_names()
     for output in ir.output_names:
         if output not in aliases:
-            parameters.append(CParameter(output, f"{ctype} *{restrict}", "out"))
+            parameters.append(CParameter(buffers[output], f"{ctype} *{restrict}", "out"))
     printer = KernelCPrinter(config.dtype)
     sympy_type = ELEMENT_TYPES[config.dtype][1]
     leaves = _symbol_map(ir, aliases, scalar_tensors, sympy.Symbol("i", integer=True))
@@ -335,9 +337,9 @@ def wrap_call(symbol: str, parameters: Sequence[CParameter], extra: Sequence[str
     return "\n".join(lines)
 
 
-def variant_name(config: KernelConfig, spec_name: str = "adam") -> str:
+def variant_name(config: KernelConfig) -> str:
     """The variant a C file covers (its alias forms are all inside it)."""
-    return "c " + config.describe(spec_name)
+    return "c " + config.describe()
 
 
 def render_c_module(irs: Mapping[str, KernelIR], *, openmp: bool,
@@ -351,16 +353,16 @@ def render_c_module(irs: Mapping[str, KernelIR], *, openmp: bool,
         flags: the compiler flags, named in the header so the file says how it was built.
     """
     first = next(iter(irs.values()))
-    base = KernelConfig(dtype=first.config.dtype, mode=first.config.mode,
-                        constants=first.config.constants,
-                        scalar_tensors=first.config.scalar_tensors)
+    base = replace(first.config, aliases=frozenset())
     if base.dtype not in ELEMENT_TYPES:
         raise ValueError(f"the C backend renders {tuple(ELEMENT_TYPES)}, not {base.dtype!r}")
     ctype = ELEMENT_TYPES[base.dtype][0]
     plans = [plan_form(name, ir, ctype) for name, ir in irs.items()]
     entries = {plan.name: entry_points(first.spec_name, plan, openmp) for plan in plans}
     functions = [f for plan in plans for f in entries[plan.name]]
-    variant = variant_name(base, first.spec_name)
+    variant = variant_name(base)
+    roundings = sorted({r for ir in irs.values() for step in ir.body
+                        if (r := rounding(step.op)) is not None and r != base.dtype})
     context = {
         "version": __version__, "ir": first, "config": base, "variant": variant,
         "ctype": ctype, "openmp": openmp,
@@ -371,6 +373,7 @@ def render_c_module(irs: Mapping[str, KernelIR], *, openmp: bool,
         "vector_suffix": "ps" if ctype == "float" else "pd",  # the intrinsics' element suffix
         "spec": first.spec_name, "signature": wrap_signature, "call": wrap_call,
         "range": (CParameter("begin", "int64_t", "n"), CParameter("end", "int64_t", "n")),
+        "roundings": roundings,
     }
     source = render("c_kernel.c.j2", **context)
     cdef = render("cffi_cdef.h.j2", **context)

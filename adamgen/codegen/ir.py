@@ -26,18 +26,43 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import KernelConfig
+from ..interface import Interface
 
 Operand = str | float
 
-#: op name -> arity. ``pow`` appears only in the prelude; ``sqrt``, ``clamp_nonnegative``
-#: (``x if x >= 0 else 0``, so NaN becomes 0) and ``select_positive`` (``select_positive(c, a)``
-#: is ``a if c > 0 else 0``: NaN ``c`` gives 0, and an inf or NaN ``a`` is discarded where
-#: ``c <= 0``; derivatives use it for their rule at ``v = 0``) only in the body.
+#: Comparison suffixes of ``select_<cmp>(a, b, x, y)`` (``x if a <cmp> b else y``; a comparison
+#: with NaN is false, as in IEEE), with their Python/C operator.
+COMPARISONS: dict[str, str] = {"gt": ">", "ge": ">=", "lt": "<", "le": "<=", "eq": "==",
+                               "ne": "!="}
+#: Dtypes ``round_<dtype>`` rounds to (to nearest even; the result is held in the kernel's type).
+ROUNDINGS = ("bfloat16", "float16", "float32")
+
+#: op name -> arity. Each op is rounded once in the kernel's element type (the prelude: in IEEE
+#: double, with Python's semantics). ``pow`` is Python's ``**`` and appears only in the prelude;
+#: ``sqrt`` is IEEE's square root everywhere (``math.sqrt`` in the prelude); ``fma(a, b, c)`` is
+#: ``a*b + c`` rounded once; ``sign`` is torch's (0 for 0, -0 and NaN); ``maximum``/``minimum``
+#: propagate NaN and keep their first operand on ties; ``select_<cmp>`` is described above.
 OPS: dict[str, int] = {
-    "add": 2, "sub": 2, "mul": 2, "div": 2, "neg": 1, "pow": 2, "sqrt": 1,
-    "clamp_nonnegative": 1, "select_positive": 2,
+    "add": 2, "sub": 2, "mul": 2, "div": 2, "neg": 1, "pow": 2, "sqrt": 1, "fma": 3,
+    "sign": 1, "maximum": 2, "minimum": 2,
+    **{f"select_{cmp}": 4 for cmp in COMPARISONS},
+    **{f"round_{dtype}": 1 for dtype in ROUNDINGS},
 }
+#: Ops the prelude can compute (Python floats); the others exist only element by element.
+PRELUDE_OPS = frozenset({"add", "sub", "mul", "div", "neg", "pow", "sqrt",
+                         *(f"select_{cmp}" for cmp in COMPARISONS)})
+#: Ops whose two operands may be swapped without changing a bit (IEEE ``+`` and ``*``).
 COMMUTATIVE = frozenset({"add", "mul"})
+
+
+def comparison(op: str) -> str | None:
+    """``">"`` for ``select_gt`` and so on; ``None`` for an op that is not a select."""
+    return COMPARISONS.get(op[len("select_"):]) if op.startswith("select_") else None
+
+
+def rounding(op: str) -> str | None:
+    """``"bfloat16"`` for ``round_bfloat16`` and so on; ``None`` for other ops."""
+    return op[len("round_"):] if op.startswith("round_") else None
 
 
 @dataclass(frozen=True)
@@ -62,18 +87,38 @@ class Step:
 
 @dataclass(frozen=True)
 class KernelIR:
-    """One kernel, lowered from a spec for one :class:`KernelConfig`."""
+    """One kernel, lowered from a spec for one :class:`KernelConfig`.
 
-    spec_name: str
-    spec_hash: str
+    ``interface`` is the spec's interface (plain data: names, defaults, ranges, state pairs,
+    dependencies), carried so that every renderer can export it without the spec's graph.
+    """
+
+    interface: Interface
     config: KernelConfig
-    tensors: tuple[str, ...]
-    hyperparameters: tuple[str, ...]
     prelude: tuple[Step, ...]
     kernel_scalars: tuple[str, ...]
     body: tuple[Step, ...]
     outputs: tuple[tuple[str, str], ...]
-    depends: tuple[tuple[str, tuple[str, ...]], ...]
+
+    @property
+    def spec_name(self) -> str:
+        return self.interface.rule
+
+    @property
+    def spec_hash(self) -> str:
+        return self.interface.spec_hash
+
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        return self.interface.tensor_names
+
+    @property
+    def hyperparameters(self) -> tuple[str, ...]:
+        return self.interface.hyperparameter_names
+
+    @property
+    def depends(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        return self.interface.depends
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -86,7 +131,20 @@ class KernelIR:
         return tuple(h for h in self.hyperparameters if h not in baked)
 
     def dependencies(self, output: str) -> tuple[str, ...]:
-        return dict(self.depends)[output]
+        return self.interface.dependencies(output)
+
+    def buffer_names(self) -> dict[str, str]:
+        """Output -> the name of the array an output is written to in a functional form:
+        ``<output>_out``, distinct from every input and every value of the body."""
+        taken = set(self.tensors) | set(self.kernel_scalars) | {s.target for s in self.body}
+        names: dict[str, str] = {}
+        for output in self.output_names:
+            name = f"{output}_out"
+            while name in taken:
+                name += "_"
+            taken.add(name)
+            names[output] = name
+        return names
 
     def last_reads(self) -> dict[str, int]:
         """For each name, the index of the last body step that reads it (outputs: past the end)."""

@@ -18,6 +18,7 @@ prelude would at run time. Only ``mode="fast"`` changes the rounding (see :func:
 
 from __future__ import annotations
 
+import math
 import operator
 import time
 from collections.abc import Callable
@@ -27,13 +28,17 @@ import sympy
 
 from ..config import KernelConfig
 from ..errors import LoweringError
+from .. import language
 from ..spec import UpdateSpec
-from .ir import COMMUTATIVE, KernelIR, Operand, Step
+from .ir import COMMUTATIVE, PRELUDE_OPS, KernelIR, Operand, Step
 
 #: Python's float semantics for prelude steps: the generated prelude prints these same operators.
 PYTHON_SCALAR_OPS: dict[str, Callable[..., float]] = {
     "add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv,
-    "pow": operator.pow, "neg": operator.neg,
+    "pow": operator.pow, "neg": operator.neg, "sqrt": math.sqrt,
+    **{f"select_{name}": (lambda test: lambda a, b, x, y: x if test(a, b) else y)(test)
+       for name, test in (("gt", operator.gt), ("ge", operator.ge), ("lt", operator.lt),
+                          ("le", operator.le), ("eq", operator.eq), ("ne", operator.ne))},
 }
 
 
@@ -61,21 +66,61 @@ Pass = Callable[[Program], Program]
 
 # --- translation --------------------------------------------------------------------------
 
+#: SymPy relational class -> the comparison suffix of ``select_<cmp>``.
+_RELATIONS: dict[type, str] = {
+    sympy.StrictGreaterThan: "gt", sympy.GreaterThan: "ge", sympy.StrictLessThan: "lt",
+    sympy.LessThan: "le", sympy.Equality: "eq", sympy.Unequality: "ne",
+}
+#: Spec-language node -> IR op (fixed arity, operands in order).
+_NODES: dict[type, str] = {
+    language.Fma: "fma", language.Sqrt: "sqrt", language.Sign: "sign",
+    language.Maximum: "maximum", language.Minimum: "minimum",
+    **{cls: f"round_{cls.dtype}" for cls in (language.RoundToBfloat16, language.RoundToFloat16,
+                                               language.RoundToFloat32)},
+}
+
+
 class _Translator:
-    """Turns the unevaluated SymPy graph into steps, one per operation, in post-order."""
+    """Turns the unevaluated SymPy graph into steps, one per operation, in post-order.
+
+    A step that computes one of the spec's named values (an output, or a subexpression the spec
+    names) takes that name, so generated code reads like the spec; other steps are ``s<k>``
+    (scalars, computed once per call) and ``t<k>`` (per element).
+    """
 
     def __init__(self, spec: UpdateSpec) -> None:
         self.hyperparameters = frozenset(spec.hyperparameters)
         self.steps: list[Step] = []
         self.scalar: set[str] = set()
         self.memo: dict[sympy.Basic, Operand] = {}
+        self.taken = {s.name for s in spec.inputs}
+        self.names: dict[sympy.Basic, str] = {}
+        for name, expr in (*spec.outputs, *spec.names):
+            self.names.setdefault(expr, name)
 
-    def emit(self, op: str, args: tuple[Operand, ...], is_scalar: bool) -> str:
-        target = f"s{len(self.steps)}" if is_scalar else f"t{len(self.steps)}"
+    def emit(self, op: str, args: tuple[Operand, ...], is_scalar: bool,
+             expr: sympy.Basic | None = None) -> str:
+        if op not in PRELUDE_OPS and is_scalar:
+            raise LoweringError(f"{op} of hyperparameters only ({expr}) is not supported: "
+                                f"the per-call prelude computes {', '.join(sorted(PRELUDE_OPS))}")
+        target = self._name(expr, is_scalar)
         self.steps.append(Step(target, op, args))
         if is_scalar:
             self.scalar.add(target)
         return target
+
+    def _name(self, expr: sympy.Basic | None, is_scalar: bool) -> str:
+        wanted = self.names.get(expr) if expr is not None else None
+        if wanted is None:
+            wanted = f"{'s' if is_scalar else 't'}{len(self.steps)}"
+        elif wanted in self.taken:  # an output named like its input (exp_avg -> exp_avg)
+            wanted += "_new"
+        name, suffix = wanted, 1
+        while name in self.taken:
+            suffix += 1
+            name = f"{wanted}{suffix}"
+        self.taken.add(name)
+        return name
 
     def operand(self, expr: sympy.Basic) -> Operand:
         if expr not in self.memo:
@@ -86,6 +131,8 @@ class _Translator:
         if isinstance(expr, sympy.Symbol):
             return expr.name
         if expr.is_Number:
+            if not expr.is_finite:
+                raise LoweringError(f"the constant {expr} is not a finite number")
             return int(expr) if expr.is_Integer else float(expr)
         is_scalar = expr.free_symbols <= self.hyperparameters
         if isinstance(expr, sympy.Add):
@@ -94,12 +141,14 @@ class _Translator:
             return self._product(expr, is_scalar)
         if isinstance(expr, sympy.Pow):
             return self._power(expr, is_scalar)
-        if isinstance(expr, sympy.Piecewise) and len(expr.args) == 2 \
-                and isinstance(expr.args[0].cond, sympy.StrictGreaterThan):
-            return self._select(expr, is_scalar)
         if isinstance(expr, sympy.Piecewise):
-            return self._clamp(expr, is_scalar)
-        raise LoweringError(f"cannot lower {type(expr).__name__}: {expr}")
+            return self._select(expr, is_scalar)
+        if type(expr) in _NODES:
+            op = _NODES[type(expr)]
+            return self.emit(op, tuple(self.operand(a) for a in expr.args), is_scalar, expr)
+        raise LoweringError(f"cannot lower {type(expr).__name__}: {expr} (an update is "
+                            "elementwise: +, -, *, /, powers, Piecewise/where and the nodes of "
+                            "adamgen.spec)")
 
     def _binary_chain(self, expr: sympy.Add, op: str, inverse: str, is_scalar: bool) -> str:
         if len(expr.args) != 2:
@@ -107,16 +156,19 @@ class _Translator:
                                 "unevaluated so every sum has two terms")
         first, second = expr.args
         if _is_negation(second) and not _is_negation(first):
-            return self.emit(inverse, (self.operand(first), self.operand(-second)), is_scalar)
+            args = (self.operand(first), self.operand(-second))
+            return self.emit(inverse, args, is_scalar, expr)
         if _is_negation(first) and not _is_negation(second):
-            return self.emit(inverse, (self.operand(second), self.operand(-first)), is_scalar)
-        return self.emit(op, (self.operand(first), self.operand(second)), is_scalar)
+            args = (self.operand(second), self.operand(-first))
+            return self.emit(inverse, args, is_scalar, expr)
+        return self.emit(op, (self.operand(first), self.operand(second)), is_scalar, expr)
 
     def _product(self, expr: sympy.Mul, is_scalar: bool) -> Operand:
         factors = list(expr.args)
         negate = sympy.S.NegativeOne in factors
         if negate:
             factors.remove(sympy.S.NegativeOne)
+        inner = None if negate else expr  # the name belongs to the whole product
         if len(factors) == 1:
             result = self.operand(factors[0])
         elif len(factors) == 2:
@@ -124,44 +176,44 @@ class _Translator:
             denominators = [f.base for f in factors if _is_reciprocal(f)]
             if len(numerators) == 1 and len(denominators) == 1:
                 result = self.emit("div", (self.operand(numerators[0]),
-                                           self.operand(denominators[0])), is_scalar)
+                                           self.operand(denominators[0])), is_scalar, inner)
             elif not denominators:
-                result = self.emit("mul", tuple(self.operand(f) for f in factors), is_scalar)
+                result = self.emit("mul", tuple(self.operand(f) for f in factors), is_scalar,
+                                   inner)
             else:
                 raise LoweringError(f"cannot lower the quotient {expr}")
         else:
             raise LoweringError(f"ambiguous evaluation order in {expr}: build the spec "
                                 "unevaluated so every product has two factors")
-        return self.emit("neg", (result,), is_scalar) if negate else result
+        return self.emit("neg", (result,), is_scalar, expr) if negate else result
 
     def _power(self, expr: sympy.Pow, is_scalar: bool) -> str:
         base, exponent = expr.args
         if exponent == 2:
             operand = self.operand(base)
-            return self.emit("mul", (operand, operand), is_scalar)
+            return self.emit("mul", (operand, operand), is_scalar, expr)
         if exponent == -1:
-            return self.emit("div", (1, self.operand(base)), is_scalar)
+            return self.emit("div", (1, self.operand(base)), is_scalar, expr)
         if is_scalar:
-            return self.emit("pow", (self.operand(base), self.operand(exponent)), True)
+            return self.emit("pow", (self.operand(base), self.operand(exponent)), True, expr)
         if exponent == sympy.S.Half:
-            return self.emit("sqrt", (self.operand(base),), False)
-        raise LoweringError(f"elementwise power {expr} is not supported (only x**2, x**0.5)")
-
-    def _clamp(self, expr: sympy.Piecewise, is_scalar: bool) -> str:
-        (value, condition), (otherwise, always) = expr.args
-        if not (always == sympy.true and otherwise == 0 and isinstance(condition, sympy.Ge)
-                and condition.lhs == value and condition.rhs == 0) or is_scalar:
-            raise LoweringError(f"only the clamp Piecewise((x, x >= 0), (0, True)) on tensors "
-                                f"is supported, got {expr}")
-        return self.emit("clamp_nonnegative", (self.operand(value),), False)
+            return self.emit("sqrt", (self.operand(base),), False, expr)
+        raise LoweringError(f"elementwise power {expr} is not supported (only x**2, x**-1 and "
+                            "x**Rational(1, 2) on tensors; any power of hyperparameters)")
 
     def _select(self, expr: sympy.Piecewise, is_scalar: bool) -> str:
-        (value, condition), (otherwise, always) = expr.args
-        if not (always == sympy.true and otherwise == 0 and condition.rhs == 0) or is_scalar:
-            raise LoweringError(f"only the select Piecewise((a, c > 0), (0, True)) on tensors "
-                                f"is supported, got {expr}")
-        return self.emit("select_positive", (self.operand(condition.lhs), self.operand(value)),
-                         False)
+        """``Piecewise((x, a <cmp> b), (y, True))``, as :func:`adamgen.spec.where` builds it."""
+        if len(expr.args) != 2 or expr.args[1].cond != sympy.true:
+            raise LoweringError(f"only two-branch Piecewise((x, condition), (y, True)) is "
+                                f"supported (nest where() for more), got {expr}")
+        (value, condition), (otherwise, _) = expr.args
+        relation = _RELATIONS.get(type(condition))
+        if relation is None:
+            raise LoweringError(f"the condition {condition} must be one comparison "
+                                "(>, >=, <, <=, Eq, Ne)")
+        args = (self.operand(condition.lhs), self.operand(condition.rhs), self.operand(value),
+                self.operand(otherwise))
+        return self.emit(f"select_{relation}", args, is_scalar, expr)
 
 
 def _is_negation(expr: sympy.Basic) -> bool:
@@ -315,7 +367,7 @@ PASSES: tuple[tuple[str, Pass], ...] = (
 
 
 def assemble(program: Program) -> KernelIR:
-    """Split the program into prelude and body, and record each output's dependencies."""
+    """Split the program into prelude and body; the IR carries the spec's interface."""
     hyper = program.hyperparameter_names
     baked = program.config.constants_dict
     prelude = tuple(s for s in program.steps if s.target in program.scalar_steps)
@@ -329,14 +381,10 @@ def assemble(program: Program) -> KernelIR:
     for name, value in program.outputs:
         if not isinstance(value, str) or value in scalar_names or value in program.tensor_names:
             raise LoweringError(f"output {name} must be computed element by element, got {value}")
-    depends = tuple(
-        (name, tuple(s.name for s in program.spec.inputs if s in expr.free_symbols))
-        for name, expr in program.spec.outputs)
     return KernelIR(
-        spec_name=program.spec.name, spec_hash=program.spec.spec_hash, config=program.config,
-        tensors=program.tensor_names, hyperparameters=hyper, prelude=prelude,
+        interface=program.spec.interface, config=program.config, prelude=prelude,
         kernel_scalars=tuple(kernel_scalars), body=body,
-        outputs=tuple((n, str(v)) for n, v in program.outputs), depends=depends)
+        outputs=tuple((n, str(v)) for n, v in program.outputs))
 
 
 def lower(spec: UpdateSpec, config: KernelConfig,

@@ -1,6 +1,14 @@
 """NumPy renderer: kernel IR -> a readable Python module, through ``numpy_kernel.py.j2``.
 
-Two forms, both from the same IR:
+As in the C backend, templates render the file's shell and printer classes render the math: each
+IR step becomes an unevaluated SymPy expression (:func:`adamgen.codegen.steps.step_expression`)
+and is printed by
+
+* :class:`PreludePrinter` (a ``PythonCodePrinter``): the per-call scalars as Python floats,
+  ``**`` as Python's ``pow``, ``sqrt`` as ``math.sqrt``, literals that round-trip exactly;
+* :class:`KernelNumPyPrinter` (a ``NumPyPrinter``): body steps, in one of two forms.
+
+The two forms, both from the same IR:
 
 * for one element dtype (``float16``, ``float32``, ``float64``), ``update`` writes every step
   into a preallocated buffer with ``out=``: each step is one pass over memory and no temporary is
@@ -11,73 +19,151 @@ Two forms, both from the same IR:
   integer arrays), ``update`` is the plain expression in the reference order, so NumPy applies
   exactly the reference's promotions step by step.
 
-The prelude is a small Python function over Python floats: the single definition of every
-per-call scalar, which the C backend's loader calls too.
+The spec language's nodes print as calls into :mod:`adamgen.runtime.ieee` (exact fused
+multiply-add, torch's sign, NaN-propagating maximum, roundings). A module that cannot compute some
+node exactly (a float64 ``fma``: NumPy has no wider type) *declines*: it says why in ``INEXACT``,
+and its ``update`` raises :class:`~adamgen.errors.InexactVariantError`; its ``prelude`` and
+interface still serve the C kernels of the same rule.
 
-The clamp ``x if x >= 0 else 0`` prints as ``np.fmax(x, 0.0)``: the same value for every ``x``
-(NaN and -inf become 0) except that it may turn ``-0.0`` into ``+0.0``; the spec only takes its
-square root and adds ``epsilon``, which erases the sign of a zero. The mixed form prints
-``np.where(x >= 0, x, 0)``, the reference's own form.
+The clamp ``select_ge(x, 0, x, 0)`` (``x if x >= 0 else 0``, so NaN and -inf become 0) prints as
+``np.fmax(x, 0.0)`` in the buffered form: the same value for every ``x`` except that it may turn
+``-0.0`` into ``+0.0``; a spec that takes the clamp's square root and adds a positive epsilon (as
+Ivy's does) erases the sign of a zero. The mixed form prints ``np.where(x >= 0, x, 0)``, the
+reference's own form.
 """
 
 from __future__ import annotations
 
+import pprint
 from dataclasses import dataclass
 
+import sympy
+from sympy.printing.numpy import NumPyPrinter
+from sympy.printing.pycode import PythonCodePrinter
+
+from .. import language
 from .._version import __version__
-from .ir import KernelIR, Operand, Step
+from .ir import KernelIR, Step, rounding
+from .steps import step_expression
 from .templating import render
 
-#: IR op -> (ufunc for the buffered form, infix/call pattern for the expression form)
+#: IR op -> the ufunc the buffered form calls with ``out=``.
 _UFUNCS = {"add": "np.add", "sub": "np.subtract", "mul": "np.multiply", "div": "np.divide",
-           "neg": "np.negative", "sqrt": "np.sqrt", "clamp_nonnegative": "np.fmax"}
-_INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "pow": "**"}
+           "neg": "np.negative", "sqrt": "np.sqrt"}
+#: IR op -> the function of :mod:`adamgen.runtime.ieee` (imported as ``ieee``) computing it.
+_IEEE = {"fma": "ieee.fma", "sign": "ieee.sign", "maximum": "ieee.maximum",
+         "minimum": "ieee.minimum", "round_bfloat16": "ieee.round_bfloat16",
+         "round_float16": "ieee.round_float16", "round_float32": "ieee.round_float32"}
+#: Element dtypes whose fused multiply-add NumPy computes exactly (see ``ieee.fma``).
+EXACT_FMA = ("float16", "float32")
 
 
-def python_literal(value: Operand) -> str:
+def python_literal(value: float | int) -> str:
     """A constant as Python source that round-trips exactly (``repr`` of a float does)."""
-    if isinstance(value, str):
-        return value
     if isinstance(value, int):
         return str(value)
     text = repr(float(value))
     return text if text not in ("inf", "-inf", "nan") else f"float({text!r})"
 
 
-def print_scalar_step(step: Step) -> str:
-    """A prelude step as a Python statement over Python floats."""
-    args = [python_literal(a) for a in step.args]
-    if step.op == "neg":
-        return f"{step.target} = -{args[0]}"
-    return f"{step.target} = {args[0]} {_INFIX[step.op]} {args[1]}"
+class PreludePrinter(PythonCodePrinter):
+    """Prelude steps as Python statements over Python floats, exactly as Python computes them."""
+
+    def __init__(self) -> None:
+        super().__init__({"order": "none"})
+
+    def _print_Float(self, expr: sympy.Float) -> str:
+        return python_literal(float(expr))
+
+    def _print_Pow(self, expr: sympy.Pow, rational: bool = False) -> str:
+        base, exponent = (self._print(a) for a in expr.args)
+        return f"{base} ** {exponent}"  # Python's **: pow, never sqrt
+
+    def _print_Sqrt(self, expr: language.Sqrt) -> str:
+        return f"math.sqrt({self._print(expr.args[0])})"
+
+    def _print_Piecewise(self, expr: sympy.Piecewise) -> str:
+        (value, condition), (otherwise, _) = expr.args
+        return f"{self._print(value)} if {self._print(condition)} else {self._print(otherwise)}"
+
+    def statement(self, step: Step) -> str:
+        names = {name: sympy.Symbol(name, real=True) for name in step.names()}
+        if step.op == "pow":
+            base, exponent = (names[a] if isinstance(a, str) else sympy.Float(float(a))
+                              for a in step.args)
+            expr: sympy.Basic = sympy.Pow(base, exponent, evaluate=False)
+        else:
+            expr = step_expression(step, names)
+        return f"{step.target} = {self.doprint(expr)}"
 
 
-def print_expression_step(step: Step) -> str:
-    """A body step as a NumPy expression (NumPy promotes each operation as the reference does)."""
-    args = [python_literal(a) for a in step.args]
-    if step.op in _INFIX:
-        return f"{step.target} = {args[0]} {_INFIX[step.op]} {args[1]}"
-    if step.op == "neg":
-        return f"{step.target} = -{args[0]}"
-    if step.op == "sqrt":
-        return f"{step.target} = np.sqrt({args[0]})"
-    if step.op == "clamp_nonnegative":
-        return f"{step.target} = np.where({args[0]} >= 0, {args[0]}, 0)"
-    if step.op == "select_positive":
-        return f"{step.target} = np.where({args[0]} > 0, {args[1]}, 0)"
-    raise ValueError(f"no NumPy expression for {step.op}")
+class KernelNumPyPrinter(NumPyPrinter):
+    """Body steps as NumPy code: expressions (the mixed form) or ufunc calls into buffers."""
+
+    def __init__(self) -> None:
+        super().__init__({"fully_qualified_modules": False, "order": "none"})
+
+    def _print_Float(self, expr: sympy.Float) -> str:
+        return python_literal(float(expr))
+
+    def _print_Integer(self, expr: sympy.Integer) -> str:
+        return python_literal(float(expr))
+
+    def _print_Sqrt(self, expr: language.Sqrt) -> str:
+        return f"np.sqrt({self._print(expr.args[0])})"
+
+    def _print_Piecewise(self, expr: sympy.Piecewise) -> str:
+        (value, condition), (otherwise, _) = expr.args
+        return f"np.where({self._print(condition)}, {self._print(value)}, " \
+               f"{self._print(otherwise)})"
+
+    def _print_Relational(self, expr: sympy.core.relational.Relational) -> str:
+        return f"{self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)}"
+
+    def _print_Function(self, expr: sympy.Function) -> str:
+        for node, name in ((language.Fma, "fma"), (language.Sign, "sign"),
+                           (language.Maximum, "maximum"), (language.Minimum, "minimum")):
+            if isinstance(expr, node):
+                return f"{_IEEE[name]}({', '.join(self._print(a) for a in expr.args)})"
+        if isinstance(expr, language.RoundTo):
+            return f"{_IEEE['round_' + expr.dtype]}({self._print(expr.args[0])})"
+        return super()._print_Function(expr)
+
+    def expression(self, step: Step) -> str:
+        """The mixed form: ``t = <expression>``; NumPy promotes each step as the reference."""
+        leaves = {name: sympy.Symbol(name, real=True) for name in step.names()}
+        return f"{step.target} = {self.doprint(step_expression(step, leaves))}"
+
+    def buffered(self, step: Step, buffers: dict[str, str]) -> str:
+        """One call writing into the step's buffer (``out=``); the step itself as a comment."""
+        args = [buffers.get(a, a) if isinstance(a, str) else python_literal(a)
+                for a in step.args]
+        out = buffers[step.target]
+        if step.op == "select_ge" and step.args[0] == step.args[2] and step.args[1] == 0 \
+                and step.args[3] == 0:
+            call = f"np.fmax({args[0]}, 0.0, out={out})"  # the clamp; see the module docstring
+        elif step.op in _UFUNCS:
+            call = f"{_UFUNCS[step.op]}({', '.join(args)}, out={out})"
+        elif step.op in _IEEE:
+            call = f"{_IEEE[step.op]}({', '.join(args)}, out={out})"
+        else:  # a select: no ufunc selects; np.where allocates, copyto rounds once
+            leaves = {name: sympy.Symbol(buffers.get(name, name), real=True)
+                      for name in step.names()}
+            call = f"np.copyto({out}, {self.doprint(step_expression(step, leaves))})"
+        return f"{call}  # {step}"
 
 
-def print_buffered_step(step: Step, buffers: dict[str, str]) -> str:
-    """A body step as one ufunc call writing into its assigned buffer."""
-    args = [buffers.get(a, a) if isinstance(a, str) else python_literal(a) for a in step.args]
-    if step.op == "select_positive":  # no ufunc selects; np.where allocates, copyto rounds once
-        selected = f"np.where(np.greater({args[0]}, 0), {args[1]}, 0.0)"
-        return f"np.copyto({buffers[step.target]}, {selected})  # {step}"
-    if step.op == "clamp_nonnegative":
-        args.append("0.0")
-    call = f"{_UFUNCS[step.op]}({', '.join(args)}, out={buffers[step.target]})"
-    return f"{call}  # {step}"
+def inexact_reason(ir: KernelIR) -> str:
+    """Why NumPy cannot compute this kernel exactly, or "" when it can."""
+    dtype = ir.config.dtype
+    for step in ir.body:
+        if step.op == "fma" and dtype not in EXACT_FMA:
+            return (f"{step}: NumPy cannot round a {dtype} fused multiply-add once (no wider "
+                    "type holds the exact product); the C kernel computes this rule")
+        target = rounding(step.op)
+        if target is not None and dtype == "mixed":
+            return f"{step}: rounding to {target} needs one known element dtype"
+    return ""
 
 
 @dataclass(frozen=True)
@@ -99,11 +185,12 @@ def allocate_buffers(ir: KernelIR) -> BufferPlan:
     """
     last_read = ir.last_reads()
     step_index = {step.target: i for i, step in enumerate(ir.body)}
-    output_of_value = {value: name for name, value in ir.outputs}
-    aliased_input = dict(ir.config.aliases)
-    output_step = {name: step_index[value] for name, value in ir.outputs}
+    names = ir.buffer_names()
+    output_of_value = {value: names[name] for name, value in ir.outputs}
+    aliased_input = {names[o]: i for o, i in ir.config.aliases}
+    output_step = {names[name]: step_index[value] for name, value in ir.outputs}
     buffers: dict[str, str] = {}
-    holder: dict[str, str | None] = {name: None for name in ir.output_names}
+    holder: dict[str, str | None] = {names[name]: None for name in ir.output_names}
     temporaries: list[str] = []
 
     def free(buffer: str, at: int) -> bool:
@@ -130,7 +217,7 @@ def allocate_buffers(ir: KernelIR) -> BufferPlan:
         else:
             dying = [buffers[a] for a in step.names()
                      if a in buffers and last_read[a] == index and a not in output_of_value]
-            scratch = [b for b in ir.output_names if free(b, index)] + \
+            scratch = [b for b in holder if free(b, index)] + \
                 [t for t in temporaries if free(t, index)]
             candidates = [b for b in dying + scratch if may_scratch(b, step.target, index)]
             if candidates:
@@ -146,9 +233,11 @@ def allocate_buffers(ir: KernelIR) -> BufferPlan:
 def render_numpy_module(ir: KernelIR) -> str:
     """The source of one NumPy kernel module."""
     mixed = ir.config.dtype == "mixed"
+    reason = inexact_reason(ir)
+    printer = KernelNumPyPrinter()
     plan = None if mixed else allocate_buffers(ir)
-    body = ([print_expression_step(s) for s in ir.body] if mixed
-            else [print_buffered_step(s, plan.buffers) for s in ir.body])
+    body = ([printer.expression(s) for s in ir.body] if mixed
+            else [printer.buffered(s, plan.buffers) for s in ir.body])
     return render(
         "numpy_kernel.py.j2",
         version=__version__,
@@ -156,11 +245,17 @@ def render_numpy_module(ir: KernelIR) -> str:
         mixed=mixed,
         config_name=ir.config.describe(),
         constants=dict(ir.config.constants),
+        interface=pprint.pformat(ir.interface.to_json(), width=96, sort_dicts=False),
         depends={name: deps for name, deps in ir.depends},
         free_hyperparameters=ir.free_hyperparameters,
-        prelude_lines=[print_scalar_step(s) for s in ir.prelude],
+        prelude_lines=[PreludePrinter().statement(s) for s in ir.prelude],
         kernel_scalars=ir.kernel_scalars,
         body_lines=body,
         temporaries=plan.temporaries if plan else (),
+        buffer_names=list(ir.buffer_names().values()),
         returns=[value for _, value in ir.outputs],
+        inexact=reason,
+        uses_math="sqrt" in {s.op for s in ir.prelude},
+        uses_ieee=any(step.op in _IEEE for step in ir.body),
     )
+

@@ -58,7 +58,7 @@ DEFAULT_THRESHOLD = 16_384
 _CTYPES = {"float32": "float", "float64": "double"}
 
 _lock = ForkSafeLock()
-_kernels: dict[tuple[str, KernelConfig, bool], CKernel | None] = {}
+_kernels: dict[tuple[KernelConfig, bool], CKernel | None] = {}
 _warned = False
 _forked_child = False
 #: What happened to each C kernel this process asked for (built, fetched, failed): for ``info``.
@@ -244,10 +244,10 @@ class CKernel:
     from :func:`default_threads`). Entry points by C name: :meth:`function`.
     """
 
-    def __init__(self, config: KernelConfig, spec_name: str, module: ModuleType,
+    def __init__(self, config: KernelConfig, module: ModuleType,
                  entry: artifact_cache.Entry, key: str, seconds: float) -> None:
         manifest = entry.manifest
-        self.config, self.spec_name = config, spec_name
+        self.config = config
         self.module, self.ffi, self.lib = module, module.ffi, module.lib
         self.cache_key, self.cache_path = key, entry.path
         self.built, self.build_seconds, self.seconds = entry.built, entry.build_seconds, seconds
@@ -316,10 +316,10 @@ class CKernel:
         """``(w, dcdw, lr, mw_tm1, vw_tm1, scalars, w_new, mw, vw)``: fresh, distinct outputs."""
         self.call("functional", *args, threads=threads, threshold=threshold)
 
-    def inplace_w(self, *args: Any, threads: int | None = None,
-                  threshold: int | None = None) -> None:
+    def inplace_parameter(self, *args: Any, threads: int | None = None,
+                          threshold: int | None = None) -> None:
         """``(w, dcdw, lr, mw_tm1, vw_tm1, scalars, mw, vw)``: ``w`` is overwritten (``out=w``)."""
-        self.call("inplace_w", *args, threads=threads, threshold=threshold)
+        self.call("inplace_parameter", *args, threads=threads, threshold=threshold)
 
     def inplace_all(self, *args: Any, threads: int | None = None,
                     threshold: int | None = None) -> None:
@@ -338,8 +338,7 @@ class CKernel:
 
 
 # -- building and loading ------------------------------------------------------------------------
-def c_kernel(config: KernelConfig, *, portable: bool = False,
-             spec_name: str = "adam") -> CKernel | None:
+def c_kernel(config: KernelConfig, *, portable: bool = False) -> CKernel | None:
     """The compiled C kernels for ``config`` (its ``aliases`` are ignored: every form is in one
     file), or None when C cannot serve: a dtype without a C form (float16, mixed), no compiler,
     or a failed build (one warning per process; ``ADAMGEN_STRICT=1`` raises instead).
@@ -349,13 +348,13 @@ def c_kernel(config: KernelConfig, *, portable: bool = False,
     if config.dtype not in DTYPES:
         return None
     base = replace(config, aliases=frozenset())
-    memo_key = (spec_name, base, portable)
+    memo_key = (base, portable)
     if memo_key in _kernels:
         return _kernels[memo_key]
     with _lock:
         if memo_key not in _kernels:
             try:
-                _kernels[memo_key] = _load(base, spec_name, portable)
+                _kernels[memo_key] = _load(base, portable)
             except CacheMissError:  # ADAMGEN_REQUIRE_CACHE_HIT: a miss must be seen
                 raise
             except (CompileError, CacheError, OSError) as exc:
@@ -389,30 +388,30 @@ def warn_unavailable(exc: Exception) -> None:
                       f"{str(exc).splitlines()[0]}", RuntimeWarning, stacklevel=3)
 
 
-def c_cache_key(config: KernelConfig, spec_name: str, portable: bool) -> tuple[str, list[str],
+def c_cache_key(config: KernelConfig, portable: bool) -> tuple[str, list[str],
                                                                               bool]:
     """(key, flags, openmp) for ``config``: everything that changes the binary, no SymPy."""
     info = build.probe_compiler()
     if not info.available:
         raise CompileError(f"no usable C compiler: {info.reason}", argv=info.argv)
     flags = build.compile_flags(config.mode, openmp=info.openmp, portable=portable)
-    variant = {"kind": "c", "spec": spec_name, "config": config.key()}  # not repr: hash seed
+    variant = {"kind": "c", "config": config.key()}  # not repr: hash seed
     key = artifact_cache.cache_key(build.key_fields(generator_fingerprint(), flags, variant))
     return key, flags, info.openmp
 
 
-def _load(config: KernelConfig, spec_name: str, portable: bool) -> CKernel:
+def _load(config: KernelConfig, portable: bool) -> CKernel:
     start = time.perf_counter()
-    key, flags, openmp = c_cache_key(config, spec_name, portable)
+    key, flags, openmp = c_cache_key(config, portable)
     module_name = build.extension_module_name(key)
     cache = kernel_cache()
-    builder = functools.partial(_build, config, spec_name, openmp, portable, flags, module_name)
+    builder = functools.partial(_build, config, openmp, portable, flags, module_name)
     for attempt in (1, 2):
         entry = cache.get_or_build(KIND, key, builder)
         try:
             module = build.load_extension(
                 entry.path / f"{module_name}{build.extension_suffix()}", module_name)
-            kernel = CKernel(config, spec_name, module, entry, key, 0.0)
+            kernel = CKernel(config, module, entry, key, 0.0)
             break
         except (CacheError, KeyError, TypeError, AttributeError) as exc:
             if attempt == 2:  # a damaged artifact is a miss: remove it and rebuild once
@@ -427,12 +426,12 @@ def _load(config: KernelConfig, spec_name: str, portable: bool) -> CKernel:
     return kernel
 
 
-def _build(config: KernelConfig, spec_name: str, openmp: bool, portable: bool, flags: list[str],
+def _build(config: KernelConfig, openmp: bool, portable: bool, flags: list[str],
            module_name: str, directory: Path) -> dict[str, object]:
     """Render (SymPy and Jinja load here, on a miss only), compile, describe for the manifest."""
     from ..codegen.driver import c_source
 
-    rendered = c_source(config, spec_name, openmp=openmp, flags=tuple(flags))
+    rendered = c_source(config, openmp=openmp, flags=tuple(flags))
     (directory / "kernel.c").write_text(rendered.source, encoding="utf-8")
     (directory / "kernel_cdef.h").write_text(rendered.cdef, encoding="utf-8")
     try:

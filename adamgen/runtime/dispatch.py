@@ -118,7 +118,7 @@ def run_update(module: ModuleType, tensors: Mapping[str, Any], scalars: tuple[fl
     assert kernel is not None and plan is not None
     c_scalars = scalars_for(kernel, hyper, scalars)
     if in_place:
-        kernel.inplace_w(*plan[0], c_scalars, *buffers[1:], **threading(variant))
+        kernel.inplace_parameter(*plan[0], c_scalars, *buffers[1:], **threading(variant))
     else:
         kernel.functional(*plan[0], c_scalars, *buffers, **threading(variant))
 
@@ -193,7 +193,7 @@ def _update_timers(module: ModuleType, kernel: CKernel | None, tensors: Mapping[
                 for i, a in enumerate(plan[0])]
         c_scalars = scalars_for(kernel, hyper, scalars)
         c_out = _timing_outputs(c_in[0], in_place, m, dtype)
-        run = kernel.inplace_w if in_place else kernel.functional
+        run = kernel.inplace_parameter if in_place else kernel.functional
         tail = c_out[1:] if in_place else c_out
         for variant in variants[1:]:
             options = threading(variant)

@@ -28,7 +28,7 @@ from .forksafe import ForkSafeLock
 log = logging.getLogger("adamgen.kernels")
 
 _lock = ForkSafeLock()
-_modules: dict[tuple[str, KernelConfig], ModuleType] = {}
+_modules: dict[KernelConfig, ModuleType] = {}
 #: What happened to each kernel this process asked for: shown by ``adamgen info``.
 EVENTS: list[dict[str, object]] = []
 
@@ -57,25 +57,25 @@ def kernel_cache() -> artifact_cache.ArtifactCache:
 kernel_cache.cache_clear = _open_cache.cache_clear  # type: ignore[attr-defined]
 
 
-def numpy_cache_key(config: KernelConfig, spec_name: str) -> str:
+def numpy_cache_key(config: KernelConfig) -> str:
     return artifact_cache.cache_key({
-        "kind": "numpy", "spec": spec_name, "generator": generator_fingerprint(),
+        "kind": "numpy", "generator": generator_fingerprint(),
         "config": config.key(), "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
     })
 
 
-def _variant(config: KernelConfig, spec_name: str) -> str:
+def _variant(config: KernelConfig) -> str:
     """How ``adamgen info`` names a NumPy kernel."""
-    return f"numpy {config.describe(spec_name)}"
+    return f"numpy {config.describe()}"
 
 
-def _write_numpy_module(config: KernelConfig, spec_name: str, directory: Path) -> dict[str, str]:
+def _write_numpy_module(config: KernelConfig, directory: Path) -> dict[str, str]:
     from ..codegen.driver import numpy_source  # generation time: SymPy and Jinja load here
 
-    source = numpy_source(config, spec_name)
+    source = numpy_source(config)
     (directory / "kernel.py").write_text(source)
     return {"source_sha256": hashlib.sha256(source.encode()).hexdigest(),
-            "variant": _variant(config, spec_name)}
+            "variant": _variant(config)}
 
 
 def _import_file(path: Path, module_name: str) -> ModuleType:
@@ -87,42 +87,42 @@ def _import_file(path: Path, module_name: str) -> ModuleType:
     return module
 
 
-def numpy_kernel(config: KernelConfig, spec_name: str = "adam") -> ModuleType:
+def numpy_kernel(config: KernelConfig) -> ModuleType:
     """The generated NumPy module for ``config`` (``prelude``, ``update``, ``DEPENDS``, ...)."""
-    memo_key = (spec_name, config)
+    memo_key = config
     module = _modules.get(memo_key)
     if module is not None:
         return module
     with _lock:
         module = _modules.get(memo_key)
         if module is None:
-            module = _load_numpy_kernel(config, spec_name)
+            module = _load_numpy_kernel(config)
             _modules[memo_key] = module
     return module
 
 
-def _in_memory(config: KernelConfig, spec_name: str) -> ModuleType:
+def _in_memory(config: KernelConfig) -> ModuleType:
     """Render and execute a kernel without any file: the path of last resort."""
     from ..codegen.driver import numpy_source
 
-    module = ModuleType(f"adamgen_numpy_in_memory_{spec_name}")
-    exec(compile(numpy_source(config, spec_name), module.__name__, "exec"),  # noqa: S102
+    module = ModuleType(f"adamgen_numpy_in_memory_{config.spec.name}")
+    exec(compile(numpy_source(config), module.__name__, "exec"),  # noqa: S102
          module.__dict__)
-    EVENTS.append({"kernel": _variant(config, spec_name), "built": True, "seconds": 0.0,
+    EVENTS.append({"kernel": _variant(config), "built": True, "seconds": 0.0,
                    "path": "(memory: no writable directory)"})
     return module
 
 
-def _load_numpy_kernel(config: KernelConfig, spec_name: str) -> ModuleType:
+def _load_numpy_kernel(config: KernelConfig) -> ModuleType:
     try:
         cache = kernel_cache()
     except CacheError:
-        return _in_memory(config, spec_name)
-    key = numpy_cache_key(config, spec_name)
+        return _in_memory(config)
+    key = numpy_cache_key(config)
     start = time.perf_counter()
     for attempt in (1, 2):
         entry = cache.get_or_build(
-            "numpy", key, functools.partial(_write_numpy_module, config, spec_name))
+            "numpy", key, functools.partial(_write_numpy_module, config))
         try:
             module = _import_file(entry.path / "kernel.py", f"adamgen_numpy_{key[:16]}")
             break
@@ -132,7 +132,7 @@ def _load_numpy_kernel(config: KernelConfig, spec_name: str) -> ModuleType:
             log.warning("cached NumPy kernel %s failed to import; rebuilding", entry.path)
             cache.invalidate("numpy", key)
     seconds = time.perf_counter() - start
-    EVENTS.append({"kernel": _variant(config, spec_name), "built": entry.built,
+    EVENTS.append({"kernel": _variant(config), "built": entry.built,
                    "seconds": seconds, "path": str(entry.path)})
     log.debug("numpy kernel %s %s in %.3f s (%s)", config.describe(),
               "built" if entry.built else "fetched from cache", seconds, entry.path)

@@ -62,7 +62,7 @@ class MultiTensorGroup:
             self._from_buffer = self.kernel.ffi.from_buffer
             self._array_type = self.kernel.ffi.typeof(f"{self.kernel.ctype}[]")
             # the C entry points themselves: the pointer tables above are all they take
-            symbol = f"{self.kernel.spec_name}_multi_inplace"
+            symbol = f"{self.kernel.config.spec.name}_multi_inplace"
             self._serial = self.kernel.function(symbol).c_function
             threaded = self.kernel.functions.get(f"{symbol}_omp")
             self._threaded = threaded.c_function if threaded else None

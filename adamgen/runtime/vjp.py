@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from ..config import KernelConfig, environment
+from ..interface import SpecRef
 from ..errors import ArgumentTypeError, ArgumentValueError
 from . import validate
 from .api import prelude_scalars
@@ -47,7 +48,7 @@ from .c_kernels import CKernel, c_kernel
 from .kernels import numpy_kernel
 
 TENSORS = ("w", "dcdw", "lr", "mw_tm1", "vw_tm1")
-SPEC_NAME = "adam_vjp"
+VJP_SPEC = SpecRef("ivy_adam").derived("vjp")
 FLOAT_DTYPES = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32",
                 np.dtype(np.float64): "float64"}
 
@@ -95,12 +96,12 @@ def sum_to_shape(values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 def numpy_vjp_kernel(config: KernelConfig) -> ModuleType:
     """The generated NumPy VJP module for ``config``, from the cache (built on a miss)."""
-    return numpy_kernel(config, SPEC_NAME)
+    return numpy_kernel(config)
 
 
 def c_vjp_kernel(config: KernelConfig) -> CKernel | None:
     """The compiled C VJP kernel for ``config``, or None when C cannot serve it."""
-    return c_kernel(config, spec_name=SPEC_NAME)
+    return c_kernel(config)
 
 
 # --- the call -------------------------------------------------------------------------------
@@ -147,7 +148,7 @@ class VJP:
                 {d: shapes[d] for d in forward.DEPENDS[name] if d in shapes})
             inputs[f"d_{name}"] = _place_cotangent(name, _as_dtype(value, dtype), out_shape, full,
                                                    dtype)
-        config = KernelConfig(dtype=FLOAT_DTYPES[dtype], scalar_tensors=frozenset(
+        config = KernelConfig(spec=VJP_SPEC, dtype=FLOAT_DTYPES[dtype], scalar_tensors=frozenset(
             n for n, v in inputs.items() if not isinstance(v, np.ndarray)))
         module = numpy_vjp_kernel(config)  # the prelude is the one definition of the scalars
         scalars = prelude_scalars(module, hyper, step, epsilon)

@@ -1,0 +1,201 @@
+"""The spec language's nodes beyond SymPy's ``+ - * /``: each says exactly how a peer rounds.
+
+Real optimizers round in ways plain arithmetic cannot describe: torch's ``lerp_`` and
+``addcmul_`` are one fused multiply-add each, ``torch.sign`` maps NaN to 0, ``torch.maximum``
+propagates NaN, mixed precision rounds intermediates to bfloat16. Each such operation is one
+SymPy ``Function`` here with an exact IEEE meaning (its docstring), and the code generators print
+each as exactly that operation. None of them ever evaluates on its own, so a spec built from
+them keeps its structure (and its rounding order) whether or not SymPy's evaluation is on.
+
+For proofs, :func:`exact` replaces every node by its value in exact arithmetic (``fma(a, b, c)``
+is ``a*b + c``); rounding nodes have no exact-arithmetic value and stay as they are, so a proof
+that the kernel equals the spec treats them as the same uninterpreted function on both sides.
+
+How the two square roots differ: ``sqrt`` here is IEEE's correctly rounded square root, in the
+per-call prelude (``math.sqrt``) and on tensors alike. ``x ** Rational(1, 2)`` (what SymPy's own
+``sqrt`` builds) keeps Python's and NumPy's meaning of ``x ** 0.5``: C's ``pow`` on a Python
+float, the square root on an array. The two differ in the last bit for about one value in a
+hundred, and a reference that writes ``** 0.5`` means ``pow``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sympy
+from sympy import Piecewise, S
+
+#: Dtypes a value can be rounded to with :func:`round_to` (narrower than the kernel's compute
+#: type, or equal to it, which is then no operation).
+ROUNDING_DTYPES = ("bfloat16", "float16", "float32")
+
+
+class _Node(sympy.Function):
+    """A node that never evaluates: the spec's structure is its rounding order."""
+
+    @classmethod
+    def eval(cls, *args: Any) -> None:
+        return None
+
+    def _eval_is_real(self) -> bool | None:
+        return all(arg.is_real for arg in self.args) or None
+
+
+class Fma(_Node):
+    """``fma(a, b, c)``: ``a*b + c`` rounded once (C's ``fma``/``fmaf``)."""
+
+    nargs = 3
+
+    def fdiff(self, argindex: int = 1) -> sympy.Expr:
+        a, b, _ = self.args
+        return (b, a, S.One)[argindex - 1]
+
+
+class Sqrt(_Node):
+    """IEEE's correctly rounded square root (``math.sqrt`` on Python floats; ``sqrtf``/``sqrt``
+    in C; ``np.sqrt``). NaN and negative values give NaN."""
+
+    nargs = 1
+
+    def fdiff(self, argindex: int = 1) -> sympy.Expr:
+        return S.One / (2 * Sqrt(self.args[0]))
+
+
+class Sign(_Node):
+    """``torch.sign``: 1 where ``x > 0``, -1 where ``x < 0``, else 0 (so ``sign(NaN)`` is 0,
+    where NumPy's ``np.sign`` gives NaN, and ``sign(-0.0)`` is ``+0.0``)."""
+
+    nargs = 1
+
+    def fdiff(self, argindex: int = 1) -> sympy.Expr:
+        return S.Zero
+
+
+class Maximum(_Node):
+    """``torch.maximum(a, b)``: NaN if either is NaN, else ``a if a >= b else b`` (of two
+    zeros, ``a``: ``maximum(-0.0, 0.0)`` is ``-0.0``, as torch gives)."""
+
+    nargs = 2
+
+    def fdiff(self, argindex: int = 1) -> sympy.Expr:
+        a, b = self.args
+        return Piecewise((S.One, a > b), (S.Zero, True)) if argindex == 1 else \
+            Piecewise((S.Zero, a > b), (S.One, True))
+
+
+class Minimum(_Node):
+    """``torch.minimum(a, b)``: NaN if either is NaN, else ``a if a <= b else b``."""
+
+    nargs = 2
+
+    def fdiff(self, argindex: int = 1) -> sympy.Expr:
+        a, b = self.args
+        return Piecewise((S.One, a < b), (S.Zero, True)) if argindex == 1 else \
+            Piecewise((S.Zero, a < b), (S.One, True))
+
+
+class RoundTo(_Node):
+    """Round to nearest even into a narrower dtype (overflow gives inf, NaN stays NaN); the
+    result is held in the kernel's compute type, exactly. Subclassed once per dtype."""
+
+    nargs = 1
+    dtype = ""
+
+
+class RoundToBfloat16(RoundTo):
+    """``round_to(x, "bfloat16")``: 8 significand bits, float32's exponent range."""
+
+    dtype = "bfloat16"
+
+
+class RoundToFloat16(RoundTo):
+    """``round_to(x, "float16")``: IEEE half precision."""
+
+    dtype = "float16"
+
+
+class RoundToFloat32(RoundTo):
+    """``round_to(x, "float32")``: IEEE single precision (in a float64 kernel)."""
+
+    dtype = "float32"
+
+
+_ROUNDING = {cls.dtype: cls for cls in (RoundToBfloat16, RoundToFloat16, RoundToFloat32)}
+
+
+def fma(a: Any, b: Any, c: Any) -> Fma:
+    """``a*b + c`` rounded once."""
+    return Fma(a, b, c)
+
+
+def sqrt(x: Any) -> Sqrt:
+    """The correctly rounded square root (see the module docstring for ``x ** 0.5``)."""
+    return Sqrt(x)
+
+
+def sign(x: Any) -> Sign:
+    """``torch.sign``'s sign: 0 for 0, -0 and NaN."""
+    return Sign(x)
+
+
+def maximum(a: Any, b: Any) -> Maximum:
+    """The larger of ``a`` and ``b``; NaN if either is NaN (``torch.maximum``)."""
+    return Maximum(a, b)
+
+
+def minimum(a: Any, b: Any) -> Minimum:
+    """The smaller of ``a`` and ``b``; NaN if either is NaN (``torch.minimum``)."""
+    return Minimum(a, b)
+
+
+def where(condition: Any, a: Any, b: Any) -> Piecewise:
+    """``a`` where ``condition`` holds, else ``b``; a comparison with NaN is false, as in IEEE.
+
+    ``condition`` is one comparison (``x > y``, ``x >= y``, ``x < y``, ``x <= y``,
+    ``Eq(x, y)``, ``Ne(x, y)``); nest ``where`` for more.
+    """
+    return Piecewise((a, condition), (b, True), evaluate=False)
+
+
+def round_to(x: Any, dtype: str) -> RoundTo:
+    """``x`` rounded to nearest even into ``dtype`` (one of :data:`ROUNDING_DTYPES`)."""
+    try:
+        return _ROUNDING[str(dtype)](x)
+    except KeyError:
+        raise ValueError(f"round_to: dtype must be one of {', '.join(ROUNDING_DTYPES)}, "
+                         f"got {dtype!r}") from None
+
+
+def exact(expr: sympy.Basic) -> sympy.Basic:
+    """``expr`` with every node replaced by its value in exact arithmetic, SymPy's evaluation on
+    (rounding nodes stay: they have no exact-arithmetic value)."""
+    memo: dict[sympy.Basic, sympy.Basic] = {}
+
+    def walk(node: sympy.Basic) -> sympy.Basic:
+        if node in memo:
+            return memo[node]
+        if not node.args or isinstance(node, sympy.Symbol):
+            result = node
+        else:
+            args = [walk(a) for a in node.args]
+            if isinstance(node, Fma):
+                result = args[0] * args[1] + args[2]
+            elif isinstance(node, Sqrt):
+                result = sympy.sqrt(args[0])
+            elif isinstance(node, Sign):
+                result = sympy.sign(args[0])
+            elif isinstance(node, Maximum):
+                result = sympy.Max(*args)
+            elif isinstance(node, Minimum):
+                result = sympy.Min(*args)
+            else:
+                result = node.func(*args)
+        memo[node] = result
+        return result
+
+    return walk(expr)
+
+
+#: The names a spec may use, by what they are (checked by :class:`adamgen.spec.UpdateSpec`).
+NODES: tuple[type[sympy.Function], ...] = (Fma, Sqrt, Sign, Maximum, Minimum, RoundToBfloat16,
+                                           RoundToFloat16, RoundToFloat32)

@@ -1,0 +1,113 @@
+"""The built-in rules, by name: plain data here, their graphs in one module each.
+
+Why the split: ``adamgen.rule("torch_adam", amsgrad=True)`` must validate the name and options,
+and a kernel-cache hit must find the kernels, without importing SymPy. This module knows each
+rule's name, options and summary as plain data; the graph (:func:`spec` in the rule's own module,
+SymPy) is built only on a cache miss or when a caller asks for it. A rule's source files are part
+of the generator fingerprint (:func:`adamgen._resources.generation_files`), so a built-in rule's
+kernels are keyed by name and options alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ArgumentTypeError, ArgumentValueError
+from ..interface import SpecRef
+
+
+@dataclass(frozen=True)
+class Option:
+    """A Python flag that selects a graph variant (each variant its own kernels)."""
+
+    name: str
+    default: bool = False
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class BuiltinRule:
+    """A rule adamgen ships: its name, its options, its peer, and where its graph is written."""
+
+    name: str
+    summary: str
+    peer: str
+    module: str
+    options: tuple[Option, ...] = ()
+
+    def option_values(self, **options: Any) -> tuple[tuple[str, Any], ...]:
+        """Every option's value (defaults filled in), checked: unknown names and non-bools are
+        errors that list what is valid."""
+        known = {o.name: o for o in self.options}
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            valid = ", ".join(known) or "none"
+            raise ArgumentValueError(f"rule {self.name!r} has no option "
+                                     f"{', '.join(map(repr, unknown))}; its options: {valid}")
+        values = []
+        for option in self.options:
+            value = options.get(option.name, option.default)
+            if not isinstance(value, bool):
+                if value in (0, 1) and not isinstance(value, float):
+                    value = bool(value)
+                else:
+                    raise ArgumentTypeError(f"option {option.name} of {self.name!r} must be a "
+                                            f"bool, got {value!r}")
+            values.append((option.name, value))
+        return tuple(values)
+
+    def ref(self, **options: Any) -> SpecRef:
+        values = self.option_values(**options)
+        return SpecRef(self.name, values, "", source=functools.partial(self.build, **dict(values)))
+
+    def build(self, **options: Any) -> Any:
+        """The rule's :class:`~adamgen.spec.UpdateSpec` for these options (imports SymPy)."""
+        values = dict(self.option_values(**options))
+        return importlib.import_module(self.module).spec(**values)
+
+    def theorems(self, spec: Any, ir_factory: Callable[..., Any]
+                 ) -> list[tuple[str, Callable[[], tuple[str, str]]]]:
+        """The rule's own theorems (``adamgen verify``), beside the generic IR == spec proofs;
+        ``ir_factory`` lowers a spec for a configuration (theorems about generated kernels)."""
+        found = getattr(importlib.import_module(self.module), "theorems", None)
+        return list(found(spec, ir_factory)) if found is not None else []
+
+
+_ADAM_OPTIONS = (
+    Option("amsgrad", False, "keep the maximum of exp_avg_sq and divide by it (AMSGrad)"),
+    Option("maximize", False, "maximise the objective: step along the gradient"),
+)
+
+BUILTINS: Mapping[str, BuiltinRule] = {rule.name: rule for rule in (
+    BuiltinRule("ivy_adam", "Ivy's adam_update: epsilon twice, alpha in Python floats",
+                "ivy.adam_update (Ivy 1.0.0.5, NumPy backend)", f"{__name__}.ivy_adam"),
+)}
+
+
+def builtin(name: str) -> BuiltinRule:
+    """The built-in rule ``name``, or an error listing the valid names."""
+    try:
+        return BUILTINS[name]
+    except (KeyError, TypeError):
+        raise ArgumentValueError(f"no built-in rule {name!r}; the rules are: "
+                                 f"{', '.join(BUILTINS)}") from None
+
+
+def resolve(ref: SpecRef) -> Any:
+    """The :class:`~adamgen.spec.UpdateSpec` a reference names (generation time: SymPy)."""
+    if ref.derivative:
+        base = SpecRef(ref.name, ref.options, ref.digest)
+        if ref.source is not None:
+            return ref.source()
+        if ref.derivative == "vjp":
+            from ..derivatives import vjp_spec
+
+            return vjp_spec(resolve(base))
+        raise ArgumentValueError(f"unknown derived spec {ref.derivative!r} of {ref.name}")
+    if ref.source is not None:
+        return ref.source()
+    return builtin(ref.name).build(**dict(ref.options))
