@@ -19,12 +19,13 @@ def _info(args: argparse.Namespace) -> int:
     from .codegen import build
     from .config import current_environment
     from .runtime import c_kernels, kernels, loader
-    from .spec import adam_spec  # info is not the hot path; the spec hash needs SymPy
+    from .rules import BUILTINS  # info is not the hot path; the spec hash needs SymPy
 
     env = current_environment()
     compiler = build.probe_compiler()
     print(f"adamgen {__version__}")
-    print(f"spec:      adam, hash {adam_spec().spec_hash}")
+    for rule in BUILTINS.values():
+        print(f"rule:      {rule.name}, spec hash {rule.build().spec_hash}")
     print(f"python:    {sys.version.split()[0]}   numpy {np.__version__}")
     print(f"mode:      {env.mode} (ADAMGEN_MODE; exact is bit-identical to Ivy)")
     print(f"threads:   {c_kernels.default_threads()} (ADAMGEN_NUM_THREADS, OMP_NUM_THREADS, "

@@ -8,8 +8,9 @@ each as exactly that operation. None of them ever evaluates on its own, so a spe
 them keeps its structure (and its rounding order) whether or not SymPy's evaluation is on.
 
 For proofs, :func:`exact` replaces every node by its value in exact arithmetic (``fma(a, b, c)``
-is ``a*b + c``); rounding nodes have no exact-arithmetic value and stay as they are, so a proof
-that the kernel equals the spec treats them as the same uninterpreted function on both sides.
+is ``a*b + c``, ``element(x)`` is ``x``); rounding to a named narrower dtype has no
+exact-arithmetic value and stays as it is, so a proof that the kernel equals the spec treats it as
+the same uninterpreted function on both sides.
 
 How the two square roots differ: ``sqrt`` here is IEEE's correctly rounded square root, in the
 per-call prelude (``math.sqrt``) and on tensors alike. ``x ** Rational(1, 2)`` (what SymPy's own
@@ -94,7 +95,7 @@ class Minimum(_Node):
             Piecewise((S.Zero, a < b), (S.One, True))
 
 
-class RoundTo(_Node):
+class RoundToBase(_Node):
     """Round to nearest even into a narrower dtype (overflow gives inf, NaN stays NaN); the
     result is held in the kernel's compute type, exactly. Subclassed once per dtype."""
 
@@ -102,25 +103,43 @@ class RoundTo(_Node):
     dtype = ""
 
 
-class RoundToBfloat16(RoundTo):
+class RoundToBfloat16(RoundToBase):
     """``round_to(x, "bfloat16")``: 8 significand bits, float32's exponent range."""
 
     dtype = "bfloat16"
 
 
-class RoundToFloat16(RoundTo):
+class RoundToFloat16(RoundToBase):
     """``round_to(x, "float16")``: IEEE half precision."""
 
     dtype = "float16"
 
 
-class RoundToFloat32(RoundTo):
+class RoundToFloat32(RoundToBase):
     """``round_to(x, "float32")``: IEEE single precision (in a float64 kernel)."""
 
     dtype = "float32"
 
 
+class RoundToElement(RoundToBase):
+    """``element(x)``: a Python-float value rounded once to the kernel's element dtype, after
+    which whatever uses it computes in that dtype (on a tensor value: no operation)."""
+
+    dtype = "element"
+
+
 _ROUNDING = {cls.dtype: cls for cls in (RoundToBfloat16, RoundToFloat16, RoundToFloat32)}
+
+
+def element(x: Any) -> RoundToElement:
+    """``x`` (hyperparameters only) rounded to the tensors' dtype, as a Python float is rounded
+    where it meets a tensor; operations on the result are then the tensors' operations.
+
+    Why: torch's ``exp_avg.lerp_(grad, w)`` rounds ``w`` to float32 and computes ``w - 1`` in
+    float32 from it; ``element(1 - beta1) - 1`` says exactly that, where ``(1 - beta1) - 1``
+    would be computed in Python floats and rounded once.
+    """
+    return RoundToElement(x)
 
 
 def fma(a: Any, b: Any, c: Any) -> Fma:
@@ -157,7 +176,7 @@ def where(condition: Any, a: Any, b: Any) -> Piecewise:
     return Piecewise((a, condition), (b, True), evaluate=False)
 
 
-def round_to(x: Any, dtype: str) -> RoundTo:
+def round_to(x: Any, dtype: str) -> RoundToBase:
     """``x`` rounded to nearest even into ``dtype`` (one of :data:`ROUNDING_DTYPES`)."""
     try:
         return _ROUNDING[str(dtype)](x)
@@ -166,9 +185,13 @@ def round_to(x: Any, dtype: str) -> RoundTo:
                          f"got {dtype!r}") from None
 
 
-def exact(expr: sympy.Basic) -> sympy.Basic:
-    """``expr`` with every node replaced by its value in exact arithmetic, SymPy's evaluation on
-    (rounding nodes stay: they have no exact-arithmetic value)."""
+def exact(expr: sympy.Basic, *, drop_rounding: bool = False) -> sympy.Basic:
+    """``expr`` with every node replaced by its value in exact arithmetic, SymPy's evaluation on.
+
+    Rounding to a named dtype has no exact-arithmetic value: it stays (an uninterpreted function,
+    for proofs that a kernel equals its spec), or with ``drop_rounding`` it is removed (for
+    theorems about the rule's mathematics, which hold up to rounding).
+    """
     memo: dict[sympy.Basic, sympy.Basic] = {}
 
     def walk(node: sympy.Basic) -> sympy.Basic:
@@ -184,6 +207,9 @@ def exact(expr: sympy.Basic) -> sympy.Basic:
                 result = sympy.sqrt(args[0])
             elif isinstance(node, Sign):
                 result = sympy.sign(args[0])
+            elif isinstance(node, RoundToElement) or (drop_rounding
+                                                       and isinstance(node, RoundToBase)):
+                result = args[0]
             elif isinstance(node, Maximum):
                 result = sympy.Max(*args)
             elif isinstance(node, Minimum):
@@ -196,6 +222,6 @@ def exact(expr: sympy.Basic) -> sympy.Basic:
     return walk(expr)
 
 
-#: The names a spec may use, by what they are (checked by :class:`adamgen.spec.UpdateSpec`).
+#: Every node of the language.
 NODES: tuple[type[sympy.Function], ...] = (Fma, Sqrt, Sign, Maximum, Minimum, RoundToBfloat16,
-                                           RoundToFloat16, RoundToFloat32)
+                                           RoundToFloat16, RoundToFloat32, RoundToElement)

@@ -15,6 +15,7 @@ every rule gets: the lowered kernel computes the spec's value in exact arithmeti
 from __future__ import annotations
 
 import math
+import operator
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import sympy
 from sympy import Piecewise, Rational, S, Symbol
 
-from . import language
+from . import ieee, language
 from .codegen.ir import COMPARISONS, KernelIR, Operand, comparison, rounding
 from .config import KernelConfig
 from .interface import Hyperparameter
@@ -56,6 +57,9 @@ def exact_constant(value: Operand) -> sympy.Expr:
     return sympy.Integer(value) if isinstance(value, int) else Rational(value)
 
 
+_PYTHON_TESTS = {sympy.StrictGreaterThan: operator.gt, sympy.GreaterThan: operator.ge,
+                 sympy.StrictLessThan: operator.lt, sympy.LessThan: operator.le,
+                 sympy.Equality: operator.eq, sympy.Unequality: operator.ne}
 _RELATIONS = {"gt": sympy.Gt, "ge": sympy.Ge, "lt": sympy.Lt, "le": sympy.Le,
               "eq": sympy.Eq, "ne": sympy.Ne}
 _ROUNDINGS = {"bfloat16": language.RoundToBfloat16, "float16": language.RoundToFloat16,
@@ -73,7 +77,7 @@ def _step_value(op: str, args: Sequence[sympy.Expr]) -> sympy.Expr:
         return _OPS[op](*args)
     target = rounding(op)
     if target is not None:
-        return _ROUNDINGS[target](args[0])
+        return args[0] if target == "element" else _ROUNDINGS[target](args[0])
     relation = comparison(op)
     if relation is not None:
         name = next(k for k, v in COMPARISONS.items() if v == relation)
@@ -92,16 +96,20 @@ def ir_expressions(ir: KernelIR, symbols: Mapping[str, Symbol]) -> dict[str, sym
     return {name: values[value] for name, value in ir.outputs}
 
 
-def python_folded(expr: sympy.Basic, constants: Mapping[str, float]) -> sympy.Basic:
+def python_folded(expr: sympy.Basic, constants: Mapping[str, float],
+                  dtype: str = "float64") -> sympy.Basic:
     """The spec with baked hyperparameters, each all-constant subtree folded as Python would.
 
     Independent of the lowering: it evaluates the spec's own binary tree with Python floats
     (``a - b``, ``a / b``, ``a ** b``, ``math.sqrt`` in the spec's order) and keeps the result's
-    exact value.
+    exact value; roundings are :func:`adamgen.ieee.round_scalar` (``element`` to ``dtype``).
     """
     def negated(node: sympy.Basic) -> sympy.Basic | None:
-        is_negation = isinstance(node, sympy.Mul) and len(node.args) == 2 and node.args[0] == -1
-        return node.args[1] if is_negation else None
+        """``x`` for ``-x`` (``Mul(-1, ...)``, as SymPy negates a product: its other factors)."""
+        if isinstance(node, sympy.Mul) and S.NegativeOne in node.args:
+            rest = [f for f in node.args if f != S.NegativeOne]
+            return rest[0] if len(rest) == 1 else sympy.Mul(*rest, evaluate=False)
+        return None
 
     def value(node: sympy.Basic) -> float:
         if isinstance(node, Symbol):
@@ -110,15 +118,25 @@ def python_folded(expr: sympy.Basic, constants: Mapping[str, float]) -> sympy.Ba
             return float(node)
         if isinstance(node, language.Sqrt):
             return math.sqrt(value(node.args[0]))
-        a, b = node.args if len(node.args) == 2 else (node.args[0], S.Zero)
+        if isinstance(node, language.RoundToBase):
+            target = dtype if node.dtype == "element" else node.dtype
+            return ieee.round_scalar(value(node.args[0]), target)
+        if isinstance(node, Piecewise):
+            (then, condition), (otherwise, _) = node.args
+            test = _PYTHON_TESTS[type(condition)]
+            return value(then) if test(value(condition.lhs), value(condition.rhs)) \
+                else value(otherwise)
+        if negated(node) is not None:
+            return -value(negated(node))
+        if len(node.args) != 2:
+            raise Undecided(f"cannot fold {node}: not a binary node")
+        a, b = node.args
         if isinstance(node, sympy.Add):
             if negated(b) is not None and negated(a) is None:
                 return value(a) - value(negated(b))
             if negated(a) is not None and negated(b) is None:
                 return value(b) - value(negated(a))
             return value(a) + value(b)
-        if isinstance(node, sympy.Mul) and a == -1:
-            return -value(b)
         if isinstance(node, sympy.Mul) and isinstance(b, sympy.Pow) and b.exp == -1:
             return value(a) / value(b.base)
         if isinstance(node, sympy.Mul):
@@ -132,6 +150,9 @@ def python_folded(expr: sympy.Basic, constants: Mapping[str, float]) -> sympy.Ba
     def walk(node: sympy.Basic) -> sympy.Basic:
         names = {s.name for s in node.free_symbols}
         if names and names <= set(constants):
+            if isinstance(node, sympy.core.relational.Relational):
+                test = _PYTHON_TESTS[type(node)](value(node.lhs), value(node.rhs))
+                return sympy.true if test else sympy.false
             return Rational(value(node))
         if not node.args or isinstance(node, Symbol):
             return node
@@ -221,6 +242,25 @@ def resolve(expr: sympy.Basic) -> sympy.Basic:
     return expr.func(*(resolve(a) for a in expr.args))
 
 
+def cases(expr: sympy.Basic) -> list[tuple[str, sympy.Basic]]:
+    """``expr`` once per truth assignment of the conditions of its Piecewise nodes that SymPy
+    cannot decide (a rule's branch on a hyperparameter: both branches must satisfy a claim)."""
+    conditions: list[sympy.Basic] = []
+    for piece in expr.atoms(Piecewise):
+        for _, condition in piece.args:
+            if condition not in (sympy.true, sympy.false) and condition not in conditions:
+                try:
+                    resolve(Piecewise((S.One, condition), (S.Zero, True)))
+                except Undecided:
+                    conditions.append(condition)
+    found = [("", expr)]
+    for condition in conditions:
+        found = [(f"{label}{', ' if label else ''}{condition} {truth}",
+                  value.xreplace({condition: sympy.true if truth else sympy.false}))
+                 for label, value in found for truth in (True, False)]
+    return [(label or "one case", value) for label, value in found]
+
+
 def symbols_of(spec: UpdateSpec) -> dict[str, Symbol]:
     """The spec's inputs by name."""
     return {s.name: s for s in spec.inputs}
@@ -239,7 +279,8 @@ def ir_equals_spec(spec: UpdateSpec, factory: IRFactory, config: KernelConfig) -
     constants = config.constants_dict
     claims = []
     for name, expr in spec.outputs:
-        reference = language.exact(python_folded(expr, constants) if constants else expr)
+        folded = python_folded(expr, constants, config.dtype) if constants else expr
+        reference = language.exact(folded)
         claims.append((name, rebuilt[name], reference))
     status, detail = identity(claims, hyperparameters_of(spec))
     return status, (f"expand(IR - spec) == 0 for {detail}" if status == PROVED else detail)

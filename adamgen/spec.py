@@ -78,8 +78,8 @@ RESERVED_NAMES = frozenset(keyword.kwlist) | frozenset("""
     auto break case char const continue default do double else enum extern float for goto if
     inline int long register restrict return short signed sizeof static struct switch typedef
     union unsigned void volatile while _Bool _Complex _Imaginary
-    i j n k c begin end lo hi offset total sizes count nthreads threshold parts part skip
-    misalignment bytes np math scalars prelude update fma fmaf sqrt sqrtf NAN INFINITY
+    i n k begin end lo hi offset total sizes count nthreads threshold part skip misalignment
+    bytes np math ieee scalars prelude update fma fmaf sqrt sqrtf NAN INFINITY
     """.split())
 
 

@@ -122,3 +122,19 @@ def recorded_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[tuple, dict]]:
 
     monkeypatch.setattr(api, "adam_update", record)
     return calls
+
+
+def make_ir(tensors: tuple[str, ...], body: tuple, outputs: tuple[tuple[str, str], ...], *,
+            config: Any = None, kernel_scalars: tuple[str, ...] = (),
+            rule: str = "ops") -> Any:
+    """A hand-built kernel IR (for renderer tests): every output depends on every tensor."""
+    from adamgen.codegen.ir import KernelIR
+    from adamgen.config import KernelConfig
+    from adamgen.interface import Interface, SpecRef, Tensor
+
+    interface = Interface(rule=rule, tensors=tuple(Tensor(t) for t in tensors),
+                          hyperparameters=(), outputs=tuple(o for o, _ in outputs),
+                          depends=tuple((o, tensors) for o, _ in outputs), spec_hash="0" * 16)
+    config = config if config is not None else KernelConfig(spec=SpecRef(rule))
+    return KernelIR(interface=interface, config=config, prelude=(),
+                    kernel_scalars=kernel_scalars, body=tuple(body), outputs=outputs)

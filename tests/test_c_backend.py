@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_bitwise_equal
+from conftest import assert_bitwise_equal, make_ir
 
 from adamgen.codegen import build
 from adamgen.codegen.driver import c_source, kernel_ir
+from adamgen import ieee
 from adamgen.config import KernelConfig
 
 FLAGS32 = ("-O3", "-std=c99", "-ffp-contract=off", "-march=native")
@@ -42,32 +43,34 @@ def sections(source: str) -> dict[str, str]:
 def test_header_names_spec_mode_dtype_flags_and_variant(f32):
     header = f32.source.split("*/", 1)[0]
     ir = kernel_ir(KernelConfig())
-    for expected in (f"spec:     adam (hash {ir.spec_hash})", "variant:  c float32 exact",
+    for expected in (f"spec:     ivy_adam (hash {ir.spec_hash})",
+                     "variant:  c ivy_adam float32 exact",
                      "dtype:    float32 (C type float)", "mode:     exact",
                      "flags:    -O3 -std=c99 -ffp-contract=off -march=native",
-                     "adam_inplace_all_omp (threaded)", "adam_multi_inplace"):
+                     "ivy_adam_inplace_all_omp (threaded)", "ivy_adam_multi_inplace"):
         assert expected in header, expected
-    assert f32.variant == "c float32 exact"
+    assert f32.variant == "c ivy_adam float32 exact"
 
 
 def test_every_ir_step_is_one_statement_in_order(f32):
     body = sections(f32.source)["functional"]
-    lines = [line.strip() for line in body.splitlines() if re.search(r"  /\* t\d+ = ", line)]
+    lines = [line.strip() for line in body.splitlines() if re.search(r"  /\* \w+ = \w+\(", line)]
     ir = kernel_ir(KernelConfig())
     assert [line.split("/* ")[1].rstrip(" */") for line in lines] == [str(s) for s in ir.body]
     assert lines[:3] == ["const float t7 = beta1*mw_tm1[i];  /* t7 = mul(beta1, mw_tm1) */",
                          "const float t9 = s8*dcdw[i];  /* t9 = mul(s8, dcdw) */",
-                         "const float t10 = t7 + t9;  /* t10 = add(t7, t9) */"]
-    assert "const float t17 = (t16 >= 0 ? t16 : 0);" in body
-    assert "const float t18 = sqrtf(t17);" in body
-    assert "const float t20 = t11/t19;" in body
-    assert "const float t22 = w[i] - t21;" in body
-    assert body.index("w_new[i] = t22;") > body.index("t22 = w[i] - t21")  # stores come last
+                         "const float mw = t7 + t9;  /* mw = add(t7, t9) */"]
+    # temporaries are named after the spec's named subexpressions where it has them
+    assert "const float t17 = (vw >= 0.0f ? vw : 0.0f);" in body
+    assert "const float vw_sqrt = sqrtf(t17);" in body
+    assert "const float effective_grad = t11/t19;" in body
+    assert "const float w_new = w[i] - t21;" in body
+    assert body.index("w_new_out[i] = w_new;") > body.index("w_new = w[i] - t21")  # stores last
 
 
 def test_float64_prints_sqrt_and_double(f64):
     assert "sqrt(t17)" in f64.source and "sqrtf" not in f64.source
-    assert "const double t10 = t7 + t9;" in f64.source
+    assert "const double mw = t7 + t9;" in f64.source
     assert not re.search(r"\bfloat\b", f64.source.split("*/", 1)[1])
 
 
@@ -91,14 +94,14 @@ def test_restrict_only_in_the_functional_form(f32):
 
 def test_in_place_forms_take_one_pointer_per_overwritten_array(f32):
     by_symbol = {f.symbol: f for f in f32.functions}
-    all_in_place = [p.name for p in by_symbol["adam_inplace_all"].parameters]
+    all_in_place = [p.name for p in by_symbol["ivy_adam_inplace_all"].parameters]
     assert all_in_place[:5] == ["w", "dcdw", "lr", "mw_tm1", "vw_tm1"]
-    assert not {"w_new", "mw", "vw"} & set(all_in_place)
-    w_in_place = [p.name for p in by_symbol["adam_inplace_parameter"].parameters]
-    assert "w_new" not in w_in_place and {"mw", "vw"} <= set(w_in_place)
-    roles = {p.name: p.role for p in by_symbol["adam_inplace_all"].parameters}
+    assert not {"w_new_out", "mw_out", "vw_out"} & set(all_in_place)
+    w_in_place = [p.name for p in by_symbol["ivy_adam_inplace_parameter"].parameters]
+    assert "w_new_out" not in w_in_place and {"mw_out", "vw_out"} <= set(w_in_place)
+    roles = {p.name: p.role for p in by_symbol["ivy_adam_inplace_all"].parameters}
     assert roles["w"] == roles["mw_tm1"] == roles["vw_tm1"] == "inout" and roles["dcdw"] == "in"
-    threaded = by_symbol["adam_functional_omp"].parameters
+    threaded = by_symbol["ivy_adam_functional_omp"].parameters
     assert [p.name for p in threaded[-3:]] == ["n", "nthreads", "threshold"]
     assert "#pragma omp parallel for schedule(static) num_threads(nthreads)" in f32.source
     assert "if (nthreads <= 1 || n < threshold)" in f32.source
@@ -110,7 +113,7 @@ def test_baked_constants_are_float_literals_rounded_once():
     assert "const float t7 = 0.9f*mw_tm1[i];" in body
     # 1 - 0.9 in double is 0.09999999999999998; rounded once to float32 that is 0.1f
     assert "const float t9 = 0.1f*dcdw[i];" in body
-    assert "t19 = t18 + 1e-07f;" in body
+    assert "t19 = vw_sqrt + 1e-07f;" in body
     code = re.sub(r"/\*.*?\*/", "", body, flags=re.DOTALL)
     literals = re.findall(r"(?<![\w.])(\d+\.\d*(?:e[-+]?\d+)?|\d+e[-+]?\d+)(f?)", code)
     assert literals and all(suffix == "f" for _, suffix in literals), literals
@@ -122,7 +125,7 @@ def test_scalar_tensors_are_values_and_uniform_steps_leave_the_loop():
     functional = sections(rendered.source)["functional"]
     assert "float lr," in functional and "lr[i]" not in functional
     loop = functional.index("for (int64_t i")
-    assert -1 < functional.index("const float t21_scale = s6*lr;") < loop
+    assert -1 < functional.index("const float t21_scale = alpha*lr;") < loop
     state = c_source(KernelConfig(scalar_tensors=frozenset({"mw_tm1", "vw_tm1"})))
     assert {f.form for f in state.functions} == {"functional", "inplace_parameter"}  # no inplace_all
 
@@ -131,7 +134,7 @@ def test_without_openmp_there_are_no_threaded_entry_points():
     rendered = c_source(KernelConfig(), openmp=False)
     assert not any(f.threaded for f in rendered.functions)
     assert "omp" not in rendered.cdef and "#pragma omp" not in rendered.source
-    assert "adam_multi_inplace(" in rendered.source
+    assert "ivy_adam_multi_inplace(" in rendered.source
 
 
 def have_cc() -> bool:
@@ -186,7 +189,7 @@ def test_every_op_prints_as_exactly_that_ieee_operation(tmp_path: Path):
     """A hand-built IR using every body op, constants on either side and negative constants,
     compiled and run against NumPy's float32 arithmetic (weak Python-float constants)."""
     from adamgen.codegen.c_backend import render_c_module
-    from adamgen.codegen.ir import KernelIR, Step
+    from adamgen.codegen.ir import Step
     from adamgen.runtime.c_kernels import KernelFunction
 
     cases = {  # step -> NumPy's float32 value
@@ -196,7 +199,7 @@ def test_every_op_prints_as_exactly_that_ieee_operation(tmp_path: Path):
         Step("t3", "div", ("x", "y")): lambda x, y: x / y,
         Step("t4", "neg", ("x",)): lambda x, y: -x,
         Step("t5", "sqrt", ("x",)): lambda x, y: np.sqrt(x),
-        Step("t6", "clamp_nonnegative", ("x",)): lambda x, y: np.where(x >= 0, x, 0),
+        Step("t6", "select_ge", ("x", 0, "x", 0)): lambda x, y: np.where(x >= 0, x, 0),
         Step("t7", "sub", ("x", -0.5)): lambda x, y: x - -0.5,
         Step("t8", "add", (-0.5, "x")): lambda x, y: -0.5 + x,
         Step("t9", "mul", ("x", -0.3)): lambda x, y: x * -0.3,
@@ -204,13 +207,22 @@ def test_every_op_prints_as_exactly_that_ieee_operation(tmp_path: Path):
         Step("t11", "sub", (-0.5, "x")): lambda x, y: -0.5 - x,
         Step("t12", "div", ("x", 3)): lambda x, y: x / np.float32(3),
         Step("t13", "add", ("x", "x")): lambda x, y: x + x,
-        Step("t14", "select_positive", ("x", "y")): lambda x, y: np.where(x > 0, y, 0),
+        Step("t14", "select_gt", ("x", 0, "y", 0)): lambda x, y: np.where(x > 0, y, 0),
         Step("t15", "mul", (0.1, "x")): lambda x, y: 0.1 * x,
+        Step("t16", "fma", ("x", "y", "x")): lambda x, y: ieee.fma(x, y, x),
+        Step("t17", "fma", (0.1, "x", "y")): lambda x, y: ieee.fma(np.float32(0.1), x, y),
+        Step("t18", "sign", ("x",)): lambda x, y: ieee.sign(x),
+        Step("t19", "maximum", ("x", "y")): lambda x, y: ieee.maximum(x, y),
+        Step("t20", "minimum", ("x", "y")): lambda x, y: ieee.minimum(x, y),
+        Step("t21", "select_lt", ("x", "y", "y", -2.5)): lambda x, y: np.where(x < y, y, -2.5),
+        Step("t22", "select_le", ("x", "y", 1, "x")): lambda x, y: np.where(x <= y, 1, x),
+        Step("t23", "select_eq", ("x", "y", "x", "y")): lambda x, y: np.where(x == y, x, y),
+        Step("t24", "select_ne", ("x", 0, "y", "x")): lambda x, y: np.where(x != 0, y, x),
+        Step("t25", "round_bfloat16", ("x",)): lambda x, y: ieee.round_bfloat16(x),
+        Step("t26", "round_float16", ("y",)): lambda x, y: ieee.round_float16(y),
     }
     outputs = tuple((f"o{index}", step.target) for index, step in enumerate(cases))
-    ir = KernelIR(spec_name="ops", spec_hash="0" * 16, config=KernelConfig(), tensors=("x", "y"),
-                  hyperparameters=(), prelude=(), kernel_scalars=(), body=tuple(cases),
-                  outputs=outputs, depends=tuple((o, ("x", "y")) for o, _ in outputs))
+    ir = make_ir(("x", "y"), tuple(cases), outputs)
     rendered = render_c_module({"functional": ir}, openmp=False)
     assert "-0.3f" in rendered.source and "0.1f*x[i]" in rendered.source
     flags = build.compile_flags("exact", openmp=False, portable=False)
@@ -236,13 +248,10 @@ def test_a_one_output_spec_renders_compiles_and_streams(tmp_path: Path):
     """The streaming wrapper for any number of outputs: one here (Adam has three, its VJP
     five), forced to stream at every size, with the head, whole blocks and the tail."""
     from adamgen.codegen.c_backend import render_c_module
-    from adamgen.codegen.ir import KernelIR, Step
+    from adamgen.codegen.ir import Step
     from adamgen.runtime.c_kernels import KernelFunction
 
-    ir = KernelIR(spec_name="twice", spec_hash="0" * 16, config=KernelConfig(), tensors=("x",),
-                  hyperparameters=(), prelude=(), kernel_scalars=(),
-                  body=(Step("t0", "add", ("x", "x")),), outputs=(("y", "t0"),),
-                  depends=(("y", ("x",)),))
+    ir = make_ir(("x",), (Step("t0", "add", ("x", "x")),), (("y", "t0"),), rule="twice")
     rendered = render_c_module({"functional": ir}, openmp=False)
     flags = [*build.compile_flags("exact", openmp=False, portable=False), "-Werror",
              "-DADAMGEN_STREAM_MIN_BYTES=0"]

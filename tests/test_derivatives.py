@@ -16,19 +16,20 @@ import pytest
 import sympy
 from sympy import Piecewise, Rational, sqrt
 
-from adamgen.codegen.c_backend import KernelCPrinter, SelectPositive, step_expression
+from adamgen.codegen.c_backend import KernelCPrinter
 from adamgen.codegen.driver import kernel_ir, numpy_source
 from adamgen.codegen.ir import Step
 from adamgen.codegen.lower import lower
-from adamgen.codegen.numpy_backend import (
-    print_buffered_step,
-    print_expression_step,
-    render_numpy_module,
-)
+from adamgen.codegen.numpy_backend import KernelNumPyPrinter, render_numpy_module
+from adamgen.codegen.steps import step_expression
 from adamgen.config import KernelConfig
+from adamgen.interface import SpecRef
 from adamgen.derivatives import SqrtOfClamp, evaluated, vjp_expressions, vjp_spec
 from adamgen.errors import LoweringError
-from adamgen.spec import UpdateSpec, adam_spec
+from adamgen.rules.ivy_adam import spec as adam_spec
+from adamgen.spec import UpdateSpec
+
+VJP = SpecRef("ivy_adam").derived("vjp")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +48,7 @@ def _binary_everywhere(expr: sympy.Basic) -> bool:
 
 def test_vjp_spec_interface():
     spec = vjp_spec(adam_spec())
-    assert spec.name == "adam_vjp"
+    assert spec.name == "ivy_adam_vjp"
     assert [n for n, _ in spec.outputs] == ["d_w", "d_dcdw", "d_lr", "d_mw_tm1", "d_vw_tm1"]
     assert [s.name for s in spec.tensors] == ["dcdw", "lr", "mw_tm1", "vw_tm1", "d_w_new",
                                               "d_mw", "d_vw"]  # w is read by no derivative
@@ -57,7 +58,7 @@ def test_vjp_spec_interface():
 
 def test_vjp_spec_is_the_same_in_every_process():
     """The nesting is the reference order: it must not depend on hash seeds."""
-    code = ("from adamgen.derivatives import vjp_spec; from adamgen.spec import adam_spec; "
+    code = ("from adamgen.derivatives import vjp_spec; from adamgen.rules.ivy_adam import spec as adam_spec; "
             "print(vjp_spec(adam_spec()).spec_hash)")
     hashes = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              check=True, env={**os.environ, "PYTHONHASHSEED": seed,
@@ -69,11 +70,11 @@ def test_vjp_spec_is_the_same_in_every_process():
 @pytest.mark.parametrize("mode", ["exact", "fast"])
 @pytest.mark.parametrize("dtype", ["float32", "float64", "mixed"])
 def test_vjp_lowers_and_renders(mode, dtype):
-    config = KernelConfig(dtype=dtype, mode=mode)
-    ir = kernel_ir(config, "adam_vjp")
+    config = KernelConfig(spec=VJP, dtype=dtype, mode=mode)
+    ir = kernel_ir(config)
     assert ir.output_names == ("d_w", "d_dcdw", "d_lr", "d_mw_tm1", "d_vw_tm1")
-    assert sum(s.op == "select_positive" for s in ir.body) == 1
-    module = load(numpy_source(config, "adam_vjp"))
+    assert sum(s.op == "select_gt" for s in ir.body) == 1
+    module = load(numpy_source(config))
     assert module["OUTPUTS"] == list(ir.output_names)
 
 
@@ -104,7 +105,7 @@ def test_vjp_expressions_are_sympys_derivatives_where_v_is_positive():
 def _toy_spec() -> UpdateSpec:
     """Forms Adam does not produce: the re-nesting must handle them all."""
     a, b, c = sympy.symbols("a b c", real=True)
-    k = sympy.Symbol("k", real=True)
+    k = sympy.Symbol("h", real=True)
     with sympy.evaluate(False):
         y = a * a * a * b / (c * c) + sqrt(a * a + b * b) * k
         z = (a * b) / (k + 3) - c * c * c + a * a * sqrt(a) / 3
@@ -126,14 +127,14 @@ def test_renesting_handles_general_expressions(mode):
     y, z = (evaluated(e) for _, e in spec.outputs)
     for name, got in zip(module["OUTPUTS"], outputs):
         x = sym[name[2:]]
-        f = sympy.lambdify((*spec.tensors, sym["k"], "d_y", "d_z"),
+        f = sympy.lambdify((*spec.tensors, sym["h"], "d_y", "d_z"),
                            sympy.Symbol("d_y") * sympy.diff(y, x)
                            + sympy.Symbol("d_z") * sympy.diff(z, x))
         np.testing.assert_allclose(got, f(a, b, c, 0.25, d_y, d_z), rtol=1e-13)
 
 
 def test_constant_derivative_and_name_clash_are_errors():
-    a, b, k = sympy.symbols("a b k", real=True)
+    a, b, k = sympy.symbols("a b h", real=True)
     with pytest.raises(LoweringError, match="constant 0"):  # b reaches no output
         vjp_spec(UpdateSpec("unused", (a, b), (k,), (("y", sympy.Mul(k, a, evaluate=False)),)))
     d_y = sympy.Symbol("d_y", real=True)
@@ -141,30 +142,33 @@ def test_constant_derivative_and_name_clash_are_errors():
         vjp_spec(UpdateSpec("clash", (a, d_y), (k,), (("y", sympy.Mul(a, d_y, evaluate=False)),)))
 
 
-def test_select_positive_lowers_renders_and_refuses_other_forms():
+def test_select_lowers_renders_and_refuses_other_forms():
     c, a = sympy.symbols("c a", real=True)
-    k = sympy.Symbol("k", real=True)
+    k = sympy.Symbol("h", real=True)
     select = Piecewise((a, sympy.StrictGreaterThan(c, 0, evaluate=False)), (0, True),
                        evaluate=False)
     ir = lower(UpdateSpec("sel", (c, a), (k,), (("y", select),)), KernelConfig())
-    assert [(s.op, s.args) for s in ir.body] == [("select_positive", ("c", "a"))]
-    bad = Piecewise((a, sympy.StrictGreaterThan(c, 0, evaluate=False)), (1, True),
-                    evaluate=False)
-    with pytest.raises(LoweringError, match="select"):
-        lower(UpdateSpec("bad", (c, a), (k,), (("y", bad),)), KernelConfig())
-    step = Step("t0", "select_positive", ("c", "a"))
-    assert print_expression_step(step) == "t0 = np.where(c > 0, a, 0)"
-    assert "np.where(np.greater(c, 0), a, 0.0)" in print_buffered_step(step, {"t0": "y"})
+    assert [(s.op, s.args) for s in ir.body] == [("select_gt", ("c", 0, "a", 0))]
+    three = Piecewise((a, sympy.StrictGreaterThan(c, 0, evaluate=False)),
+                      (c, sympy.StrictLessThan(a, 0, evaluate=False)), (1, True), evaluate=False)
+    with pytest.raises(LoweringError, match="two-branch"):
+        lower(UpdateSpec("bad", (c, a), (k,), (("y", three),)), KernelConfig())
+    both = Piecewise((a, sympy.And(c > 0, a > 0)), (1, True), evaluate=False)
+    with pytest.raises(LoweringError, match="one comparison"):
+        lower(UpdateSpec("bad", (c, a), (k,), (("y", both),)), KernelConfig())
+    step = Step("y", "select_gt", ("c", 0, "a", 0))
+    printer = KernelNumPyPrinter()
+    assert printer.expression(step) == "y = np.where(c > 0.0, a, 0.0)"
+    assert "np.copyto(out, np.where(c > 0.0, a, 0.0))" in printer.buffered(step, {"y": "out"})
     printed = KernelCPrinter("float32").doprint(step_expression(step, {
         "c": sympy.Symbol("c"), "a": sympy.Symbol("a")}))
-    assert printed == "(c > 0 ? a : 0)"
-    assert isinstance(step_expression(step, {"c": c, "a": a}), SelectPositive)
+    assert printed == "(c > 0.0f ? a : 0.0f)"
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_select_in_the_numpy_kernel_discards_inf_and_nan(dtype):
-    config = KernelConfig(dtype=np.dtype(dtype).name)
-    module = load(numpy_source(config, "adam_vjp"))
+    config = KernelConfig(spec=VJP, dtype=np.dtype(dtype).name)
+    module = load(numpy_source(config))
     n = 5
     vw_tm1 = np.array([0.0, -1.0, np.nan, 1.0, 0.0], dtype)
     dcdw = np.array([0.0, 0.0, 0.0, 0.0, 1e-30], dtype)  # the last squares to 0 in float32

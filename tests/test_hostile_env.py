@@ -345,7 +345,7 @@ def _entries(cache: Path, kind: str, *, vjp_kernels: bool | None = None) -> list
         if vjp_kernels is not None:
             symbols = [f["symbol"] for f in
                        json.loads((path / "manifest.json").read_text())["functions"]]
-            if any(s.startswith("adam_vjp") for s in symbols) != vjp_kernels:
+            if any(s.startswith("ivy_adam_vjp") for s in symbols) != vjp_kernels:
                 continue
         found.append(path)
     return found

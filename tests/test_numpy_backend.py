@@ -6,11 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_bitwise_equal, make_ir
 from reference import adam_update_ref
 
 from adamgen.codegen.driver import kernel_ir, numpy_source
+from adamgen.codegen.ir import Step
 from adamgen.codegen.numpy_backend import allocate_buffers
 from adamgen.config import KernelConfig
+from adamgen import ieee
 
 GOLDEN = Path(__file__).parent / "golden" / "numpy_float32_exact.py.txt"
 ALIASES = {
@@ -34,7 +37,7 @@ def test_golden_float32_module():
 def test_generated_module_is_readable_and_has_a_header():
     source = numpy_source(KernelConfig(dtype="float64"))
     header = source.split('"""')[1]
-    for expected in ("spec:", "variant:   numpy float64 exact", "dtype:     float64",
+    for expected in ("rule:      ivy_adam", "variant:   numpy ivy_adam float64 exact", "dtype:     float64",
                      "mode:      exact"):
         assert expected in header
     assert "def prelude(beta1, beta2, epsilon, step, /)" in source
@@ -92,3 +95,61 @@ def test_mixed_module_promotes_like_the_reference():
     got = module["update"](w, g, lr, m, v, scalars)
     for a, b in zip(got, reference(w, g, lr, m, v, 3.0)):
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+OPS = {  # step -> the value in float32, computed independently of the printers
+    Step("t0", "fma", ("x", "y", "x")): lambda x, y: ieee.fma(x, y, x),
+    Step("t1", "fma", (0.1, "x", "y")): lambda x, y: ieee.fma(np.float32(0.1), x, y),
+    Step("t2", "sign", ("x",)): lambda x, y: ieee.sign(x),
+    Step("t3", "maximum", ("x", "y")): lambda x, y: ieee.maximum(x, y),
+    Step("t4", "minimum", ("x", "y")): lambda x, y: ieee.minimum(x, y),
+    Step("t5", "select_lt", ("x", "y", "y", -2.5)): lambda x, y: np.where(x < y, y, -2.5),
+    Step("t6", "select_ne", ("x", 0, "y", "x")): lambda x, y: np.where(x != 0, y, x),
+    Step("t7", "select_ge", ("x", 0, "x", 0)): lambda x, y: np.where(x >= 0, x, 0),
+    Step("t8", "round_bfloat16", ("x",)): lambda x, y: ieee.round_bfloat16(x),
+    Step("t9", "round_float16", ("y",)): lambda x, y: ieee.round_float16(y),
+    Step("t10", "sqrt", ("x",)): lambda x, y: np.sqrt(x),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "mixed"])
+def test_every_op_in_both_forms(dtype):
+    from adamgen.codegen.numpy_backend import render_numpy_module
+    from adamgen.interface import SpecRef
+
+    outputs = tuple((f"o{i}", step.target) for i, step in enumerate(OPS))
+    ops = {s: f for s, f in OPS.items()  # the mixed form declines fma and roundings
+           if dtype == "float32" or not s.op.startswith(("round", "fma"))}
+    ir = make_ir(("x", "y"), tuple(ops), tuple(o for o in outputs if o[1] in
+                                                {s.target for s in ops}),
+                 config=KernelConfig(spec=SpecRef("ops"), dtype=dtype))
+    module = load(render_numpy_module(ir))
+    assert module["EXACT"] is True
+    rng = np.random.default_rng(3)
+    x, y = (rng.standard_normal(300).astype(np.float32) for _ in range(2))
+    x[:6] = [np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0]
+    y[3:9] = [np.nan, 0.0, -0.0, np.inf, 1e-45, -1.0]
+    with np.errstate(all="ignore"):
+        if dtype == "mixed":
+            got = module["update"](x, y, ())
+        else:
+            got = [np.full(300, 7, np.float32) for _ in ops]
+            module["update"](x, y, (), *got)
+        for out, (step, expected) in zip(got, ops.items()):
+            assert_bitwise_equal(out, np.asarray(expected(x, y), np.float32), str(step))
+
+
+def test_a_float64_fma_declines_and_says_why():
+    from adamgen.codegen.numpy_backend import render_numpy_module
+    from adamgen.errors import InexactVariantError
+    from adamgen.interface import SpecRef
+
+    ir = make_ir(("x", "y"), (Step("t0", "fma", ("x", "y", "x")),), (("o", "t0"),),
+                 config=KernelConfig(spec=SpecRef("ops"), dtype="float64"))
+    source = render_numpy_module(ir)
+    assert "exact:     no" in source
+    module = load(source)
+    assert module["EXACT"] is False and "fused multiply-add" in module["INEXACT"]
+    x = np.ones(3)
+    with pytest.raises(InexactVariantError, match="float64 fused multiply-add"):
+        module["update"](x, x, (), np.empty(3))

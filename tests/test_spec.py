@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sympy
 
-from adamgen.spec import adam_spec
+from adamgen.rules.ivy_adam import spec as adam_spec
 
 
 def binary_nodes_only(expr: sympy.Basic) -> bool:

@@ -86,7 +86,7 @@ class KernelCPrinter(C99CodePrinter):
         a, b = (self._print(x) for x in expr.args)
         return f"(({a} <= {b} || {a} != {a}) ? {a} : {b})"
 
-    def _print_RoundTo(self, expr: language.RoundTo) -> str:
+    def _print_RoundToBase(self, expr: language.RoundToBase) -> str:
         x = self._print(expr.args[0])
         if expr.dtype == self.dtype:
             return x
@@ -171,17 +171,6 @@ def _symbol_map(ir: KernelIR, aliases: Mapping[str, str], scalar_tensors: frozen
     return leaves
 
 
-def _uniform_steps(ir: KernelIR, scalar_tensors: frozenset[str]) -> frozenset[str]:
-    """Body steps whose operands are all per-call scalars: computed once, before the loop."""
-    uniform = set(ir.kernel_scalars) | set(scalar_tensors)
-    hoisted: set[str] = set()
-    for step in ir.body:
-        if all(name in uniform for name in step.names()):
-            uniform.add(step.target)
-            hoisted.add(step.target)
-    return frozenset(hoisted)
-
-
 @dataclass(frozen=True)
 class FormPlan:
     """What the template needs for one form: parameters, and the printed statements."""
@@ -247,7 +236,7 @@ def plan_form(name: str, ir: KernelIR, ctype: str) -> FormPlan:
     printer = KernelCPrinter(config.dtype)
     sympy_type = ELEMENT_TYPES[config.dtype][1]
     leaves = _symbol_map(ir, aliases, scalar_tensors, sympy.Symbol("i", integer=True))
-    hoisted = _uniform_steps(ir, scalar_tensors)
+    hoisted = set(ir.uniform_steps())
 
     def declare(step: Step) -> str:
         variable = Variable(sympy.Symbol(step.target, real=True), type=sympy_type,

@@ -35,12 +35,13 @@ Operand = str | float
 COMPARISONS: dict[str, str] = {"gt": ">", "ge": ">=", "lt": "<", "le": "<=", "eq": "==",
                                "ne": "!="}
 #: Dtypes ``round_<dtype>`` rounds to (to nearest even; the result is held in the kernel's type).
-ROUNDINGS = ("bfloat16", "float16", "float32")
+ROUNDINGS = ("bfloat16", "float16", "float32", "element")
 
 #: op name -> arity. Each op is rounded once in the kernel's element type (the prelude: in IEEE
 #: double, with Python's semantics). ``pow`` is Python's ``**`` and appears only in the prelude;
 #: ``sqrt`` is IEEE's square root everywhere (``math.sqrt`` in the prelude); ``fma(a, b, c)`` is
-#: ``a*b + c`` rounded once; ``sign`` is torch's (0 for 0, -0 and NaN); ``maximum``/``minimum``
+#: ``a*b + c`` rounded once; ``round_element`` (prelude only) rounds a Python float to the kernel's
+#: element dtype; ``sign`` is torch's (0 for 0, -0 and NaN); ``maximum``/``minimum``
 #: propagate NaN and keep their first operand on ties; ``select_<cmp>`` is described above.
 OPS: dict[str, int] = {
     "add": 2, "sub": 2, "mul": 2, "div": 2, "neg": 1, "pow": 2, "sqrt": 1, "fma": 3,
@@ -50,7 +51,8 @@ OPS: dict[str, int] = {
 }
 #: Ops the prelude can compute (Python floats); the others exist only element by element.
 PRELUDE_OPS = frozenset({"add", "sub", "mul", "div", "neg", "pow", "sqrt",
-                         *(f"select_{cmp}" for cmp in COMPARISONS)})
+                         *(f"select_{cmp}" for cmp in COMPARISONS),
+                         *(f"round_{dtype}" for dtype in ROUNDINGS)})
 #: Ops whose two operands may be swapped without changing a bit (IEEE ``+`` and ``*``).
 COMMUTATIVE = frozenset({"add", "mul"})
 
@@ -132,6 +134,17 @@ class KernelIR:
 
     def dependencies(self, output: str) -> tuple[str, ...]:
         return self.interface.dependencies(output)
+
+    def uniform_steps(self) -> tuple[str, ...]:
+        """Body steps that read no array (only per-call scalars, scalar tensors, constants and
+        earlier such steps): a backend computes each once per call, in the element type."""
+        uniform = set(self.kernel_scalars) | set(self.config.scalar_tensors)
+        found: list[str] = []
+        for step in self.body:
+            if all(name in uniform for name in step.names()):
+                uniform.add(step.target)
+                found.append(step.target)
+        return tuple(found)
 
     def buffer_names(self) -> dict[str, str]:
         """Output -> the name of the array an output is written to in a functional form:

@@ -29,6 +29,7 @@ import sympy
 from ..config import KernelConfig
 from ..errors import LoweringError
 from .. import language
+from .. import ieee
 from ..spec import UpdateSpec
 from .ir import COMMUTATIVE, PRELUDE_OPS, KernelIR, Operand, Step
 
@@ -40,6 +41,19 @@ PYTHON_SCALAR_OPS: dict[str, Callable[..., float]] = {
        for name, test in (("gt", operator.gt), ("ge", operator.ge), ("lt", operator.lt),
                           ("le", operator.le), ("eq", operator.eq), ("ne", operator.ne))},
 }
+
+
+def scalar_op(op: str, dtype: str) -> Callable[..., float]:
+    """The Python function computing a prelude op for kernels of ``dtype`` (``round_element``
+    rounds to it)."""
+    if op.startswith("round_"):
+        target = op[len("round_"):]
+        target = dtype if target == "element" else target
+        if target == "mixed":
+            raise LoweringError("element() needs one element dtype; the mixed-dtype form "
+                                "cannot round to it")
+        return lambda x: ieee.round_scalar(float(x), target)
+    return PYTHON_SCALAR_OPS[op]
 
 
 @dataclass(frozen=True)
@@ -76,7 +90,7 @@ _NODES: dict[type, str] = {
     language.Fma: "fma", language.Sqrt: "sqrt", language.Sign: "sign",
     language.Maximum: "maximum", language.Minimum: "minimum",
     **{cls: f"round_{cls.dtype}" for cls in (language.RoundToBfloat16, language.RoundToFloat16,
-                                               language.RoundToFloat32)},
+                                               language.RoundToFloat32, language.RoundToElement)},
 }
 
 
@@ -143,6 +157,8 @@ class _Translator:
             return self._power(expr, is_scalar)
         if isinstance(expr, sympy.Piecewise):
             return self._select(expr, is_scalar)
+        if isinstance(expr, language.RoundToElement) and not is_scalar:
+            return self.operand(expr.args[0])  # a tensor value is in the element dtype already
         if type(expr) in _NODES:
             op = _NODES[type(expr)]
             return self.emit(op, tuple(self.operand(a) for a in expr.args), is_scalar, expr)
@@ -282,7 +298,7 @@ def fold_constants(program: Program) -> Program:
     for step in program.steps:
         args = _rename(step.args, values)
         if step.target in program.scalar_steps and all(not isinstance(a, str) for a in args):
-            values[step.target] = float(PYTHON_SCALAR_OPS[step.op](*args))
+            values[step.target] = float(scalar_op(step.op, program.config.dtype)(*args))
             continue
         steps.append(Step(step.target, step.op, args))
     outputs = tuple((name, values.get(v, v) if isinstance(v, str) else v)

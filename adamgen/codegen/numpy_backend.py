@@ -19,17 +19,15 @@ The two forms, both from the same IR:
   integer arrays), ``update`` is the plain expression in the reference order, so NumPy applies
   exactly the reference's promotions step by step.
 
-The spec language's nodes print as calls into :mod:`adamgen.runtime.ieee` (exact fused
+The spec language's nodes print as calls into :mod:`adamgen.ieee` (exact fused
 multiply-add, torch's sign, NaN-propagating maximum, roundings). A module that cannot compute some
 node exactly (a float64 ``fma``: NumPy has no wider type) *declines*: it says why in ``INEXACT``,
 and its ``update`` raises :class:`~adamgen.errors.InexactVariantError`; its ``prelude`` and
 interface still serve the C kernels of the same rule.
 
-The clamp ``select_ge(x, 0, x, 0)`` (``x if x >= 0 else 0``, so NaN and -inf become 0) prints as
-``np.fmax(x, 0.0)`` in the buffered form: the same value for every ``x`` except that it may turn
-``-0.0`` into ``+0.0``; a spec that takes the clamp's square root and adds a positive epsilon (as
-Ivy's does) erases the sign of a zero. The mixed form prints ``np.where(x >= 0, x, 0)``, the
-reference's own form.
+A select (``where``) prints as ``np.where``, in the buffered form copied into its buffer: no
+ufunc selects, and ``np.fmax(x, 0)`` for the clamp ``x if x >= 0 else 0`` would be faster but may
+turn ``-0.0`` into ``+0.0``, which a later division can see.
 """
 
 from __future__ import annotations
@@ -50,7 +48,7 @@ from .templating import render
 #: IR op -> the ufunc the buffered form calls with ``out=``.
 _UFUNCS = {"add": "np.add", "sub": "np.subtract", "mul": "np.multiply", "div": "np.divide",
            "neg": "np.negative", "sqrt": "np.sqrt"}
-#: IR op -> the function of :mod:`adamgen.runtime.ieee` (imported as ``ieee``) computing it.
+#: IR op -> the function of :mod:`adamgen.ieee` (imported as ``ieee``) computing it.
 _IEEE = {"fma": "ieee.fma", "sign": "ieee.sign", "maximum": "ieee.maximum",
          "minimum": "ieee.minimum", "round_bfloat16": "ieee.round_bfloat16",
          "round_float16": "ieee.round_float16", "round_float32": "ieee.round_float32"}
@@ -67,10 +65,17 @@ def python_literal(value: float | int) -> str:
 
 
 class PreludePrinter(PythonCodePrinter):
-    """Prelude steps as Python statements over Python floats, exactly as Python computes them."""
+    """Prelude steps as Python statements over Python floats, exactly as Python computes them;
+    a rounding (``element``, ``round_to``) is :func:`adamgen.ieee.round_scalar`, exact."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: str) -> None:
         super().__init__({"order": "none"})
+        self.dtype = dtype
+
+    def _print_RoundToBase(self, expr: language.RoundToBase) -> str:
+        target = self.dtype if expr.dtype == "element" else expr.dtype
+        x = self._print(expr.args[0])
+        return x if target == "float64" else f"ieee.round_scalar({x}, {target!r})"
 
     def _print_Float(self, expr: sympy.Float) -> str:
         return python_literal(float(expr))
@@ -125,7 +130,7 @@ class KernelNumPyPrinter(NumPyPrinter):
                            (language.Maximum, "maximum"), (language.Minimum, "minimum")):
             if isinstance(expr, node):
                 return f"{_IEEE[name]}({', '.join(self._print(a) for a in expr.args)})"
-        if isinstance(expr, language.RoundTo):
+        if isinstance(expr, language.RoundToBase):
             return f"{_IEEE['round_' + expr.dtype]}({self._print(expr.args[0])})"
         return super()._print_Function(expr)
 
@@ -139,10 +144,7 @@ class KernelNumPyPrinter(NumPyPrinter):
         args = [buffers.get(a, a) if isinstance(a, str) else python_literal(a)
                 for a in step.args]
         out = buffers[step.target]
-        if step.op == "select_ge" and step.args[0] == step.args[2] and step.args[1] == 0 \
-                and step.args[3] == 0:
-            call = f"np.fmax({args[0]}, 0.0, out={out})"  # the clamp; see the module docstring
-        elif step.op in _UFUNCS:
+        if step.op in _UFUNCS:
             call = f"{_UFUNCS[step.op]}({', '.join(args)}, out={out})"
         elif step.op in _IEEE:
             call = f"{_IEEE[step.op]}({', '.join(args)}, out={out})"
@@ -164,6 +166,19 @@ def inexact_reason(ir: KernelIR) -> str:
         if target is not None and dtype == "mixed":
             return f"{step}: rounding to {target} needs one known element dtype"
     return ""
+
+
+def uniform_operands(ir: KernelIR) -> list[str]:
+    """The per-call scalars and scalar tensors read by a body step that reads no array.
+
+    Elsewhere a scalar meets an array and NumPy rounds it to the array's dtype; a step between
+    two scalars would compute in double, so the buffered form converts these to the element
+    dtype first (the C kernel computes such a step once, before its loop, in the element type).
+    """
+    scalars = set(ir.kernel_scalars) | set(ir.config.scalar_tensors)
+    uniform = set(ir.uniform_steps())
+    return list(dict.fromkeys(name for step in ir.body if step.target in uniform
+                              for name in step.names() if name in scalars))
 
 
 @dataclass(frozen=True)
@@ -248,7 +263,7 @@ def render_numpy_module(ir: KernelIR) -> str:
         interface=pprint.pformat(ir.interface.to_json(), width=96, sort_dicts=False),
         depends={name: deps for name, deps in ir.depends},
         free_hyperparameters=ir.free_hyperparameters,
-        prelude_lines=[PreludePrinter().statement(s) for s in ir.prelude],
+        prelude_lines=[PreludePrinter(ir.config.dtype).statement(s) for s in ir.prelude],
         kernel_scalars=ir.kernel_scalars,
         body_lines=body,
         temporaries=plan.temporaries if plan else (),
@@ -256,6 +271,8 @@ def render_numpy_module(ir: KernelIR) -> str:
         returns=[value for _, value in ir.outputs],
         inexact=reason,
         uses_math="sqrt" in {s.op for s in ir.prelude},
-        uses_ieee=any(step.op in _IEEE for step in ir.body),
+        uses_ieee=any(step.op in _IEEE for step in ir.body)
+        or any(rounding(step.op) for step in ir.prelude),
+        as_element=[] if mixed else uniform_operands(ir),
     )
 

@@ -16,17 +16,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ArgumentTypeError, ArgumentValueError
+from ..errors import ArgumentValueError
 from ..interface import SpecRef
 
 
 @dataclass(frozen=True)
 class Option:
-    """A Python flag that selects a graph variant (each variant its own kernels)."""
+    """A Python value that selects a graph variant (each variant its own kernels)."""
 
     name: str
-    default: bool = False
+    default: Any = False
     doc: str = ""
+    choices: tuple[Any, ...] = (False, True)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class BuiltinRule:
     peer: str
     module: str
     options: tuple[Option, ...] = ()
+    #: arguments of the module's ``spec()`` this rule always passes (AdamW is Adam, decoupled)
+    fixed: tuple[tuple[str, Any], ...] = ()
 
     def option_values(self, **options: Any) -> tuple[tuple[str, Any], ...]:
         """Every option's value (defaults filled in), checked: unknown names and non-bools are
@@ -51,12 +54,12 @@ class BuiltinRule:
         values = []
         for option in self.options:
             value = options.get(option.name, option.default)
-            if not isinstance(value, bool):
-                if value in (0, 1) and not isinstance(value, float):
-                    value = bool(value)
-                else:
-                    raise ArgumentTypeError(f"option {option.name} of {self.name!r} must be a "
-                                            f"bool, got {value!r}")
+            if option.choices == (False, True) and type(value) is int and value in (0, 1):
+                value = bool(value)  # --option amsgrad=1
+            if value not in option.choices or type(value) is not type(option.default):
+                raise ArgumentValueError(
+                    f"option {option.name} of rule {self.name!r} must be one of "
+                    f"{', '.join(map(repr, option.choices))}, got {value!r}")
             values.append((option.name, value))
         return tuple(values)
 
@@ -67,7 +70,7 @@ class BuiltinRule:
     def build(self, **options: Any) -> Any:
         """The rule's :class:`~adamgen.spec.UpdateSpec` for these options (imports SymPy)."""
         values = dict(self.option_values(**options))
-        return importlib.import_module(self.module).spec(**values)
+        return importlib.import_module(self.module).spec(**values, **dict(self.fixed))
 
     def theorems(self, spec: Any, ir_factory: Callable[..., Any]
                  ) -> list[tuple[str, Callable[[], tuple[str, str]]]]:
@@ -80,11 +83,22 @@ class BuiltinRule:
 _ADAM_OPTIONS = (
     Option("amsgrad", False, "keep the maximum of exp_avg_sq and divide by it (AMSGrad)"),
     Option("maximize", False, "maximise the objective: step along the gradient"),
+    Option("lr_dtype", "float64", "the dtype torch computes lr's scalars in: float64 for a "
+           "Python float (or a float64 0-d tensor), float32 for a float32 0-d tensor",
+           ("float64", "float32")),
 )
 
 BUILTINS: Mapping[str, BuiltinRule] = {rule.name: rule for rule in (
     BuiltinRule("ivy_adam", "Ivy's adam_update: epsilon twice, alpha in Python floats",
                 "ivy.adam_update (Ivy 1.0.0.5, NumPy backend)", f"{__name__}.ivy_adam"),
+    BuiltinRule("torch_adam", "torch's Adam: coupled weight decay, fused as torch fuses, "
+                "IEEE square root", "torch.optim.Adam(foreach=False), torch 2.13.0, CPU",
+                f"{__name__}.torch_adam", _ADAM_OPTIONS, (("decoupled", False),)),
+    BuiltinRule("torch_adamw", "torch's AdamW: decoupled weight decay, fused as torch fuses, "
+                "IEEE square root", "torch.optim.AdamW(foreach=False), torch 2.13.0, CPU",
+                f"{__name__}.torch_adam", _ADAM_OPTIONS, (("decoupled", True),)),
+    BuiltinRule("lion", "Lion: the sign of an interpolation, lion-pytorch's rounding",
+                "lion_pytorch.Lion 0.2.5 (its update_fn)", f"{__name__}.lion"),
 )}
 
 

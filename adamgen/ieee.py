@@ -17,15 +17,19 @@ NumPy kernel computes every node exactly as the C kernel does, bit for bit, or d
   (``np.maximum``'s vector paths may return either zero of ``maximum(-0.0, 0.0)``).
 * :func:`round_bfloat16`, :func:`round_float16`, :func:`round_float32`: round to nearest even into
   a narrower type, the result held in the operand's type.
+* :func:`round_scalar`: the same for one Python float, exactly (pure Python), for the per-call
+  prelude: a reference that rounds a Python float to the tensors' dtype and keeps computing with
+  it (torch's ``lerp_`` computes ``weight - 1`` from the rounded weight) is written with it.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
-from ..errors import InexactVariantError
+from .errors import InexactVariantError
 
 #: Dtypes :func:`fma` computes exactly (through float64 rounded to odd).
 EXACT_FMA_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
@@ -46,18 +50,18 @@ def fma(a: Any, b: Any, c: Any, out: np.ndarray | None = None) -> np.ndarray:
             f"NumPy cannot compute a fused multiply-add in {dtype} exactly (no wider float type "
             "holds the exact product); the C kernel computes it")
     a64, b64, c64 = (np.asarray(x, dtype).astype(np.float64) for x in (a, b, c))
-    product = a64 * b64  # exact: at most 2 * 24 significand bits
-    total = product + c64
-    # TwoSum: the exact error of total, finite wherever total is
-    virtual = total - product
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):  # inf and NaN are values here
+        product = a64 * b64  # exact: at most 2 * 24 significand bits
+        total = product + c64
+        virtual = total - product  # TwoSum: the exact error of total, wherever it is finite
         error = (product - (total - virtual)) + (c64 - virtual)
     bits = total.view(np.int64)
     inexact_even = (error != 0) & ((bits & 1) == 0) & np.isfinite(total)
     # round to odd: an inexact even result moves one unit in the last place toward the error
     toward = np.where((error > 0) == (total > 0), 1, -1)
     odd = np.where(inexact_even, bits + toward, bits).view(np.float64)
-    return _store(odd.astype(dtype), out)
+    with np.errstate(over="ignore"):
+        return _store(odd.astype(dtype), out)
 
 
 def sign(x: Any, out: np.ndarray | None = None) -> np.ndarray:
@@ -102,3 +106,20 @@ def round_float32(x: Any, out: np.ndarray | None = None) -> np.ndarray:
     x = np.asarray(x)
     with np.errstate(over="ignore"):
         return _store(x.astype(np.float32).astype(x.dtype), out)
+
+
+#: dtype -> (significand bits, smallest normal exponent, largest exponent) of IEEE-style formats.
+_FORMATS = {"float16": (11, -14, 15), "bfloat16": (8, -126, 127), "float32": (24, -126, 127)}
+
+
+def round_scalar(x: float, dtype: str) -> float:
+    """The Python float ``x`` rounded to nearest even into ``dtype`` (``"float64"``: unchanged),
+    exactly, from ``x`` itself (no double rounding); overflow gives inf, NaN stays NaN."""
+    if dtype == "float64" or not math.isfinite(x) or x == 0.0:
+        return x
+    bits, emin, emax = _FORMATS[dtype]
+    exponent = max(math.frexp(x)[1] - 1, emin)  # subnormals share the smallest exponent's step
+    quantum = exponent - (bits - 1)
+    rounded = math.ldexp(round(math.ldexp(x, -quantum)), quantum)  # round(): ties to even
+    largest = math.ldexp(2.0 - math.ldexp(1.0, 1 - bits), emax)
+    return math.copysign(math.inf, x) if abs(rounded) > largest else rounded
