@@ -26,7 +26,8 @@ _NODES: dict[str, type] = {"fma": language.Fma, "maximum": language.Maximum,
                            "minimum": language.Minimum}
 _ROUNDING: dict[str, type] = {"bfloat16": language.RoundToBfloat16,
                               "float16": language.RoundToFloat16,
-                              "float32": language.RoundToFloat32}
+                              "float32": language.RoundToFloat32,
+                              "element": language.RoundToElement}
 
 
 def step_expression(step: Step, leaves: Mapping[str, sympy.Basic]) -> sympy.Basic:
