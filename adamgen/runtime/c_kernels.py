@@ -45,7 +45,7 @@ from ..codegen import build
 from ..config import KernelConfig, environment
 from ..errors import CacheError, CacheMissError, CompileError
 from .forksafe import ForkSafeLock
-from .kernels import kernel_cache
+from .kernels import load_entry
 
 log = logging.getLogger("adamgen.c_kernels")
 
@@ -405,20 +405,15 @@ def _load(config: KernelConfig, spec_name: str, portable: bool) -> CKernel:
     start = time.perf_counter()
     key, flags, openmp = c_cache_key(config, spec_name, portable)
     module_name = build.extension_module_name(key)
-    cache = kernel_cache()
     builder = functools.partial(_build, config, spec_name, openmp, portable, flags, module_name)
-    for attempt in (1, 2):
-        entry = cache.get_or_build(KIND, key, builder)
-        try:
-            module = build.load_extension(
-                entry.path / f"{module_name}{build.extension_suffix()}", module_name)
-            kernel = CKernel(config, spec_name, module, entry, key, 0.0)
-            break
-        except (CacheError, KeyError, TypeError, AttributeError) as exc:
-            if attempt == 2:  # a damaged artifact is a miss: remove it and rebuild once
-                raise
-            log.warning("cached C kernel %s failed to load (%s); rebuilding", entry.path, exc)
-            cache.invalidate(KIND, key)
+
+    def load(entry: artifact_cache.Entry) -> CKernel:
+        module = build.load_extension(
+            entry.path / f"{module_name}{build.extension_suffix()}", module_name)
+        return CKernel(config, spec_name, module, entry, key, 0.0)
+
+    entry, kernel = load_entry(KIND, key, builder, load,
+                               (CacheError, KeyError, TypeError, AttributeError))
     kernel.seconds = seconds = time.perf_counter() - start
     EVENTS.append({"kernel": kernel.variant, "built": entry.built, "seconds": seconds,
                    "build_seconds": entry.build_seconds, "path": str(entry.path)})
