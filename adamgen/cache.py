@@ -19,7 +19,8 @@ Why it looks like this (STYLE.md items 6-8, DESIGN.md "Build and cache"):
   :class:`CacheReadOnlyError` and the caller builds elsewhere.
 
 Layout: ``root/<SCHEMA>/<kind>/<key>/{artifacts..., manifest.json}``, ``root/locks/<key>.lock``,
-``root/tmp/`` (private build directories, swept when older than an hour).
+``root/tmp/`` (private build directories, and the sources of the last failed build, swept when
+older than an hour).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ MANIFEST = "manifest.json"
 STALE_TMP_SECONDS = 3600.0
 _RESERVED_FIELDS = frozenset({"schema", "key", "kind", "adamgen_version", "files", "created",
                               "build_seconds"})
+FAILED_BUILD_PREFIX = "failed-build-"
 
 logger = logging.getLogger("adamgen.cache")
 
@@ -397,3 +399,19 @@ class ArtifactCache:
             with suppress(OSError):
                 if child.lstat().st_mtime < cutoff:
                     shutil.rmtree(child, ignore_errors=True)
+
+
+def keep_failed_build(workdir: Path, pattern: str = "*.c") -> Path:
+    """Keep the sources of a failed build for the user (the cache deletes ``workdir``).
+
+    ``workdir`` is a private build directory under a cache's ``tmp``; the files matching
+    ``pattern`` are copied to ``tmp/failed-build-*`` beside it, after removing older ones: at
+    most the last failed build is kept, and the stale-tmp sweep removes it after an hour.
+    """
+    tmp = workdir.parent
+    for old in tmp.glob(FAILED_BUILD_PREFIX + "*"):
+        shutil.rmtree(old, ignore_errors=True)
+    kept = Path(tempfile.mkdtemp(prefix=FAILED_BUILD_PREFIX, dir=tmp))
+    for path in workdir.glob(pattern):
+        shutil.copy2(path, kept / path.name)
+    return kept

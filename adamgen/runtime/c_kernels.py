@@ -29,8 +29,6 @@ import hashlib
 import keyword
 import logging
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -432,10 +430,8 @@ def _build(config: KernelConfig, spec_name: str, openmp: bool, portable: bool, f
     (directory / "kernel_cdef.h").write_text(rendered.cdef, encoding="utf-8")
     try:
         build.compile_extension(module_name, rendered.source, rendered.cdef, directory, flags)
-    except CompileError as exc:  # the cache deletes ``directory``: keep the sources elsewhere
-        kept = Path(tempfile.mkdtemp(prefix="adamgen-failed-build-"))
-        for path in directory.glob("*.c"):
-            shutil.copy2(path, kept / path.name)
+    except CompileError as exc:  # the cache deletes ``directory``: keep the sources beside it
+        kept = artifact_cache.keep_failed_build(directory)
         c_path = kept / (exc.c_path.name if exc.c_path else "kernel.c")
         raise CompileError(str(exc).splitlines()[0], argv=exc.argv, stderr=exc.stderr,
                            c_path=c_path) from exc
