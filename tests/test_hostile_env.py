@@ -35,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +62,7 @@ from reference import adam_update_ref
 import adamgen
 from adamgen.config import refresh_environment
 from adamgen.errors import CacheError, ConfigError
-from adamgen.runtime import c_kernels, kernels
+from adamgen.runtime import c_kernels, dispatch, kernels
 
 
 @pytest.fixture
@@ -302,6 +303,31 @@ def test_a_build_that_fails_with_a_full_disk_falls_back_to_numpy(fresh_cache, mo
     in_memory = kernels.EVENTS[first_event:]
     assert in_memory and all(e["path"] == "(memory: [Errno 28] No space left on device)"
                              for e in in_memory), in_memory
+
+
+def test_the_no_compiler_warning_points_at_the_callers_line(fresh_cache, monkeypatch):
+    """Not at ``dispatch.py`` or ``vjp.py``: at the user's line, whatever the entry point."""
+    from adamgen.codegen import build
+
+    monkeypatch.setenv("CC", "/nonexistent")
+    x = np.linspace(-1, 1, 64).astype(np.float32)
+    calls = {
+        "adam_update": lambda: adamgen.adam_update(x, x, 0.1, x, x, 1),
+        "Adam": lambda: adamgen.Adam([x.copy()], lr=0.1).step([x]),
+        "adam_update_vjp": lambda: adamgen.adam_update_vjp(x, x, 0.1, x, x, 1, (x, x, x)),
+    }
+    try:
+        for name, call in calls.items():
+            build.probe_compiler.cache_clear()
+            c_kernels.clear_memo()
+            dispatch.forget()
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                call()
+            found = [(w.filename, w.lineno) for w in seen if "C kernels" in str(w.message)]
+            assert found == [(__file__, call.__code__.co_firstlineno)], (name, found)
+    finally:
+        build.probe_compiler.cache_clear()
 
 
 def test_cache_dir_removed_while_running(fresh_cache):

@@ -30,7 +30,6 @@ import keyword
 import logging
 import os
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any
 
 from .. import cache as artifact_cache
 from .._resources import generator_fingerprint
+from .._warnings import warn
 from ..codegen import build
 from ..config import KernelConfig, environment
 from ..errors import CacheError, CacheMissError, CompileError
@@ -378,13 +378,13 @@ def clear_memo() -> None:
 
 
 def warn_unavailable(exc: Exception) -> None:
-    """One warning per process that C is unavailable, whichever kernel found out first."""
+    """One warning per process that C is unavailable, whichever kernel found out first; it
+    points at the caller's line (the first frame outside adamgen), whatever the entry point."""
     global _warned
     if not _warned:
         _warned = True
-        warnings.warn(f"adamgen: C kernels are unavailable, the NumPy backend serves instead "
-                      f"(set ADAMGEN_STRICT=1 to make this an error): "
-                      f"{str(exc).splitlines()[0]}", RuntimeWarning, stacklevel=3)
+        warn(f"adamgen: C kernels are unavailable, the NumPy backend serves instead (set "
+             f"ADAMGEN_STRICT=1 to make this an error): {str(exc).splitlines()[0]}")
 
 
 def c_cache_key(config: KernelConfig, spec_name: str, portable: bool) -> tuple[str, list[str],
