@@ -13,6 +13,7 @@ import sys
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from types import FrameType
 
 _PACKAGE_PREFIX = os.path.dirname(os.path.realpath(__file__)) + os.sep
 
@@ -22,7 +23,8 @@ def warn(message: str, category: type[Warning] = RuntimeWarning, *,
     """``warnings.warn`` attributed to the first frame outside adamgen and outside ``skip``
     (directories, e.g. a generated package's, whose frames are not the user's either)."""
     prefixes = (_PACKAGE_PREFIX, *(os.path.realpath(p) + os.sep for p in skip))
-    frame, level = sys._getframe(1), 2  # level 2: warn()'s caller
+    frame: FrameType | None = sys._getframe(1)
+    level = 2  # warn()'s caller
     while frame is not None and os.path.realpath(frame.f_code.co_filename).startswith(prefixes):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
