@@ -10,29 +10,31 @@ Why it looks like this (STYLE.md items 6-8, DESIGN.md "Build and cache"):
   a manifest listing every file's size and sha256 is written beside the artifacts, and the whole
   directory is moved into place with one ``os.replace``. Readers therefore see either nothing or
   a complete entry, and a truncated or corrupted file fails validation and is rebuilt.
-* **Ownership.** A directory another user can write could hand us a shared object to ``dlopen``:
-  nothing is loaded from a root, entry or file that another uid owns or that is group/other
-  writable. Such a cache is refused with an error naming the path.
+* **Ownership** (:mod:`adamgen.cache_safety`). A directory another user can write could hand us
+  a shared object to ``dlopen``: nothing is loaded from a root, intermediate directory, entry or
+  file that another uid owns or that is group/other writable; such a path raises
+  :class:`CacheUnsafeError` naming it.
+* **Read-only caches** (opened with ``allow_read_only``: a pre-built cache on a read-only image or
+  mount) serve their valid entries without taking a lock; a miss raises
+  :class:`CacheReadOnlyError` and the caller builds elsewhere.
 
 Layout: ``root/<SCHEMA>/<kind>/<key>/{artifacts..., manifest.json}``, ``root/locks/<key>.lock``,
-``root/tmp/`` (private build directories, swept when older than an hour).
+``root/tmp/`` (private build directories, and the sources of the last failed build, swept when
+older than an hour).
 """
 
 from __future__ import annotations
 
-import atexit
 import errno
 import fcntl
 import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import stat
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -40,8 +42,18 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
+from .cache_safety import (
+    SAFE_NAME,
+    check_name,
+    file_sha256,
+    make_private_dir,
+    require_safe,
+    require_safe_chain,
+    unsafe_reason,
+    why_not_writable,
+)
 from .config import environment
-from .errors import CacheError, CacheMissError
+from .errors import CacheError, CacheMissError, CacheReadOnlyError, CacheUnsafeError
 
 #: Bumped whenever the layout or the manifest format changes; old entries then live in their own
 #: ``root/<old schema>/`` tree, are never read, and ``clear()`` removes them.
@@ -50,14 +62,9 @@ MANIFEST = "manifest.json"
 STALE_TMP_SECONDS = 3600.0
 _RESERVED_FIELDS = frozenset({"schema", "key", "kind", "adamgen_version", "files", "created",
                               "build_seconds"})
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+FAILED_BUILD_PREFIX = "failed-build-"
 
 logger = logging.getLogger("adamgen.cache")
-
-# (device, inode, size, mtime_ns, ctime_ns) -> sha256: a hit re-hashes a file only if it changed.
-_hash_memo: dict[tuple[int, int, int, int, int], str] = {}
-_warned_unusable = False
-_private_cache: ArtifactCache | None = None
 
 
 @dataclass(frozen=True)
@@ -83,99 +90,52 @@ def cache_key(fields: Mapping[str, str]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def default_cache_dir() -> Path:
-    """``ADAMGEN_CACHE_DIR``, else ``$XDG_CACHE_HOME/adamgen``, else ``~/.cache/adamgen``."""
-    configured = environment().cache_dir
-    if configured is not None:
-        return configured.absolute()
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    if xdg and os.path.isabs(xdg):  # the XDG spec says to ignore relative values
-        return Path(xdg) / "adamgen"
-    return Path.home() / ".cache" / "adamgen"
-
-
-def _unsafe_reason(st: os.stat_result) -> str | None:
-    """Why a path with this stat must not be trusted, or None if it is ours alone."""
-    if st.st_uid != os.geteuid():
-        return f"it is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return f"it is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
-    return None
-
-
-def _require_safe(path: Path, *, follow_symlinks: bool = True) -> os.stat_result:
-    """Stat ``path`` and raise :class:`CacheError` if another user could have written it."""
-    st = os.stat(path, follow_symlinks=follow_symlinks)
-    reason = _unsafe_reason(st)
-    if reason is not None:
-        raise CacheError(f"refusing to use cache path {path}: {reason}")
-    return st
-
-
-def _make_private_dir(path: Path) -> None:
-    """Create ``path`` (0700) if missing; an existing directory is checked, never loosened."""
-    try:
-        os.makedirs(path, mode=0o700)
-        os.chmod(path, 0o700)  # makedirs' mode is filtered by the umask
-    except FileExistsError:
-        pass
-    if not path.is_dir():
-        raise CacheError(f"cache path {path} exists but is not a directory")
-    _require_safe(path)
-
-
-def _file_sha256(path: Path, st: os.stat_result) -> str:
-    memo_key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    digest = _hash_memo.get(memo_key)
-    if digest is None:
-        sha = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                sha.update(block)
-        digest = _hash_memo[memo_key] = sha.hexdigest()
-    return digest
-
-
-def _check_name(what: str, name: str) -> None:
-    """Kinds and keys become path components: only plain names, never ``..`` or ``/``."""
-    if not _SAFE_NAME.match(name):
-        raise CacheError(f"invalid cache {what} {name!r}: use letters, digits, '_', '-', '.'")
-
-
 class ArtifactCache:
     """A directory of build products, each published atomically under a content key.
 
     Args:
         root: the cache directory; created 0700 if missing. An existing one is refused (with
-            :class:`CacheError`) if another uid owns it or group/others can write it.
+            :class:`CacheUnsafeError`) if another uid owns it or group/others can write it.
+        allow_read_only: open an existing, safe root that this process cannot write as a
+            read-only cache (:attr:`read_only` says why) instead of raising.
     """
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, *, allow_read_only: bool = False) -> None:
         self.root = Path(root).expanduser().absolute()
-        self._ensure_layout()
+        #: why this cache cannot be written ("" when it can): then misses raise
+        #: :class:`CacheReadOnlyError` and nothing is locked, built or removed
+        self.read_only = ""
+        self._refused: set[tuple[str, str]] = set()  # entries that failed to load, read-only
         self._swept = False
+        if allow_read_only and self.root.is_dir():
+            require_safe(self.root, directory=True)
+            self.read_only = why_not_writable(self.root)
+            if self.read_only:
+                return
+        self._ensure_layout()
 
     def _ensure_layout(self) -> None:
         """Create (or re-create, if someone deleted them) the root, ``locks`` and ``tmp``."""
-        _make_private_dir(self.root)
+        make_private_dir(self.root)
         for sub in (self.root / "locks", self.root / "tmp"):
-            _make_private_dir(sub)
-            if not os.access(sub, os.W_OK | os.X_OK):
-                raise CacheError(f"cache directory {sub} is not writable")
+            make_private_dir(sub)
+            problem = why_not_writable(sub)
+            if problem:
+                raise CacheError(f"cache directory {sub} is not writable: {problem}")
 
     def __repr__(self) -> str:
-        return f"ArtifactCache({str(self.root)!r})"
+        return f"ArtifactCache({str(self.root)!r}{', read-only' if self.read_only else ''})"
 
     # -- paths ---------------------------------------------------------------------------------
     def entry_path(self, kind: str, key: str) -> Path:
         """Where the entry for (kind, key) lives once published."""
-        _check_name("kind", kind)
-        _check_name("key", key)
+        check_name("kind", kind)
+        check_name("key", key)
         return self.root / str(SCHEMA) / kind / key
 
     def lock_path(self, key: str) -> Path:
         """The per-key lock file (kept forever: deleting it would race with waiters)."""
-        _check_name("key", key)
+        check_name("key", key)
         return self.root / "locks" / f"{key}.lock"
 
     # -- the main operation --------------------------------------------------------------------
@@ -192,22 +152,27 @@ class ArtifactCache:
 
         Raises:
             CacheMissError: on a miss when ``ADAMGEN_REQUIRE_CACHE_HIT=1``.
-            CacheError: lock timeout, unsafe ownership, or an entry still invalid after a build.
+            CacheReadOnlyError: on a miss in a read-only cache.
+            CacheUnsafeError: a path on the way to the entry another user could have written.
+            CacheError: lock timeout, or an entry still invalid after a build.
+            OSError: writing the entry failed (a full disk, a file size limit).
         """
         final = self.entry_path(kind, key)
-        manifest = self._load_valid(final, kind, key)
+        manifest = None if (kind, key) in self._refused else self._load_valid(final, kind, key)
         if manifest is not None:
             logger.debug("cache hit: fetched %s %s from %s", kind, key, final)
             return Entry(final, manifest, built=False, build_seconds=0.0)
+        if self.read_only:
+            self._forbid_building(kind, key)
+            raise CacheReadOnlyError(f"the kernel cache at {self.root} is read-only "
+                                     f"({self.read_only}) and lacks {kind} {key}")
         self._ensure_layout()  # cheap, and survives an ``rm -rf`` of the cache mid-process
         with self._key_lock(key, lock_timeout):
             manifest = self._load_valid(final, kind, key)  # someone may have built it meanwhile
             if manifest is not None:
                 logger.debug("cache hit after waiting: fetched %s %s from %s", kind, key, final)
                 return Entry(final, manifest, built=False, build_seconds=0.0)
-            if environment().require_cache_hit:
-                raise CacheMissError(f"cache miss for kind {kind!r} key {key} in {self.root} "
-                                     "(ADAMGEN_REQUIRE_CACHE_HIT=1 forbids building)")
+            self._forbid_building(kind, key)
             self._sweep_stale_tmp()
             if os.path.lexists(final):
                 logger.debug("removing invalid cache entry %s", final)
@@ -226,8 +191,12 @@ class ArtifactCache:
         """Remove an entry whose artifact failed to load (e.g. ``dlopen``): the next call rebuilds.
 
         Taken under the key's lock so it never removes an entry another process is publishing.
+        A read-only cache removes nothing: it treats the entry as missing from now on.
         """
         final = self.entry_path(kind, key)
+        if self.read_only:
+            self._refused.add((kind, key))
+            return
         with self._key_lock(key, 300.0):
             if os.path.lexists(final):
                 logger.debug("invalidating cache entry %s", final)
@@ -257,6 +226,9 @@ class ArtifactCache:
         either a complete entry or none (a miss), never a half-deleted one; and it is removed
         under its key's lock, so a builder never loses the entry it is publishing.
         """
+        if self.read_only:
+            raise CacheReadOnlyError(f"cannot clear the kernel cache at {self.root}: "
+                                     f"{self.read_only}")
         removed = 0
         for schema_dir in self.root.iterdir():
             if not (schema_dir.name.isdigit() and schema_dir.is_dir()):
@@ -265,7 +237,7 @@ class ArtifactCache:
                 if not kind_dir.is_dir():
                     continue
                 for entry in list(kind_dir.iterdir()):
-                    if _SAFE_NAME.match(entry.name):
+                    if SAFE_NAME.match(entry.name):
                         with self._key_lock(entry.name, 300.0):
                             removed += self._remove_entry(entry)
                     else:  # not a name adamgen writes: no lock to respect
@@ -275,6 +247,11 @@ class ArtifactCache:
         return removed
 
     # -- internals -------------------------------------------------------------------------------
+    def _forbid_building(self, kind: str, key: str) -> None:
+        if environment().require_cache_hit:
+            raise CacheMissError(f"cache miss for kind {kind!r} key {key} in {self.root} "
+                                 "(ADAMGEN_REQUIRE_CACHE_HIT=1 forbids building)")
+
     @contextmanager
     def _key_lock(self, key: str, timeout: float) -> Iterator[None]:
         """Hold ``flock`` on the key's lock file; the OS drops it if this process dies."""
@@ -282,11 +259,14 @@ class ArtifactCache:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CacheUnsafeError(f"refusing to use lock file {path}: it is a symlink, "
+                                       "expected a regular file") from exc
             raise CacheError(f"cannot open lock file {path}: {exc.strerror or exc}") from exc
         try:
-            reason = _unsafe_reason(os.fstat(fd))
+            reason = unsafe_reason(os.fstat(fd))
             if reason is not None:
-                raise CacheError(f"refusing to use lock file {path}: {reason}")
+                raise CacheUnsafeError(f"refusing to use lock file {path}: {reason}")
             deadline = time.monotonic() + timeout
             pause = 0.005
             while True:
@@ -311,15 +291,19 @@ class ArtifactCache:
     def _load_valid(self, final: Path, kind: str, key: str) -> dict[str, Any] | None:
         """The manifest if the entry is complete and untampered, else None (a miss).
 
-        Ownership problems are not a miss: they raise, because silently rebuilding would hide
-        that someone else wrote into this user's cache.
+        Ownership problems are not a miss: they raise :class:`CacheUnsafeError`, because
+        silently rebuilding would hide that someone else wrote into this user's cache. Every
+        directory from the root down is checked, not only the entry: whoever can write
+        ``root/<schema>`` or ``root/<schema>/<kind>`` can swap the entry below it.
         """
         try:
+            if not require_safe_chain(self.root, final.parent):
+                return None
             if not stat.S_ISDIR(os.lstat(final).st_mode):
                 return None
-            _require_safe(final, follow_symlinks=False)
+            require_safe(final, follow_symlinks=False)
             manifest_path = final / MANIFEST
-            _require_safe(manifest_path, follow_symlinks=False)
+            require_safe(manifest_path, follow_symlinks=False)
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
             if not (isinstance(manifest, dict) and manifest.get("key") == key
                     and manifest.get("kind") == kind and manifest.get("schema") == SCHEMA
@@ -330,12 +314,12 @@ class ArtifactCache:
                 st = os.lstat(path)
                 if not stat.S_ISREG(st.st_mode):
                     return None
-                reason = _unsafe_reason(st)
+                reason = unsafe_reason(st)
                 if reason is not None:
-                    raise CacheError(f"refusing to use cache file {path}: {reason}")
+                    raise CacheUnsafeError(f"refusing to use cache file {path}: {reason}")
                 if st.st_size != expected.get("size"):
                     return None
-                if _file_sha256(path, st) != expected.get("sha256"):
+                if file_sha256(path, st) != expected.get("sha256"):
                     return None
         except CacheError:
             raise
@@ -345,8 +329,8 @@ class ArtifactCache:
 
     def _build_and_publish(self, final: Path, kind: str, key: str,
                            build: Callable[[Path], Mapping[str, Any]]) -> None:
-        _make_private_dir(final.parent.parent)
-        _make_private_dir(final.parent)
+        make_private_dir(final.parent.parent)
+        make_private_dir(final.parent)
         workdir = Path(tempfile.mkdtemp(prefix=f"build-{key[:16]}-", dir=self.root / "tmp"))
         try:
             started = time.perf_counter()
@@ -367,7 +351,7 @@ class ArtifactCache:
                     # The builder's umask may leave group-write bits, which loading would refuse.
                     os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o022)
                     files[path.relative_to(workdir).as_posix()] = {
-                        "sha256": _file_sha256(path, os.lstat(path)), "size": st.st_size}
+                        "sha256": file_sha256(path, os.lstat(path)), "size": st.st_size}
             if MANIFEST in files:
                 raise CacheError(f"builder for {kind} wrote a file named {MANIFEST}")
             manifest = {"schema": SCHEMA, "key": key, "kind": kind,
@@ -417,37 +401,17 @@ class ArtifactCache:
                     shutil.rmtree(child, ignore_errors=True)
 
 
-def open_default_cache() -> ArtifactCache | None:
-    """The user's cache, or None (after one RuntimeWarning per process) if it is unusable.
+def keep_failed_build(workdir: Path, pattern: str = "*.c") -> Path:
+    """Keep the sources of a failed build for the user (the cache deletes ``workdir``).
 
-    Why not raise: an unusable cache (read-only home, unsafe permissions) must not stop adamgen
-    from returning correct results; the caller builds into :func:`private_temp_cache` instead.
+    ``workdir`` is a private build directory under a cache's ``tmp``; the files matching
+    ``pattern`` are copied to ``tmp/failed-build-*`` beside it, after removing older ones: at
+    most the last failed build is kept, and the stale-tmp sweep removes it after an hour.
     """
-    global _warned_unusable
-    root: Path | str = "the default cache directory"
-    try:
-        root = default_cache_dir()
-        return ArtifactCache(root)
-    except (CacheError, OSError, RuntimeError) as exc:
-        if not _warned_unusable:
-            _warned_unusable = True
-            warnings.warn(f"adamgen cannot use the kernel cache at {root}: {exc}; building "
-                          "into a private temporary directory instead (set ADAMGEN_CACHE_DIR "
-                          "to a directory only you can write)", RuntimeWarning, stacklevel=2)
-        return None
-
-
-def private_temp_cache() -> ArtifactCache:
-    """A per-process cache in a fresh ``mkdtemp`` directory (0700), removed at exit.
-
-    Memoised so one process builds each kernel once even without a usable user cache.
-    """
-    global _private_cache
-    if _private_cache is None or not _private_cache.root.is_dir():
-        try:
-            root = tempfile.mkdtemp(prefix="adamgen-")
-        except OSError as exc:
-            raise CacheError(f"cannot create a private temporary cache directory: {exc}") from exc
-        atexit.register(shutil.rmtree, root, ignore_errors=True)
-        _private_cache = ArtifactCache(root)
-    return _private_cache
+    tmp = workdir.parent
+    for old in tmp.glob(FAILED_BUILD_PREFIX + "*"):
+        shutil.rmtree(old, ignore_errors=True)
+    kept = Path(tempfile.mkdtemp(prefix=FAILED_BUILD_PREFIX, dir=tmp))
+    for path in workdir.glob(pattern):
+        shutil.copy2(path, kept / path.name)
+    return kept

@@ -66,5 +66,14 @@ class CacheError(AdamgenError):
     """The kernel cache could not be used (lock timeout, unsafe ownership, ...)."""
 
 
+class CacheUnsafeError(CacheError):
+    """A cache path another user owns or can write (or a symlink where a directory or a lock
+    belongs): nothing is loaded from that cache for the rest of the process."""
+
+
+class CacheReadOnlyError(CacheError):
+    """A read-only cache (a shared image, a read-only mount) cannot build a missing entry."""
+
+
 class CacheMissError(CacheError):
     """Raised on a miss when ``ADAMGEN_REQUIRE_CACHE_HIT=1``: makes "this was a hit" provable."""

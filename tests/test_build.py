@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from adamgen.cache import ArtifactCache, cache_key, default_cache_dir
+from adamgen.cache import ArtifactCache, cache_key
+from adamgen.cache_location import default_cache_dir
 from adamgen.codegen import build
 from adamgen.codegen.build import (
     CompilerInfo,
@@ -243,7 +244,8 @@ def test_loading_a_broken_shared_object_is_a_cache_error(tmp_path: Path) -> None
 CACHED_BUILD = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from adamgen.cache import ArtifactCache, cache_key, default_cache_dir
+    from adamgen.cache import ArtifactCache, cache_key
+    from adamgen.cache_location import default_cache_dir
     from adamgen.codegen.build import (compile_extension, compile_flags,
                                        extension_module_name, key_fields, load_extension)
     SOURCE = "static double add(double a, double b) { return a + b; }\\n"

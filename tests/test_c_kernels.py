@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import warnings
 from collections.abc import Callable, Iterator
@@ -563,6 +564,24 @@ def test_failed_build_warns_once_with_the_first_error_line(fresh, tmp_path: Path
         assert c_kernel(KernelConfig(dtype="float32", mode="fast")) is None
     runtime = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(runtime) == 1 and "error: injected failure for the test" in runtime[0], runtime
+
+
+def test_failed_builds_keep_only_the_last_sources_inside_the_cache(fresh, tmp_path: Path,
+                                                                   hermetic: Path):
+    """Each failed build used to leave ~108 KB in ``/tmp/adamgen-failed-build-*`` forever."""
+    fresh.setenv("CC", str(failing_compiler(tmp_path)))
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    fresh.setattr(tempfile, "tempdir", str(system_tmp))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for dtype, mode in [("float64", "fast"), ("float32", "fast"), ("float32", "exact")]:
+            assert c_kernel(KernelConfig(dtype=dtype, mode=mode)) is None
+    kept = list((hermetic / "tmp").glob("failed-build-*"))
+    assert len(kept) == 1, kept  # the last one; the stale-tmp sweep removes it after an hour
+    assert [p.name for p in kept[0].iterdir()] and all(p.suffix == ".c" for p in kept[0].iterdir())
+    assert "float32" in c_kernels.EVENTS[-1]["kernel"]
+    assert list(system_tmp.iterdir()) == []  # nothing left in the system's temporary directory
 
 
 def test_failed_build_raises_compile_error_when_strict(fresh, tmp_path: Path):

@@ -24,16 +24,16 @@ from pathlib import Path
 import pytest
 
 from adamgen import cache as cache_module
-from adamgen.cache import (
-    SCHEMA,
-    ArtifactCache,
-    Entry,
-    cache_key,
-    default_cache_dir,
-    open_default_cache,
-    private_temp_cache,
+from adamgen import cache_location
+from adamgen.cache import SCHEMA, ArtifactCache, Entry, cache_key
+from adamgen.cache_location import default_cache_dir, open_default_cache, private_temp_cache
+from adamgen.config import refresh_environment
+from adamgen.errors import (
+    CacheError,
+    CacheMissError,
+    CacheReadOnlyError,
+    CacheUnsafeError,
 )
-from adamgen.errors import CacheError, CacheMissError
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = cache_key({"test": "artifact", "n": "1"})
@@ -46,7 +46,7 @@ def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
             monkeypatch.delenv(name)
     root = tmp_path / "cache"
     monkeypatch.setenv("ADAMGEN_CACHE_DIR", str(root))
-    monkeypatch.setattr(cache_module, "_warned_unusable", False)
+    monkeypatch.setattr(cache_location, "_warned_unusable", False)
     return root
 
 
@@ -77,7 +77,8 @@ def child_env(cache_dir: Path, **extra: str) -> dict[str, str]:
 CHILD_PRELUDE = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
-    from adamgen.cache import ArtifactCache, default_cache_dir
+    from adamgen.cache import ArtifactCache
+    from adamgen.cache_location import default_cache_dir
     cache = ArtifactCache(default_cache_dir())
 """)
 
@@ -337,6 +338,96 @@ def test_writable_artifact_inside_the_cache_is_refused(cache: ArtifactCache) -> 
         cache.get_or_build("kernel", KEY, write_artifact())
 
 
+@pytest.mark.parametrize("how", ["writable by others", "owned by another user"])
+@pytest.mark.parametrize("level", ["schema", "kind"])
+def test_every_directory_down_to_the_entry_is_checked(cache: ArtifactCache, cache_dir: Path,
+                                                      level: str, how: str) -> None:
+    """Whoever can write ``root/<schema>`` or ``root/<schema>/<kind>`` can swap the entry."""
+    if how == "owned by another user" and os.geteuid() != 0:
+        pytest.skip("giving a directory away needs root")
+    entry = cache.get_or_build("kernel", KEY, write_artifact())
+    directory = entry.path.parent if level == "kind" else entry.path.parent.parent
+    if how == "writable by others":
+        os.chmod(directory, 0o777)
+    else:
+        os.chown(directory, 65534, 65534)
+    with pytest.raises(CacheUnsafeError, match="refusing") as caught:
+        cache.get_or_build("kernel", KEY, write_artifact())
+    assert str(directory) in str(caught.value)
+
+
+def test_a_symlinked_intermediate_directory_is_refused(cache: ArtifactCache, cache_dir: Path,
+                                                       tmp_path: Path) -> None:
+    entry = cache.get_or_build("kernel", KEY, write_artifact())
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(entry.path.parent, elsewhere)
+    entry.path.parent.symlink_to(elsewhere)
+    with pytest.raises(CacheUnsafeError, match="not a directory"):
+        cache.get_or_build("kernel", KEY, write_artifact())
+
+
+def test_a_symlinked_lock_is_unsafe_and_its_target_untouched(cache: ArtifactCache,
+                                                            tmp_path: Path) -> None:
+    target = tmp_path / "someone-elses-file"
+    target.write_text("untouched")
+    cache.lock_path(KEY).symlink_to(target)
+    with pytest.raises(CacheUnsafeError, match="lock file.*symlink"):
+        cache.get_or_build("kernel", KEY, write_artifact())
+    assert target.read_text() == "untouched"
+
+
+# -- read-only caches ---------------------------------------------------------------------------
+@pytest.fixture
+def read_only(cache: ArtifactCache, cache_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    """A cache holding one entry, reopened as if on a read-only mount. Simulated at the one
+    boundary the cache asks (``why_not_writable``); ``test_kernels.py`` mounts a real one. The
+    locks and tmp directories are removed: a shipped read-only image need not have them."""
+    cache.get_or_build("kernel", KEY, write_artifact())
+    shutil.rmtree(cache_dir / "locks")
+    shutil.rmtree(cache_dir / "tmp")
+    monkeypatch.setattr(cache_module, "why_not_writable",
+                        lambda path: "it is on a read-only file system")
+    return ArtifactCache(cache_dir, allow_read_only=True)
+
+
+def test_a_read_only_cache_serves_hits_without_locking(read_only: ArtifactCache,
+                                                      cache_dir: Path) -> None:
+    assert read_only.read_only == "it is on a read-only file system"
+    assert "read-only" in repr(read_only)
+    hit = read_only.get_or_build("kernel", KEY, write_artifact())
+    assert not hit.built and hit.path == cache_dir / str(SCHEMA) / "kernel" / KEY
+    assert not (cache_dir / "locks").exists() and not (cache_dir / "tmp").exists()
+
+
+def test_a_read_only_cache_refuses_to_build_remove_or_clear(read_only: ArtifactCache,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    other = cache_key({"other": "kernel"})
+    with pytest.raises(CacheReadOnlyError, match="read-only file system.*lacks kernel"):
+        read_only.get_or_build("kernel", other, write_artifact())
+    monkeypatch.setenv("ADAMGEN_REQUIRE_CACHE_HIT", "1")
+    refresh_environment()
+    with pytest.raises(CacheMissError):
+        read_only.get_or_build("kernel", other, write_artifact())
+    monkeypatch.delenv("ADAMGEN_REQUIRE_CACHE_HIT")
+    refresh_environment()
+    read_only.invalidate("kernel", KEY)  # an entry that failed to load: a miss from now on
+    assert read_only.entry_path("kernel", KEY).is_dir()
+    with pytest.raises(CacheReadOnlyError):
+        read_only.get_or_build("kernel", KEY, write_artifact())
+    with pytest.raises(CacheReadOnlyError, match="cannot clear"):
+        read_only.clear()
+
+
+def test_a_read_only_cache_still_obeys_the_ownership_rule(read_only: ArtifactCache,
+                                                         cache_dir: Path) -> None:
+    os.chmod(cache_dir / str(SCHEMA), 0o777)
+    with pytest.raises(CacheUnsafeError):
+        read_only.get_or_build("kernel", KEY, write_artifact())
+    os.chmod(cache_dir, 0o777)
+    with pytest.raises(CacheUnsafeError):
+        ArtifactCache(cache_dir, allow_read_only=True)
+
+
 def test_builder_umask_does_not_make_entries_unloadable(cache: ArtifactCache) -> None:
     def build(workdir: Path) -> dict[str, str]:
         (workdir / "sub").mkdir(mode=0o777)
@@ -413,13 +504,14 @@ def test_clear_waits_for_a_builder_holding_the_key(cache: ArtifactCache) -> None
 
 
 def test_cache_module_imports_only_the_stdlib() -> None:
-    tree = ast.parse((REPO / "adamgen" / "cache.py").read_text())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree)
-                if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
-                 if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
-    assert imported <= set(sys.stdlib_module_names) | {"__future__"}
-    code = ("import sys, adamgen.cache; "
+    for name in ("cache.py", "cache_safety.py", "cache_location.py", "_warnings.py"):
+        tree = ast.parse((REPO / "adamgen" / name).read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                    if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+        assert imported <= set(sys.stdlib_module_names) | {"__future__"}, name
+    code = ("import sys, adamgen.cache, adamgen.cache_location; "
             "print(sorted(m for m in ('sympy', 'jinja2') if m in sys.modules))")
     probe = subprocess.run(
         [sys.executable, "-c", code], check=False,

@@ -28,14 +28,12 @@ kernel cache did.
 from __future__ import annotations
 
 import errno
-import functools
 import json
+import logging
 import os
 import shutil
-import stat
 import subprocess
 import sys
-import tempfile
 import textwrap
 import warnings
 from pathlib import Path
@@ -43,178 +41,38 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import assert_bitwise_equal
+from hostile import (
+    REPO,
+    all_entry_points_match_the_reference,
+    assert_correct,
+    cache_entries,
+    clean_env,
+    fresh_cache_dir,
+    needs_c,
+    one_cache_warning,
+    read_only_dir,
+    rewrite,
+    run_script,
+    scratch_place,
+    unprivileged,
+    writable_tmp,
+)
 from reference import adam_update_ref
 
 import adamgen
 from adamgen.config import refresh_environment
 from adamgen.errors import CacheError, ConfigError
-from adamgen.runtime import c_kernels, dispatch, kernels, loader, vjp
-
-REPO = Path(__file__).resolve().parents[1]
-
-#: The work every hostile process does, and what it reports.
-SCRIPT = textwrap.dedent("""
-    import json, os, sys, tempfile, types, warnings
-    if os.environ.get("HOSTILE_VERSION"):  # another adamgen version: preload its _version
-        fake = types.ModuleType("adamgen._version")
-        fake.__version__ = os.environ["HOSTILE_VERSION"]
-        sys.modules["adamgen._version"] = fake
-    if os.environ.get("HOSTILE_TEMPDIR"):  # the only temporary directory there is
-        tempfile.tempdir = os.environ["HOSTILE_TEMPDIR"]
-    import numpy as np
-    import adamgen
-    from adamgen.codegen import build
-    from adamgen.runtime import c_kernels, kernels, loader
-    if os.environ.get("HOSTILE_CPU"):  # another CPU feature set
-        build.cpu_features = lambda: os.environ["HOSTILE_CPU"]
-    loader.run_delay = lambda: 0.0  # a busy machine must not stop a choice being persisted
-
-    report = {"warnings": [], "results": {}, "error": None}
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        try:
-            x = np.linspace(-3, 3, 5000).astype(np.float32)
-            v = np.abs(x[::-1]).copy()
-            report["results"]["update32"] = [r.tobytes().hex() for r in
-                                             adamgen.adam_update(x, x[::-1], 0.01, x, v, 7)]
-            y = np.linspace(-1, 1, 7)
-            report["results"]["update64"] = [r.tobytes().hex() for r in
-                                             adamgen.adam_update(y, y, 0.1, y, y ** 2, 2)]
-            p = [x.copy()]
-            opt = adamgen.Adam(p, lr=0.01)
-            opt.step([x[::-1].copy()])
-            report["results"]["adam"] = p[0].tobytes().hex()
-            report["results"]["vjp"] = [r.tobytes().hex() for r in adamgen.adam_update_vjp(
-                y, y, 0.1, y, y ** 2, 2, (y, y, y))]
-        except Exception as error:
-            report["error"] = [type(error).__name__, str(error)]
-    report["warnings"] = [[w.category.__name__, str(w.message)] for w in seen
-                          if "adamgen" in str(w.message)]
-    try:
-        report["cache_root"] = str(kernels.kernel_cache().root)
-    except Exception as error:
-        report["cache_root"] = None
-    report["c_events"] = [[str(e.get("kernel")), e.get("built"), e.get("error")]
-                          for e in c_kernels.EVENTS]
-    report["numpy_events"] = [[str(e["kernel"]), e["built"]] for e in kernels.EVENTS]
-    report["decisions"] = [[d.problem, d.bucket, d.source] for d in loader.decisions()]
-    print(json.dumps(report))
-""")
-
-
-def expected_results() -> dict:
-    x = np.linspace(-3, 3, 5000).astype(np.float32)
-    v = np.abs(x[::-1]).copy()
-    y = np.linspace(-1, 1, 7)
-    w, m, vv = adam_update_ref(x, x[::-1], 0.01, np.zeros_like(x), np.zeros_like(x), 1)
-    return {
-        "update32": [r.tobytes().hex() for r in adam_update_ref(x, x[::-1], 0.01, x, v, 7)],
-        "update64": [r.tobytes().hex() for r in adam_update_ref(y, y, 0.1, y, y ** 2, 2)],
-        "adam": w.tobytes().hex(),
-    }
-
-
-def clean_env(**values: str | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("ADAMGEN_", "HOSTILE_")) and k != "XDG_CACHE_HOME"}
-    env["PYTHONPATH"] = str(REPO)
-    env["ADAMGEN_STRICT"] = "1"
-    for name, value in values.items():
-        if value is None:
-            env.pop(name, None)
-        else:
-            env[name] = value
-    return env
-
-
-def run_script(env: dict[str, str], prefix: tuple[str, ...] = (), cwd: Path = REPO) -> dict:
-    done = subprocess.run([*prefix, sys.executable, "-c", SCRIPT], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-@functools.cache
-def c_available() -> bool:
-    from adamgen.codegen import build
-
-    return build.probe_compiler().available
-
-
-needs_c = pytest.mark.skipif("not c_available()", reason="no C compiler")
-
-
-def assert_correct(report: dict, *, c_ran: bool = True) -> None:
-    assert report["error"] is None, report["error"]
-    expected = expected_results()
-    for name in ("update32", "update64", "adam"):
-        assert report["results"][name] == expected[name], f"{name} differs from the reference"
-    assert len(report["results"]["vjp"]) == 5
-    if c_ran and c_available():
-        assert report["c_events"], "no C kernel was loaded: the fallback lost the C backend"
-        assert all(error is None for _, _, error in report["c_events"]), report["c_events"]
-
-
-@functools.cache
-def _unprivileged() -> tuple[str, ...] | None:
-    if os.geteuid() != 0:
-        return ()
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        return None
-    prefix = (setpriv, "--bounding-set=-dac_override,-dac_read_search", "--")
-    probe = Path(tempfile.mkdtemp(prefix="adamgen-ro-probe-"))
-    try:
-        probe.chmod(0o555)
-        done = subprocess.run([*prefix, sys.executable, "-c",
-                               f"import os; os.mkdir({str(probe / 'x')!r})"],
-                              capture_output=True, text=True, timeout=60)
-        return prefix if done.returncode != 0 and "Permission" in done.stderr else None
-    finally:
-        probe.chmod(0o755)
-        shutil.rmtree(probe, ignore_errors=True)
-
-
-def unprivileged() -> tuple[str, ...]:
-    """A command prefix under which permission bits bind this user (root included)."""
-    prefix = _unprivileged()
-    if prefix is None:
-        pytest.skip("running as root and cannot drop CAP_DAC_OVERRIDE (no usable setpriv): "
-                    "a read-only directory would not be read-only")
-    return prefix
+from adamgen.runtime import c_kernels, dispatch, kernels
 
 
 @pytest.fixture
-def place(tmp_path):
-    """A scratch directory the (possibly capability-less) child can reach; read-only
-    directories in it are made writable again before removal."""
-    root = Path(tempfile.mkdtemp(prefix="adamgen-hostile-"))
-    root.chmod(0o755)
-    yield root
-    for path in [root, *root.rglob("*")]:
-        if path.is_dir() and not path.is_symlink():
-            path.chmod(0o700)
-    shutil.rmtree(root, ignore_errors=True)
+def place():
+    yield from scratch_place()
 
 
-def read_only_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    path.chmod(0o555)
-    return path
-
-
-def writable_tmp(place: Path) -> Path:
-    tmp = place / "tmp"
-    tmp.mkdir(mode=0o700)
-    return tmp
-
-
-def one_cache_warning(report: dict, mentions: str) -> None:
-    cache_warnings = [w for w in report["warnings"] if "kernel cache" in w[1]]
-    assert len(report["warnings"]) == 1 and len(cache_warnings) == 1, report["warnings"]
-    category, message = cache_warnings[0]
-    assert category == "RuntimeWarning"
-    assert mentions in message and "private temporary directory" in message, message
+@pytest.fixture
+def fresh_cache(monkeypatch, tmp_path):
+    yield from fresh_cache_dir(monkeypatch, tmp_path)
 
 
 # -- no usable cache directory ---------------------------------------------------------------
@@ -320,7 +178,10 @@ def test_unusable_cache_dir_falls_back_to_a_private_temp_cache(kind, place):
                                   HOME=str(place)), prefix)
     assert_correct(report)
     one_cache_warning(report, str(cache))
-    assert report["cache_root"].startswith(str(tmp))
+    # a read-only cache is still read (it could hold kernels); every kernel came from tmp
+    if kind != "read-only itself":
+        assert report["cache_root"].startswith(str(tmp))
+    assert report["paths"] and all(p.startswith(str(tmp)) for p in report["paths"])
     assert not list(tmp.iterdir())
 
 
@@ -338,38 +199,6 @@ def test_no_writable_directory_at_all_still_computes(place):
 
 # -- artifacts that fail to load -------------------------------------------------------------
 
-def _entries(cache: Path, kind: str, *, vjp_kernels: bool | None = None) -> list[Path]:
-    """The entries of one kind; for C kernels, only the VJP's or only the update's."""
-    found = []
-    for path in sorted(p for p in (cache / "1" / kind).iterdir() if p.is_dir()):
-        if vjp_kernels is not None:
-            symbols = [f["symbol"] for f in
-                       json.loads((path / "manifest.json").read_text())["functions"]]
-            if any(s.startswith("ivy_adam_vjp") for s in symbols) != vjp_kernels:
-                continue
-        found.append(path)
-    return found
-
-
-def _rewrite(entry: Path, name: str, content: bytes, *, fix_manifest: bool) -> None:
-    """Replace one file of an entry; optionally make the manifest agree (a file that passes
-    validation but does not load, like a ``.so`` on a ``noexec`` mount)."""
-    import hashlib
-
-    target = entry / name
-    target.chmod(0o600)
-    target.write_bytes(content)
-    target.chmod(0o500 if name.endswith(".so") else 0o400)
-    if fix_manifest:
-        manifest_path = entry / "manifest.json"
-        manifest = json.loads(manifest_path.read_text())
-        manifest["files"][name] = {"sha256": hashlib.sha256(content).hexdigest(),
-                                   "size": len(content)}
-        manifest_path.chmod(0o600)
-        manifest_path.write_text(json.dumps(manifest))
-        manifest_path.chmod(0o400)
-
-
 @needs_c
 @pytest.mark.parametrize("damage", ["truncated .so", "garbage .so with a matching manifest",
                                     "garbage NumPy module", "garbage NumPy module with a "
@@ -383,15 +212,15 @@ def test_damaged_artifacts_are_rebuilt(damage, tmp_path):
     damaged = 0
     if ".so" in damage:
         # the VJP's C kernel is damaged only when the manifest catches it (see the test below)
-        for entry in _entries(cache, "c-kernel", vjp_kernels=None if not fix else False):
+        for entry in cache_entries(cache, "c-kernel", vjp_kernels=None if not fix else False):
             for so in entry.glob("*.so"):
                 content = so.read_bytes()
-                _rewrite(entry, so.name, content[: len(content) // 3] if "truncated" in damage
+                rewrite(entry, so.name, content[: len(content) // 3] if "truncated" in damage
                          else b"\x7fELF garbage" * 100, fix_manifest=fix)
                 damaged += 1
     else:
-        for entry in _entries(cache, "numpy"):
-            _rewrite(entry, "kernel.py", b"raise ImportError('damaged')\n", fix_manifest=fix)
+        for entry in cache_entries(cache, "numpy"):
+            rewrite(entry, "kernel.py", b"raise ImportError('damaged')\n", fix_manifest=fix)
             damaged += 1
     assert damaged
     second = run_script(env)
@@ -408,63 +237,20 @@ def test_damaged_vjp_kernel_that_passes_validation_is_rebuilt(tmp_path):
     cache = tmp_path / "cache"
     env = clean_env(ADAMGEN_CACHE_DIR=str(cache))
     assert_correct(run_script(env))
-    entries = _entries(cache, "c-kernel", vjp_kernels=True)
+    entries = cache_entries(cache, "c-kernel", vjp_kernels=True)
     assert entries
     for entry in entries:
         for so in entry.glob("*.so"):
-            _rewrite(entry, so.name, b"\x7fELF garbage" * 100, fix_manifest=True)
+            rewrite(entry, so.name, b"\x7fELF garbage" * 100, fix_manifest=True)
     assert_correct(run_script(env))
 
 
-@pytest.fixture
-def fresh_cache(monkeypatch, tmp_path):
-    """A fresh cache dir, nothing memoised, ADAMGEN_STRICT unset (the fallback is what is
-    tested); everything forgotten again afterwards."""
-    def forget() -> None:
-        loader.forget()
-        dispatch.forget()
-        c_kernels.clear_memo()
-        kernels.kernel_cache.cache_clear()
-        # the in-process memos of loaded modules too, so kernels really load from the new cache
-        for memo in (getattr(kernels, "_modules", None),
-                     getattr(getattr(adamgen.runtime.api, "_JIT", None), "_modules", None)):
-            if hasattr(memo, "clear"):
-                memo.clear()
-
-    for name in ("ADAMGEN_STRICT", "ADAMGEN_VARIANT", "ADAMGEN_REQUIRE_CACHE_HIT"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("ADAMGEN_CACHE_DIR", str(tmp_path / "cache"))
-    refresh_environment()
-    forget()
-    yield tmp_path / "cache"
-    monkeypatch.undo()
-    refresh_environment()
-    forget()
-
-
-def _all_entry_points_match_the_reference() -> list[warnings.WarningMessage]:
-    x = np.linspace(-3, 3, 5000).astype(np.float32)
-    y = np.linspace(-1, 1, 7)
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        for w in (x, y):
-            got = adamgen.adam_update(w, w[::-1], 0.01, w, np.abs(w), 3)
-            for a, b in zip(got, adam_update_ref(w, w[::-1], 0.01, w, np.abs(w), 3)):
-                assert_bitwise_equal(a, b)
-        p = [x.copy()]
-        adamgen.Adam(p, lr=0.01).step([x[::-1].copy()])
-        assert_bitwise_equal(p[0], adam_update_ref(x, x[::-1], 0.01, 0 * x, 0 * x, 1)[0])
-        numpy_vjp = vjp.VJP("numpy")(y, y, 0.1, y, y ** 2, 2, (y, y, y))
-        for a, b in zip(adamgen.adam_update_vjp(y, y, 0.1, y, y ** 2, 2, (y, y, y)), numpy_vjp):
-            assert_bitwise_equal(a, b)
-    return [w for w in seen if "adamgen" in str(w.message)]
-
-
 @needs_c
-def test_a_load_that_fails_once_is_rebuilt(fresh_cache, monkeypatch):
+def test_a_load_that_fails_once_is_rebuilt(fresh_cache, monkeypatch, caplog):
     from adamgen.codegen import build
 
     real, calls = build.load_extension, []
+    first_event = len(c_kernels.EVENTS)
 
     def once(path, name):
         calls.append(name)
@@ -474,8 +260,17 @@ def test_a_load_that_fails_once_is_rebuilt(fresh_cache, monkeypatch):
         return real(path, name)
 
     monkeypatch.setattr(build, "load_extension", once)
-    assert _all_entry_points_match_the_reference() == []
-    assert len(calls) >= 2 and c_kernels.EVENTS[-1]["built"] is not None
+    with caplog.at_level(logging.DEBUG, logger="adamgen"):
+        assert all_entry_points_match_the_reference() == []
+    # the kernel that failed was loaded again at once, from a second build of its key (the
+    # damaged entry was invalidated, not fetched again), and C served: no kernel failed
+    assert len(calls) >= 2 and calls[1] == calls[0]
+    key_prefix = calls[0].removeprefix("_adamgen_")
+    builds = [r.getMessage() for r in caplog.records
+              if r.getMessage().startswith(f"cache miss: built c-kernel {key_prefix}")]
+    assert len(builds) == 2, builds
+    events = c_kernels.EVENTS[first_event:]
+    assert events[0]["built"] is True and all("error" not in e for e in events), events
 
 
 @needs_c
@@ -487,19 +282,52 @@ def test_a_load_that_always_fails_falls_back_to_numpy(fresh_cache, monkeypatch):
                          "from shared object (simulated noexec mount)")
 
     monkeypatch.setattr(build, "load_extension", noexec)
-    seen = _all_entry_points_match_the_reference()
+    seen = all_entry_points_match_the_reference()
     assert len(seen) == 1, [str(w.message) for w in seen]  # one warning, as for no compiler
     assert issubclass(seen[0].category, RuntimeWarning)
 
 
 @needs_c
 def test_a_build_that_fails_with_a_full_disk_falls_back_to_numpy(fresh_cache, monkeypatch):
+    """In process, where no file system can be filled (``test_kernels.py`` fills a real one):
+    every kernel's write fails, NumPy's too; they are rendered in memory, C falls back."""
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(c_kernels, "_build", disk_full)  # the update's and the VJP's kernels
-    seen = _all_entry_points_match_the_reference()
+    monkeypatch.setattr(kernels, "_write_numpy_module", disk_full)
+    first_event = len(kernels.EVENTS)
+    seen = all_entry_points_match_the_reference()
     assert len(seen) == 1, [str(w.message) for w in seen]  # one warning, as for no compiler
+    assert "No space left on device" in str(seen[0].message)
+    in_memory = kernels.EVENTS[first_event:]
+    assert in_memory and all(e["path"] == "(memory: [Errno 28] No space left on device)"
+                             for e in in_memory), in_memory
+
+
+def test_the_no_compiler_warning_points_at_the_callers_line(fresh_cache, monkeypatch):
+    """Not at ``dispatch.py`` or ``vjp.py``: at the user's line, whatever the entry point."""
+    from adamgen.codegen import build
+
+    monkeypatch.setenv("CC", "/nonexistent")
+    x = np.linspace(-1, 1, 64).astype(np.float32)
+    calls = {
+        "adam_update": lambda: adamgen.adam_update(x, x, 0.1, x, x, 1),
+        "Adam": lambda: adamgen.Adam([x.copy()], lr=0.1).step([x]),
+        "adam_update_vjp": lambda: adamgen.adam_update_vjp(x, x, 0.1, x, x, 1, (x, x, x)),
+    }
+    try:
+        for name, call in calls.items():
+            build.probe_compiler.cache_clear()
+            c_kernels.clear_memo()
+            dispatch.forget()
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                call()
+            found = [(w.filename, w.lineno) for w in seen if "C kernels" in str(w.message)]
+            assert found == [(__file__, call.__code__.co_firstlineno)], (name, found)
+    finally:
+        build.probe_compiler.cache_clear()
 
 
 def test_cache_dir_removed_while_running(fresh_cache):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,6 +20,7 @@ from adamgen.codegen.package import generate, parse_constants
 from adamgen.errors import ArgumentValueError
 
 CONSTS = "beta1=0.9,beta2=0.999,epsilon=1e-7"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +31,12 @@ def packages(tmp_path_factory) -> Path:
     return root
 
 
-def run_in_fresh_process(root: Path, code: str) -> dict:
+def run_in_fresh_process(root: Path, code: str, prefix: tuple[str, ...] = ()) -> dict:
     """Run ``code`` in a new interpreter with ``root`` importable; it prints one JSON object."""
     completed = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], cwd=root, capture_output=True, text=True,
-        timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(root)})
-    assert completed.returncode == 0, completed.stderr
+        [*prefix, sys.executable, "-c", textwrap.dedent(code)], cwd=root, capture_output=True,
+        text=True, timeout=120, env={**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{REPO}"})
+    assert completed.returncode == 0, (completed.returncode, completed.stderr)
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
@@ -198,3 +203,148 @@ def test_portable_package_is_built_without_march_native(tmp_path):
     manifest = json.loads((package / "c_float64" / "manifest.json").read_text())
     assert manifest["portable"] is True
     assert not any(flag.startswith("-march") for flag in manifest["flags"])
+
+
+# -- the package checks its kernels before loading them (issue 13, D4) -------------------------
+
+#: Import a package, call it twice (C-sized arrays), and report its warnings, whether both calls
+#: gave the JIT's bits, and which C kernels it holds. ``{setup}`` runs first.
+CHECK_SCRIPT = """
+    import json, warnings
+    import numpy as np
+    {setup}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import {name} as package
+        x = np.linspace(-1, 1, 50_000, dtype=np.float32)
+        calls = [package.adam_update(x, x, 0.1, x, np.abs(x), 3) for _ in range(2)]
+    import adamgen
+    expected = adamgen.adam_update(x, x, 0.1, x, np.abs(x), 3)
+    print(json.dumps({{
+        "warnings": [str(w.message) for w in caught if "{name}" in str(w.message)],
+        "same": all(a.tobytes() == b.tobytes() for got in calls for a, b in zip(got, expected)),
+        "kernels": [type(package.C_KERNELS("float32", s)).__name__
+                    for s in (frozenset(), frozenset({{"lr"}}))],
+        "reason": package.C_KERNELS.reason}}))
+"""
+#: /proc/cpuinfo without a flags line (an emulator, a container hiding it; elsewhere no file)
+NO_FLAGS = "processor\t: 0\nmodel name\t: some CPU\n"
+NO_FLAGS_HERE = f"import adamgen.codegen.build as b; b._read_cpuinfo = lambda: {NO_FLAGS!r}"
+
+
+def check(root: Path, name: str, setup: str = "", prefix: tuple[str, ...] = ()) -> dict:
+    return run_in_fresh_process(root, CHECK_SCRIPT.format(name=name, setup=setup), prefix)
+
+
+def served_by_numpy_after_one_warning(result: dict, mentions: str) -> None:
+    assert len(result["warnings"]) == 1, result["warnings"]
+    assert "NumPy kernels serve every call" in result["warnings"][0]
+    assert mentions in result["warnings"][0] and mentions in result["reason"], result
+    assert result["same"] and result["kernels"] == ["NoneType", "NoneType"]
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pristine")
+    return generate(root, "adam_checked", dtypes="float32")
+
+
+def copy_package(pristine: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(pristine, tmp_path / pristine.name))
+
+
+def _so(package: Path, directory: str) -> Path:
+    manifest = json.loads((package / directory / "manifest.json").read_text())
+    return package / directory / manifest["so_file"]
+
+
+def test_an_intact_package_loads_every_c_kernel_without_a_warning(pristine, tmp_path):
+    copy_package(pristine, tmp_path)
+    result = check(tmp_path, "adam_checked")
+    assert result["warnings"] == [] and result["reason"] == "" and result["same"]
+    assert result["kernels"] == ["CKernel", "CKernel"]
+
+
+def test_a_truncated_shared_object_is_caught_before_it_is_mapped(pristine, tmp_path):
+    """Mapping a truncated .so and calling into it killed the process with SIGBUS."""
+    so = _so(copy_package(pristine, tmp_path), "c_float32_scalar_lr")
+    so.write_bytes(so.read_bytes()[: so.stat().st_size // 3])
+    served_by_numpy_after_one_warning(check(tmp_path, "adam_checked"),
+                                      "not the file the package was built with")
+
+
+def _unloadable(package: Path) -> None:
+    """Garbage whose hash the manifest agrees with: only ``dlopen`` can tell."""
+    so = _so(package, "c_float32_scalar_lr")
+    garbage = b"\x7fELF garbage" * 100
+    so.write_bytes(garbage)
+    manifest_path = package / "c_float32_scalar_lr" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"][so.name] = {"sha256": hashlib.sha256(garbage).hexdigest(),
+                                  "size": len(garbage)}
+    manifest_path.write_text(json.dumps(manifest))
+
+
+def test_a_shared_object_that_will_not_load_refuses_every_kernel(pristine, tmp_path):
+    """One directory fails to load, the other is fine: none is used (no partial set), and no
+    call raises (the first call raised a bare ImportError, the second used the partial set)."""
+    _unloadable(copy_package(pristine, tmp_path))
+    served_by_numpy_after_one_warning(check(tmp_path, "adam_checked"),
+                                      "cannot load extension")
+
+
+def _libgomp(so: Path) -> str | None:
+    if shutil.which("ldd") is None:
+        return None
+    listing = subprocess.run(["ldd", str(so)], capture_output=True, text=True,
+                             check=False).stdout
+    for line in listing.splitlines():
+        if "libgomp" in line and "=>" in line:
+            return os.path.realpath(line.split("=>")[1].split("(")[0].strip())
+    return None
+
+
+def test_a_missing_libgomp_refuses_every_kernel(pristine, tmp_path):
+    """Real: libgomp hidden behind an empty file in a private mount namespace."""
+    from hostile import private_mounts
+
+    libgomp = _libgomp(_so(copy_package(pristine, tmp_path), "c_float32"))
+    if libgomp is None:
+        pytest.skip("the package's kernels do not link libgomp (no OpenMP)")
+    hide = private_mounts(f"mount --bind /dev/null {shlex.quote(libgomp)}")
+    served_by_numpy_after_one_warning(check(tmp_path, "adam_checked", prefix=hide),
+                                      "cannot load extension")
+
+
+def test_a_manifest_without_hashes_is_refused(pristine, tmp_path):
+    package = copy_package(pristine, tmp_path)
+    manifest_path = package / "c_float32" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["files"]
+    manifest_path.write_text(json.dumps(manifest))
+    served_by_numpy_after_one_warning(check(tmp_path, "adam_checked"), "regenerate")
+
+
+@pytest.mark.parametrize("unknown_on", ["the build machine", "this machine", "both"])
+def test_unknown_cpu_features_refuse_native_kernels(unknown_on, tmp_path, monkeypatch):
+    from adamgen.codegen import build
+
+    if unknown_on != "this machine":
+        monkeypatch.setattr(build, "_read_cpuinfo", lambda: NO_FLAGS)
+    generate(tmp_path, "adam_unknown_cpu", dtypes="float32")
+    monkeypatch.undo()
+    setup = NO_FLAGS_HERE if unknown_on != "the build machine" else ""
+    result = check(tmp_path, "adam_unknown_cpu", setup)
+    served_by_numpy_after_one_warning(result, "CPU features are unknown")
+    assert "--portable" in result["reason"]
+
+
+def test_unknown_cpu_features_keep_portable_kernels(tmp_path, monkeypatch):
+    from adamgen.codegen import build
+
+    monkeypatch.setattr(build, "_read_cpuinfo", lambda: NO_FLAGS)
+    generate(tmp_path, "adam_portable_unknown", dtypes="float32", portable=True)
+    monkeypatch.undo()
+    result = check(tmp_path, "adam_portable_unknown", NO_FLAGS_HERE)
+    assert result["warnings"] == [] and result["same"]
+    assert result["kernels"] == ["CKernel", "CKernel"]

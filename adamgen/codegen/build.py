@@ -204,22 +204,30 @@ def _native_flags_from_compiler(info: CompilerInfo) -> list[str]:
     return []
 
 
-def _cpuinfo_flags() -> list[str]:
+def _read_cpuinfo() -> str:
+    return Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+
+
+def _cpuinfo_flags() -> list[str] | None:
+    """The ``flags`` (x86) or ``Features`` (arm) line of ``/proc/cpuinfo``; None when there is
+    none (not Linux, an emulator, a container hiding it)."""
     try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        text = _read_cpuinfo()
     except OSError:
-        return [platform.processor() or "unknown"]
+        return None
     for line in text.splitlines():
         name, _, value = line.partition(":")
-        if name.strip() in ("flags", "Features"):
+        if name.strip() in ("flags", "Features") and value.split():
             return sorted(set(value.split()))
-    return ["unknown"]
+    return None
 
 
-def cpu_flags() -> frozenset[str]:
-    """This CPU's feature flags as the kernel reports them (``/proc/cpuinfo``); needs no
+def cpu_flags() -> frozenset[str] | None:
+    """This CPU's feature flags as the kernel reports them (``/proc/cpuinfo``), or None when
+    they are unknown: then nobody can tell whether a native binary runs here. Needs no
     compiler, so a generated package can check them on a machine without one."""
-    return frozenset(_cpuinfo_flags())
+    flags = _cpuinfo_flags()
+    return None if flags is None else frozenset(flags)
 
 
 @functools.cache
@@ -236,7 +244,8 @@ def cpu_features() -> str:
         resolved = _native_flags_from_compiler(info)
         if resolved:
             return f"{machine} {info.family}: " + " ".join(resolved)
-    return f"{machine} cpuinfo: " + " ".join(_cpuinfo_flags())
+    flags = _cpuinfo_flags() or [platform.processor() or "unknown"]
+    return f"{machine} cpuinfo: " + " ".join(flags)
 
 
 def extension_suffix() -> str:

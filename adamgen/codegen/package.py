@@ -121,6 +121,10 @@ def build_c_kernels(staging: Path, dtypes: tuple[str, ...], mode: str,
         say(f"no C compiler ({compiler.reason}): the package is NumPy-only")
         return []
     flags = build.compile_flags(mode, openmp=compiler.openmp, portable=portable)
+    cpu_flags = build.cpu_flags()
+    if cpu_flags is None and not portable:
+        say("this CPU's feature flags are unknown (no flags or Features line in /proc/cpuinfo): "
+            "the native kernels will be refused wherever the package runs; use --portable")
     directories = []
     for dtype in (d for d in dtypes if d in C_DTYPES):
         for scalars in (frozenset(), frozenset({"lr"})):
@@ -134,7 +138,9 @@ def build_c_kernels(staging: Path, dtypes: tuple[str, ...], mode: str,
             module_name = build.extension_module_name(digest)
             (directory / "kernel.c").write_text(rendered.source)
             (directory / "kernel_cdef.h").write_text(rendered.cdef)
-            build.compile_extension(module_name, rendered.source, rendered.cdef, directory, flags)
+            so_path = build.compile_extension(module_name, rendered.source, rendered.cdef,
+                                              directory, flags)
+            so_bytes = so_path.read_bytes()
             manifest = {
                 "variant": f"{rendered.variant} [{'portable' if portable else 'native'}"
                            f"{', openmp' if compiler.openmp else ''}]",
@@ -143,8 +149,13 @@ def build_c_kernels(staging: Path, dtypes: tuple[str, ...], mode: str,
                 "dtype": dtype, "mode": mode, "constants": [list(c) for c in baked],
                 "scalar_tensors": sorted(scalars), "abi": build.python_abi_tag(),
                 "machine": platform.machine(), "portable": portable,
-                "cpu_flags": sorted(build.cpu_flags()), "compiler": compiler.version,
+                "cpu_flags": None if cpu_flags is None else sorted(cpu_flags),
+                "compiler": compiler.version,
                 "source_sha256": hashlib.sha256(rendered.source.encode()).hexdigest(),
+                # checked before loading: a truncated .so would SIGBUS, not fail to load
+                "so_file": so_path.name,
+                "files": {so_path.name: {"sha256": hashlib.sha256(so_bytes).hexdigest(),
+                                         "size": len(so_bytes)}},
             }
             (directory / "manifest.json").write_text(json.dumps(manifest, indent=1))
             directories.append(directory.name)

@@ -29,10 +29,7 @@ import hashlib
 import keyword
 import logging
 import os
-import shutil
-import tempfile
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -41,11 +38,12 @@ from typing import Any
 
 from .. import cache as artifact_cache
 from .._resources import generator_fingerprint
+from .._warnings import warn
 from ..codegen import build
 from ..config import KernelConfig, environment
 from ..errors import CacheError, CacheMissError, CompileError
 from .forksafe import ForkSafeLock
-from .kernels import kernel_cache
+from .kernels import load_entry
 
 log = logging.getLogger("adamgen.c_kernels")
 
@@ -271,7 +269,7 @@ class CKernel:
     # -- introspection -------------------------------------------------------------------------
     @property
     def forms(self) -> tuple[str, ...]:
-        """The forms compiled here, e.g. ``functional``, ``inplace_w``, ``multi_inplace``."""
+        """The forms compiled here, e.g. ``functional``, ``inplace_parameter``, ``multi_inplace``."""
         return tuple(self._forms)
 
     @property
@@ -379,13 +377,13 @@ def clear_memo() -> None:
 
 
 def warn_unavailable(exc: Exception) -> None:
-    """One warning per process that C is unavailable, whichever kernel found out first."""
+    """One warning per process that C is unavailable, whichever kernel found out first; it
+    points at the caller's line (the first frame outside adamgen), whatever the entry point."""
     global _warned
     if not _warned:
         _warned = True
-        warnings.warn(f"adamgen: C kernels are unavailable, the NumPy backend serves instead "
-                      f"(set ADAMGEN_STRICT=1 to make this an error): "
-                      f"{str(exc).splitlines()[0]}", RuntimeWarning, stacklevel=3)
+        warn(f"adamgen: C kernels are unavailable, the NumPy backend serves instead (set "
+             f"ADAMGEN_STRICT=1 to make this an error): {str(exc).splitlines()[0]}")
 
 
 def c_cache_key(config: KernelConfig, portable: bool) -> tuple[str, list[str],
@@ -404,20 +402,15 @@ def _load(config: KernelConfig, portable: bool) -> CKernel:
     start = time.perf_counter()
     key, flags, openmp = c_cache_key(config, portable)
     module_name = build.extension_module_name(key)
-    cache = kernel_cache()
     builder = functools.partial(_build, config, openmp, portable, flags, module_name)
-    for attempt in (1, 2):
-        entry = cache.get_or_build(KIND, key, builder)
-        try:
-            module = build.load_extension(
-                entry.path / f"{module_name}{build.extension_suffix()}", module_name)
-            kernel = CKernel(config, module, entry, key, 0.0)
-            break
-        except (CacheError, KeyError, TypeError, AttributeError) as exc:
-            if attempt == 2:  # a damaged artifact is a miss: remove it and rebuild once
-                raise
-            log.warning("cached C kernel %s failed to load (%s); rebuilding", entry.path, exc)
-            cache.invalidate(KIND, key)
+
+    def load(entry: artifact_cache.Entry) -> CKernel:
+        module = build.load_extension(
+            entry.path / f"{module_name}{build.extension_suffix()}", module_name)
+        return CKernel(config, module, entry, key, 0.0)
+
+    entry, kernel = load_entry(KIND, key, builder, load,
+                               (CacheError, KeyError, TypeError, AttributeError))
     kernel.seconds = seconds = time.perf_counter() - start
     EVENTS.append({"kernel": kernel.variant, "built": entry.built, "seconds": seconds,
                    "build_seconds": entry.build_seconds, "path": str(entry.path)})
@@ -436,10 +429,8 @@ def _build(config: KernelConfig, openmp: bool, portable: bool, flags: list[str],
     (directory / "kernel_cdef.h").write_text(rendered.cdef, encoding="utf-8")
     try:
         build.compile_extension(module_name, rendered.source, rendered.cdef, directory, flags)
-    except CompileError as exc:  # the cache deletes ``directory``: keep the sources elsewhere
-        kept = Path(tempfile.mkdtemp(prefix="adamgen-failed-build-"))
-        for path in directory.glob("*.c"):
-            shutil.copy2(path, kept / path.name)
+    except CompileError as exc:  # the cache deletes ``directory``: keep the sources beside it
+        kept = artifact_cache.keep_failed_build(directory)
         c_path = kept / (exc.c_path.name if exc.c_path else "kernel.c")
         raise CompileError(str(exc).splitlines()[0], argv=exc.argv, stderr=exc.stderr,
                            c_path=c_path) from exc

@@ -6,55 +6,145 @@ files, read as bytes), and only a miss imports :mod:`adamgen.codegen.driver` to 
 
 Loaded modules are memoised per process by configuration, so the cache is touched once per
 kernel per process.
+
+**Which cache serves, and what happens when it cannot** (the same for NumPy and C kernels, see
+:func:`fetch`):
+
+* the user's cache, else (unusable: cannot be created, unsafe owner or mode) a private
+  temporary cache, after one ``RuntimeWarning`` naming the path;
+* a read-only cache (a pre-built cache on a read-only image) serves the kernels it holds; a
+  missing one is built into the private temporary cache, after the same one warning;
+* an unsafe path found inside the cache (another user's entry or directory, a group-writable
+  one, a symlinked lock): the same one warning, and nothing more is loaded from that cache in
+  this process; the private temporary cache serves instead;
+* a build whose files cannot be written (a full disk, a file size limit): the NumPy kernel is
+  rendered in memory; C falls back to NumPy with its one warning
+  (:func:`adamgen.runtime.c_kernels.c_kernel`);
+* no writable directory at all: the same as a failed write.
+
+A NumPy kernel runs the bytes the manifest hashed: the source is read once, checked against the
+manifest and executed with ``compile``/``exec``, never imported through a ``__pycache__``
+(a planted ``.pyc`` would otherwise run instead of the hashed source).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import logging
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
+from typing import Any, TypeVar
 
 from .. import cache as artifact_cache
+from .. import cache_location
 from .._resources import generator_fingerprint
 from ..config import KernelConfig
-from ..errors import CacheError
+from ..errors import CacheError, CacheMissError, CacheReadOnlyError, CacheUnsafeError
 from .forksafe import ForkSafeLock
 
 log = logging.getLogger("adamgen.kernels")
 
 _lock = ForkSafeLock()
-_modules: dict[KernelConfig, ModuleType] = {}
+_modules: dict[tuple[str, KernelConfig], ModuleType] = {}
 #: What happened to each kernel this process asked for: shown by ``adamgen info``.
 EVENTS: list[dict[str, object]] = []
 
-
-@functools.cache
-def _open_cache() -> artifact_cache.ArtifactCache | None:
-    try:
-        return artifact_cache.open_default_cache() or artifact_cache.private_temp_cache()
-    except CacheError:  # not even a private temporary directory: kernels live in memory
-        return None
+_open_lock = ForkSafeLock()
+_cache: artifact_cache.ArtifactCache | None = None
+_opened = False
+Loaded = TypeVar("Loaded")
 
 
 def kernel_cache() -> artifact_cache.ArtifactCache:
-    """The user's cache, or a private temporary one (with one warning) when it is unusable.
+    """The cache kernels come from: the user's (maybe read-only), or a private temporary one
+    (with one warning) when it is unusable.
 
-    Raises :class:`CacheError` when no directory at all is writable; NumPy kernels are then
+    Raises :class:`CacheError` when no directory at all is usable; NumPy kernels are then
     generated in memory (:func:`numpy_kernel`) and C is unavailable (compiling needs a file).
     """
-    cache = _open_cache()
-    if cache is None:
+    global _cache, _opened
+    if not _opened:
+        with _open_lock:
+            if not _opened:
+                try:
+                    _cache = (cache_location.open_default_cache()
+                              or cache_location.private_temp_cache())
+                except CacheError:  # not even a private temporary directory
+                    _cache = None
+                _opened = True
+    if _cache is None:
         raise CacheError("no writable directory for adamgen's kernel cache (the cache "
                          "directory and the temporary directory are both unusable)")
-    return cache
+    return _cache
 
 
-kernel_cache.cache_clear = _open_cache.cache_clear  # type: ignore[attr-defined]
+def _forget_cache() -> None:
+    global _cache, _opened
+    with _open_lock:
+        _cache, _opened = None, False
+
+
+kernel_cache.cache_clear = _forget_cache  # type: ignore[attr-defined]
+
+
+def _fall_back(cache: artifact_cache.ArtifactCache,
+               problem: CacheError) -> artifact_cache.ArtifactCache:
+    """The private temporary cache, after the one warning; an unsafe cache is dropped for the
+    rest of the process. Raises ``problem`` when ``cache`` is the private one already."""
+    global _cache
+    private = cache_location.private_temp_cache()
+    if private is cache:
+        raise problem
+    if isinstance(problem, CacheReadOnlyError):
+        cache_location.warn_once(f"adamgen: {problem}; the kernels it holds are used, missing "
+                                 "ones are built into a private temporary directory")
+    else:
+        cache_location.warn_unusable(cache.root, problem)
+        with _open_lock:
+            _cache = private
+    return private
+
+
+def fetch(kind: str, key: str, builder: Callable[[Path], Mapping[str, Any]]
+          ) -> tuple[artifact_cache.ArtifactCache, artifact_cache.Entry]:
+    """The entry for (kind, key) and the cache holding it, under the policy above.
+
+    Raises:
+        CacheMissError: a miss under ``ADAMGEN_REQUIRE_CACHE_HIT=1``.
+        CacheError, OSError: nothing could hold the entry (no directory, a failed write).
+    """
+    cache = kernel_cache()
+    try:
+        return cache, cache.get_or_build(kind, key, builder)
+    except CacheMissError:
+        raise
+    except (CacheReadOnlyError, CacheUnsafeError) as exc:
+        private = _fall_back(cache, exc)
+    return private, private.get_or_build(kind, key, builder)
+
+
+def load_entry(kind: str, key: str, builder: Callable[[Path], Mapping[str, Any]],
+               load: Callable[[artifact_cache.Entry], Loaded],
+               errors: tuple[type[Exception], ...]) -> tuple[artifact_cache.Entry, Loaded]:
+    """Fetch (kind, key) and ``load`` it; an artifact that validates but fails to load
+    (``load`` raises one of ``errors``) is a miss: invalidated and rebuilt once."""
+    for attempt in (1, 2):
+        cache, entry = fetch(kind, key, builder)
+        try:
+            return entry, load(entry)
+        except errors as exc:
+            if attempt == 2:
+                raise
+            log.warning("cached %s %s failed to load (%s); rebuilding", kind, entry.path, exc)
+            try:
+                cache.invalidate(kind, key)
+            except CacheUnsafeError as unsafe:
+                _fall_back(cache, unsafe)
+    raise AssertionError("unreachable")
 
 
 def numpy_cache_key(config: KernelConfig) -> str:
@@ -78,12 +168,17 @@ def _write_numpy_module(config: KernelConfig, directory: Path) -> dict[str, str]
             "variant": _variant(config)}
 
 
-def _import_file(path: Path, module_name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def _exec_verified(entry: artifact_cache.Entry, name: str, module_name: str) -> ModuleType:
+    """Execute the entry's source file ``name`` as a new module: the bytes read are the bytes
+    checked against the manifest and the bytes run (no bytecode cache is read or written)."""
+    path = entry.path / name
+    source = path.read_bytes()
+    if hashlib.sha256(source).hexdigest() != entry.manifest["files"][name]["sha256"]:
+        raise CacheError(f"{path} changed after it was validated: its sha256 is not the one "
+                         "in the manifest")
+    module = ModuleType(module_name)
+    module.__file__ = str(path)
+    exec(compile(source, str(path), "exec"), module.__dict__)  # noqa: S102 (verified above)
     return module
 
 
@@ -101,36 +196,32 @@ def numpy_kernel(config: KernelConfig) -> ModuleType:
     return module
 
 
-def _in_memory(config: KernelConfig) -> ModuleType:
+def _in_memory(config: KernelConfig, reason: str) -> ModuleType:
     """Render and execute a kernel without any file: the path of last resort."""
     from ..codegen.driver import numpy_source
 
+    log.info("numpy kernel %s is rendered in memory: %s", config.describe(), reason)
     module = ModuleType(f"adamgen_numpy_in_memory_{config.spec.name}")
     exec(compile(numpy_source(config), module.__name__, "exec"),  # noqa: S102
          module.__dict__)
     EVENTS.append({"kernel": _variant(config), "built": True, "seconds": 0.0,
-                   "path": "(memory: no writable directory)"})
+                   "path": f"(memory: {reason})"})
     return module
 
 
 def _load_numpy_kernel(config: KernelConfig) -> ModuleType:
-    try:
-        cache = kernel_cache()
-    except CacheError:
-        return _in_memory(config)
     key = numpy_cache_key(config)
     start = time.perf_counter()
-    for attempt in (1, 2):
-        entry = cache.get_or_build(
-            "numpy", key, functools.partial(_write_numpy_module, config))
-        try:
-            module = _import_file(entry.path / "kernel.py", f"adamgen_numpy_{key[:16]}")
-            break
-        except Exception:  # a damaged artifact is a miss: remove it and rebuild once
-            if attempt == 2:
-                raise
-            log.warning("cached NumPy kernel %s failed to import; rebuilding", entry.path)
-            cache.invalidate("numpy", key)
+    builder = functools.partial(_write_numpy_module, config)
+    try:
+        entry, module = load_entry(
+            "numpy", key, builder,
+            lambda entry: _exec_verified(entry, "kernel.py", f"adamgen_numpy_{key[:16]}"),
+            (Exception,))
+    except CacheMissError:
+        raise
+    except (CacheError, OSError) as exc:  # no directory, or a failed write (EFBIG, ENOSPC)
+        return _in_memory(config, str(exc).splitlines()[0])
     seconds = time.perf_counter() - start
     EVENTS.append({"kernel": _variant(config), "built": entry.built,
                    "seconds": seconds, "path": str(entry.path)})

@@ -1,30 +1,43 @@
-"""C kernels shipped inside a generated package: checked against this machine before use.
+"""C kernels shipped inside a generated package: checked before use, all or none.
 
-A generated package may be copied to another machine. Its extension was compiled for one CPU
-(``-march=native`` unless ``--portable``) and one Python ABI, so before the first call this module
-compares what the package recorded with what runs here: the Python ABI tag, the machine type and,
-for native builds, the CPU's feature flags (this CPU must have every flag the build CPU had). On
-a mismatch it warns once and every call runs on the package's NumPy modules: never an illegal
-instruction.
+A generated package may be copied to another machine, and its files may be damaged on the way.
+Before the first call this module checks every kernel directory (``c_*``) of the package:
+
+* **fit**: the Python ABI tag, the machine type and, for native builds (``-march=native``), the
+  CPU's feature flags (this CPU must have every flag the build CPU had). Where either machine's
+  flags are unknown (no ``flags``/``Features`` line in ``/proc/cpuinfo``, not Linux), nothing
+  proves the binary runs here, so native kernels are refused; ``--portable`` ones are used;
+* **integrity**: the shared object's size and sha256 against the hashes its manifest records.
+  A truncated ``.so`` must never reach ``dlopen``: mapping it kills the process with SIGBUS;
+* **loading**: every extension is loaded by path. One that will not load (a missing libgomp or
+  an older glibc looks exactly like this) is a failure like the others.
+
+Any failure, in any directory: one warning naming it, and the package's NumPy modules serve every
+call. Never a partial set of C kernels, never an illegal instruction, never a bare ImportError.
 """
 
 from __future__ import annotations
 
-import importlib
+import hashlib
 import json
 import platform
 import threading
-import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from .. import cache as artifact_cache
+from .._warnings import warn
 from ..codegen import build
 from ..config import KernelConfig
 from .c_kernels import CKernel
 
 MANIFEST = "manifest.json"
+_UNKNOWN_FLAGS = "no flags or Features line in /proc/cpuinfo, or not Linux"
+
+
+class UnusableKernels(Exception):
+    """Why a package's C kernels cannot serve here (internal: becomes the one warning)."""
 
 
 class PackagedKernels:
@@ -36,6 +49,7 @@ class PackagedKernels:
         self.preludes = preludes
         self._kernels: dict[tuple[str, frozenset[str]], CKernel] | None = None
         self._lock = threading.Lock()
+        #: why the C kernels are not used ("" when they are)
         self.reason = ""
 
     def __call__(self, dtype: str, scalar_tensors: frozenset[str]) -> CKernel | None:
@@ -45,19 +59,29 @@ class PackagedKernels:
     def _load(self) -> dict[tuple[str, frozenset[str]], CKernel]:
         with self._lock:
             if self._kernels is None:
-                self._kernels = {}
-                manifests = sorted(self.directory.glob(f"c_*/{MANIFEST}"))
-                problem = next(filter(None, (self.mismatch(json.loads(path.read_text()))
-                                             for path in manifests)), "")
-                if problem:
-                    self.reason = problem
-                    warnings.warn(f"{self.package}: its C kernels do not fit this machine "
-                                  f"({problem}); the NumPy kernels serve instead",
-                                  RuntimeWarning, stacklevel=4)
-                else:
-                    for path in manifests:
-                        self._add(path.parent, json.loads(path.read_text()))
+                try:
+                    self._kernels = self._load_all()
+                except Exception as exc:  # noqa: BLE001 - any failure: NumPy serves every call
+                    self.reason = str(exc).splitlines()[0] if str(exc) else repr(exc)
+                    self._kernels = {}
+                    warn(f"{self.package}: its C kernels cannot be used here ({self.reason}); "
+                         "the NumPy kernels serve every call instead", skip=[self.directory])
             return self._kernels
+
+    def _load_all(self) -> dict[tuple[str, frozenset[str]], CKernel]:
+        """Every kernel, after every directory passed every check; raises on the first failure."""
+        found = []
+        for path in sorted(self.directory.glob(f"c_*/{MANIFEST}")):
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+            problem = self.mismatch(manifest) or self.damage(path.parent, manifest)
+            if problem:
+                raise UnusableKernels(f"{path.parent.name}: {problem}")
+            found.append((path.parent, manifest))
+        kernels = {}
+        for directory, manifest in found:
+            kernel = self._kernel(directory, manifest)
+            kernels[(kernel.config.dtype, kernel.config.scalar_tensors)] = kernel
+        return kernels
 
     @staticmethod
     def mismatch(manifest: dict[str, Any]) -> str:
@@ -66,20 +90,48 @@ class PackagedKernels:
             return f"built for Python ABI {manifest['abi']}, this is {build.python_abi_tag()}"
         if manifest["machine"] != platform.machine():
             return f"built for {manifest['machine']}, this is {platform.machine()}"
-        if not manifest["portable"]:
-            missing = set(manifest["cpu_flags"]) - build.cpu_flags()
-            if missing:
-                return f"this CPU lacks {', '.join(sorted(missing)[:8])}"
+        if manifest["portable"]:
+            return ""
+        built_for = manifest.get("cpu_flags")
+        if not built_for or built_for == ["unknown"]:
+            return (f"native kernels, and the build machine's CPU features are unknown "
+                    f"({_UNKNOWN_FLAGS}): regenerate with --portable")
+        here = build.cpu_flags()
+        if here is None:
+            return (f"native kernels, and this machine's CPU features are unknown "
+                    f"({_UNKNOWN_FLAGS}): regenerate with --portable")
+        missing = set(built_for) - here
+        if missing:
+            return f"this CPU lacks {', '.join(sorted(missing)[:8])}"
         return ""
 
-    def _add(self, directory: Path, manifest: dict[str, Any]) -> None:
+    @staticmethod
+    def damage(directory: Path, manifest: dict[str, Any]) -> str:
+        """Why the files of ``directory`` are not the ones the package was built with, or ""."""
+        files = manifest.get("files")
+        if not isinstance(files, dict) or manifest.get("so_file") not in files:
+            return ("its manifest records no hash of its shared object (generated by an older "
+                    "adamgen?): regenerate the package")
+        for name, expected in files.items():
+            try:
+                data = (directory / name).read_bytes()
+            except OSError as exc:
+                return f"cannot read {name}: {exc.strerror or exc}"
+            if (len(data) != expected.get("size")
+                    or hashlib.sha256(data).hexdigest() != expected.get("sha256")):
+                return (f"{name} is not the file the package was built with ({len(data)} bytes,"
+                        f" its manifest says {expected.get('size')}; truncated or altered)")
+        return ""
+
+    def _kernel(self, directory: Path, manifest: dict[str, Any]) -> CKernel:
         config = KernelConfig(dtype=manifest["dtype"], mode=manifest["mode"],
                               constants=tuple(manifest["constants"]),
                               scalar_tensors=frozenset(manifest["scalar_tensors"]))
-        module = importlib.import_module(f"{self.package}.{directory.name}."
-                                         f"{manifest['module']}")
+        module = build.load_extension(
+            directory / manifest["so_file"],
+            f"{self.package}.{directory.name}.{manifest['module']}")
         entry = artifact_cache.Entry(path=directory, manifest=manifest, built=False,
                                      build_seconds=0.0)
         kernel = CKernel(config, "adam", module, entry, manifest["module"], 0.0)
-        kernel.prelude_module = self.preludes.get(directory.name)
-        self._kernels[(config.dtype, config.scalar_tensors)] = kernel  # type: ignore[index]
+        kernel.prelude_module = self.preludes.get(directory.name)  # type: ignore[attr-defined]
+        return kernel
