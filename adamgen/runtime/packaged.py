@@ -132,6 +132,6 @@ class PackagedKernels:
             f"{self.package}.{directory.name}.{manifest['module']}")
         entry = artifact_cache.Entry(path=directory, manifest=manifest, built=False,
                                      build_seconds=0.0)
-        kernel = CKernel(config, "adam", module, entry, manifest["module"], 0.0)
+        kernel = CKernel(config, module, entry, manifest["module"], 0.0)
         kernel.prelude_module = self.preludes.get(directory.name)  # type: ignore[attr-defined]
         return kernel
