@@ -263,6 +263,61 @@ def test_a_gradient_overlapping_what_the_step_writes_is_read_as_it_was(variant, 
             assert got.tobytes() == want.tobytes()
 
 
+# -- D6: load_state_dict checks everything, names every entry --------------------------------
+
+def _bad_states(state):
+    m0, m1 = state["m"]
+    return {
+        "complex m[1]": ({"m": [m0 + 1, m1.astype(np.complex64)]}, TypeError,
+                         r"state_dict\['m'\]\[1\].*complex64"),
+        "string v[0]": ({"v": ["abc", state["v"][1]]}, TypeError, r"state_dict\['v'\]\[0\]"),
+        "ragged m[0]": ({"m": [[[1.0], [1.0, 2.0]], m1]}, ValueError, r"state_dict\['m'\]\[0\]"),
+        "shape of v[1]": ({"v": [state["v"][0], np.ones(5)]}, ValueError,
+                          r"state_dict\['v'\]\[1\].*shape \(5,\); expected \(4,\)"),
+        "m count": ({"m": [m0]}, ValueError, r"state_dict\['m'\] must be a list of 2"),
+        "m not a list": ({"m": 3.0}, ValueError, r"state_dict\['m'\] must be a list"),
+        "step 2.7": ({"step": 2.7}, ValueError, r"state_dict\['step'\].*2\.7"),
+        "step NaN": ({"step": float("nan")}, ValueError, r"state_dict\['step'\].*nan"),
+        "step -1": ({"step": -1}, ValueError, r"state_dict\['step'\].*-1"),
+        "step True": ({"step": True}, TypeError, r"state_dict\['step'\].*bool"),
+        "step '3'": ({"step": "3"}, TypeError, r"state_dict\['step'\].*str"),
+        "step 10**400": ({"step": 10**400}, ValueError, r"state_dict\['step'\].*beyond"),
+        "lr 'abc'": ({"lr": "abc"}, TypeError, r"state_dict\['lr'\].*str"),
+        "lr -1": ({"lr": -1.0}, ValueError, r"state_dict\['lr'\].*finite number >= 0"),
+        "lr inf": ({"lr": float("inf")}, ValueError, r"state_dict\['lr'\]"),
+        "beta1 1.0": ({"beta1": 1.0}, ValueError, r"state_dict\['beta1'\]"),
+        "epsilon -1": ({"epsilon": -1.0}, ValueError, r"state_dict\['epsilon'\]"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_states({"m": [np.zeros(1)] * 2,
+                                                   "v": [np.zeros(1)] * 2})))
+def test_a_bad_state_dict_changes_nothing_and_names_the_entry(case):
+    """Issue 13 D6: ``m=[valid, complex]`` raised an unnamed TypeError after overwriting m[0];
+    ``step=2.7`` was truncated to 2, ``step=NaN`` a bare ValueError, ``lr`` never checked."""
+    rng = np.random.default_rng(3)
+    opt = Adam([rng.standard_normal((2, 3)).astype(np.float32),
+                rng.standard_normal(4).astype(np.float64)], lr=0.01)
+    opt.step([np.ones((2, 3), np.float32), np.ones(4)])
+    good = opt.state_dict()
+    change, error, message = _bad_states(good)[case]
+    before = [a.tobytes() for a in opt.state["m"] + opt.state["v"]]
+    with pytest.raises(error, match=message):
+        opt.load_state_dict({**good, **change})
+    assert [a.tobytes() for a in opt.state["m"] + opt.state["v"]] == before
+    assert (opt.step_count, opt.lr, opt.beta1, opt.epsilon) == (1, 0.01, 0.9, 1e-7)
+
+
+def test_load_state_dict_takes_whole_float_steps_lists_and_same_kind_casts():
+    opt = Adam([np.zeros(3, np.float32)])
+    opt.load_state_dict({"step": 4.0, "lr": np.float64(0.5), "beta1": 0.5, "beta2": 0.9,
+                         "epsilon": 0, "m": [[1, 2, 3]], "v": [np.full(3, 0.25)]})
+    assert opt.step_count == 4 and type(opt.step_count) is int and opt.lr == 0.5
+    assert opt.state["m"][0].tolist() == [1, 2, 3] and opt.state["v"][0].dtype == np.float32
+    with pytest.raises(TypeError, match="mapping"):
+        opt.load_state_dict([("step", 1)])
+
+
 # -- issue 12 item 10 and issue 13 D8: the learning rate -------------------------------------
 
 BAD_LEARNING_RATES = {

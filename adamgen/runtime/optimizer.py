@@ -26,7 +26,8 @@ Memory rules (docs/reliability.md, D1, D2, D9, D10):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -39,6 +40,8 @@ from .multitensor import MultiTensorGroup
 
 ALIGNMENT = 64
 SUPPORTED_DTYPES = "float32 and float64"
+_STATE_KEYS = ("step", "lr", "beta1", "beta2", "epsilon", "m", "v")
+_LARGEST_STEP = int(np.finfo(np.float64).max)
 
 
 def aligned_empty(size: int, dtype: np.dtype) -> np.ndarray:
@@ -286,30 +289,47 @@ class Adam:
                 "beta2": self.beta2, "epsilon": self.epsilon,
                 "m": [m.copy() for m in self._m], "v": [v.copy() for v in self._v]}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; checked whole before anything changes."""
-        missing = {"step", "lr", "beta1", "beta2", "epsilon", "m", "v"} - set(state)
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`. Every entry is checked before anything changes, and
+        every error names the entry (``state_dict['m'][1]``)."""
+        if not isinstance(state, Mapping):
+            raise ArgumentTypeError(f"state_dict must be a mapping, got {type(state).__name__}")
+        missing = [key for key in _STATE_KEYS if key not in state]
         if missing:
-            raise ArgumentValueError(f"state_dict lacks {sorted(missing)}")
-        for key in ("m", "v"):
-            arrays = state[key]
-            if len(arrays) != len(self.params):
-                raise ArgumentValueError(f"state_dict[{key!r}] has {len(arrays)} arrays; "
-                                         f"expected {len(self.params)}")
-            for name, param, array in zip(self._names, self.params, arrays):
-                if np.shape(array) != param.shape:
-                    raise ArgumentValueError(f"state_dict[{key!r}] {name} has shape "
-                                             f"{np.shape(array)}; expected {param.shape}")
-        step = int(state["step"])
-        if step < 0:
-            raise ArgumentValueError(f"state_dict['step'] must be >= 0, got {step}")
-        beta1 = validate.as_hyperparameter("beta1", state["beta1"], 0.0, 1.0)
-        beta2 = validate.as_hyperparameter("beta2", state["beta2"], 0.0, 1.0)
-        epsilon = validate.as_hyperparameter("epsilon", state["epsilon"], 0.0, None)
-        for target, source in zip(self._m + self._v, list(state["m"]) + list(state["v"])):
+            raise ArgumentValueError(f"state_dict lacks {missing}")
+        step = _checked_step("state_dict['step']", state["step"])
+        lr = validate.as_learning_rate("state_dict['lr']", state["lr"])
+        hyper = [validate.as_hyperparameter(f"state_dict[{key!r}]", state[key], 0.0, high)
+                 for key, high in (("beta1", 1.0), ("beta2", 1.0), ("epsilon", None))]
+        sources = [self._checked_state_arrays(key, state[key]) for key in ("m", "v")]
+        for target, source in zip(self._m + self._v, sources[0] + sources[1]):
             np.copyto(target, source, casting="same_kind")
-        self.step_count, self.lr = step, state["lr"]
-        self.beta1, self.beta2, self.epsilon = beta1, beta2, epsilon
+        self.step_count, self.lr = step, lr
+        self.beta1, self.beta2, self.epsilon = hyper
+
+    def _checked_state_arrays(self, key: str, values: Any) -> list[np.ndarray]:
+        count = len(self.params)
+        if not isinstance(values, (list, tuple)) or len(values) != count:
+            got = f"{len(values)} entries" if isinstance(values, (list, tuple)) else \
+                type(values).__name__
+            raise ArgumentValueError(f"state_dict[{key!r}] must be a list of {count} arrays, "
+                                     f"one per parameter; got {got}")
+        arrays = []
+        for i, (param, value) in enumerate(zip(self.params, values)):
+            entry = f"state_dict[{key!r}][{i}] (parameter {self._names[i]})"
+            try:
+                array = np.asarray(value)
+            except (ValueError, TypeError) as error:
+                raise ArgumentValueError(f"{entry} is not an array: {error}") from None
+            if array.dtype.kind not in "fiu" or not np.can_cast(array.dtype, param.dtype,
+                                                                 casting="same_kind"):
+                raise ArgumentTypeError(f"{entry} has dtype {array.dtype}; expected a real "
+                                        f"dtype that casts to {param.dtype}")
+            if array.shape != param.shape:
+                raise ArgumentValueError(f"{entry} has shape {array.shape}; expected "
+                                         f"{param.shape}")
+            arrays.append(array)
+        return arrays
 
     def __repr__(self) -> str:
         sizes = sum(p.size for p in self.params)
@@ -318,3 +338,24 @@ class Adam:
         return (f"Adam({count} parameter{'s' if count != 1 else ''}, {sizes} elements, "
                 f"lr={self.lr}, step={self.step_count}; {backends})")
 
+
+def _checked_step(name: str, value: Any) -> int:
+    """A step counter: a whole number >= 0 (``2.0`` is 2; ``2.7``, NaN and inf are errors,
+    never truncated) small enough that ``float(step + 1)`` exists."""
+    if isinstance(value, (bool, np.bool_)):
+        raise ArgumentTypeError(f"{name} is a bool; expected a whole number >= 0")
+    if isinstance(value, (int, np.integer)):
+        number = int(value)
+    elif isinstance(value, (float, np.floating)):
+        if not math.isfinite(value) or value != math.floor(value):
+            raise ArgumentValueError(f"{name} must be a whole number >= 0, got {value!r}")
+        number = int(value)
+    else:
+        raise ArgumentTypeError(f"{name} is a {type(value).__name__}; expected a whole number "
+                                ">= 0")
+    if number < 0:
+        raise ArgumentValueError(f"{name} must be a whole number >= 0, got {value!r}")
+    if number + 1 > _LARGEST_STEP:  # the next step computes float(step + 1)
+        raise ArgumentValueError(f"{name}={validate.shown(value)} is beyond the range of a "
+                                 "float")
+    return number
