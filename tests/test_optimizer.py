@@ -353,6 +353,41 @@ def test_good_learning_rates_are_python_floats_equal_to_their_value(lr):
     opt.step([np.ones(3, np.float32)])
 
 
+# -- issue 12 item 11: copies ----------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("container", [False, True], ids=["list", "container"])
+def test_a_copied_optimizer_continues_bit_for_bit_on_its_own_copies(how, container):
+    """The state (m, v, owned gradients, step) and hyperparameters travel; the kernels are
+    looked up again; the parameters are copies, as torch's deepcopy copies them."""
+    import copy
+
+    rng = np.random.default_rng(12)
+    params = make_params(rng, np.float32, container)
+    opt = Adam(params, lr=0.02, beta1=0.8, epsilon=1e-6)
+    for _ in range(3):
+        opt.step([rng.standard_normal(p.shape).astype(np.float32) for p in leaves(params)])
+    for g in leaves(opt.grads):
+        g[...] = rng.standard_normal(g.shape)
+    clone = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    assert (clone.step_count, clone.lr, clone.beta1, clone.epsilon) == (3, 0.02, 0.8, 1e-6)
+    assert not any(np.shares_memory(a, b) for a in clone.params for b in opt.params)
+    opt.step()
+    clone.step()  # with the owned gradients it carried over
+    for got, want in zip(leaves(clone.params) + leaves(clone.state["m"]),
+                         leaves(params) + leaves(opt.state["m"])):
+        assert got.tobytes() == want.tobytes()
+
+
+def test_deep_copying_parameters_and_optimizer_together_keeps_them_connected():
+    import copy
+
+    params = [np.ones(3, np.float32), np.ones(2, np.float64)]
+    copied_params, clone = copy.deepcopy((params, Adam(params, lr=0.1)))
+    clone.step([np.ones(3, np.float32), np.ones(2)])
+    assert copied_params[0].tolist() != [1, 1, 1] and params[0].tolist() == [1, 1, 1]
+
+
 # -- issue 12 item 12: messages -----------------------------------------------------------------
 
 def test_repr_counts_parameters_in_good_english():

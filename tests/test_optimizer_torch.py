@@ -1,10 +1,12 @@
 """``adamgen.Adam`` over torch tensors: following parameters that move (D1), the version counter
-(D10), and the messages a torch user meets. torch 2.13 CPU is optional: without it these
+(D10), copies, and the messages a torch user meets. torch 2.13 CPU is optional: without it these
 tests skip."""
 
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -203,7 +205,23 @@ def test_versions_move_once_per_step_and_only_for_torch_tensors():
     assert [t._version for t in tensors] == [v + 2 for v in before]
 
 
-# -- the messages a torch user meets ------------------------------------------------
+# -- copies, and the messages a torch user meets ------------------------------------------------
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_of_an_optimizer_over_torch_parameters_carry_on_bit_for_bit(how):
+    p = torch.nn.Parameter(torch.linspace(-1, 1, 9))
+    opt = Adam([p], lr=0.1)
+    opt.step([np.full(9, 0.3, np.float32)])
+    clone = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    copied = clone._originals[0]
+    assert isinstance(copied, torch.nn.Parameter) and copied.data_ptr() != p.data_ptr()
+    for o in (opt, clone):
+        o.step([np.full(9, -0.2, np.float32)])
+    assert copied.detach().numpy().tobytes() == p.detach().numpy().tobytes()
+    copied.data = torch.zeros(9)  # the copy follows its own parameter
+    clone.step([np.ones(9, np.float32)])
+    assert clone.params[0].ctypes.data == copied.data_ptr()
+
 
 def test_a_bfloat16_parameter_is_named_as_unsupported_with_the_supported_dtypes():
     """Issue 12 item 12: it said "only CPU tensors are supported"."""

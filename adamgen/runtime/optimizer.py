@@ -22,6 +22,12 @@ Memory rules (docs/reliability.md, D1, D2, D9, D10):
   and then updates ``p`` twice; here a threaded step would race);
 * a gradient that overlaps memory the step writes (a parameter, ``m``, ``v``) is copied first,
   so its bits never depend on which variant the loader picked.
+
+Copies: ``copy.deepcopy(opt)`` and ``pickle`` work as for torch's optimizers: the parameters,
+the state (``m``, ``v``, the owned gradients, the step) and the hyperparameters travel, and the
+kernels are looked up again when the copy is built. Like torch's, a deep copy copies the
+parameters too: deep-copy the model and the optimizer in one call (``copy.deepcopy((params,
+opt))``) for a copy whose optimizer updates the copied parameters.
 """
 
 from __future__ import annotations
@@ -281,7 +287,7 @@ class Adam:
             checked.append(grad)
         return checked
 
-    # -- checkpoints ---------------------------------------------------------------------------
+    # -- checkpoints and copies -----------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """Copies of m and v, the step counter and the hyperparameters."""
@@ -330,6 +336,25 @@ class Adam:
                                          f"{param.shape}")
             arrays.append(array)
         return arrays
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What pickle and deepcopy carry: parameters as the caller holds them, state, and
+        hyperparameters; never kernels (looked up again by :meth:`__setstate__`)."""
+        moved = self._watch.moved() if self._watch is not None else []
+        if moved:
+            self._follow(moved)  # a moved parameter is followed, or refused, before it is saved
+        return {"params": self._structure if self._structure is not None else self._originals,
+                "step": self.step_count, "lr": self.lr, "beta1": self.beta1,
+                "beta2": self.beta2, "epsilon": self.epsilon,
+                "m": list(self._m), "v": list(self._v), "grads": list(self._g)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._build(state["params"])
+        self.step_count, self.lr = state["step"], state["lr"]
+        self.beta1, self.beta2, self.epsilon = state["beta1"], state["beta2"], state["epsilon"]
+        for targets, key in ((self._m, "m"), (self._v, "v"), (self._g, "grads")):
+            for target, source in zip(targets, state[key]):
+                target[...] = source
 
     def __repr__(self) -> str:
         sizes = sum(p.size for p in self.params)
