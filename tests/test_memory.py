@@ -39,11 +39,10 @@ def test_written_memory_finds_exactly_the_overlapping_ranges(count):
         sizes[rng.integers(0, count)] = 0
         expected = [i for i, (s, n) in enumerate(zip(starts.tolist(), sizes.tolist()))
                     if n and any(s < e and w < s + n for w, e in written)]
-        assert index.overlapping(starts, sizes) == expected
+        assert index.overlapping(starts.tolist(), memory.sizes(sizes.tolist())) == expected
+        assert index.overlapping(memoryview(starts), memory.sizes(sizes)) == expected
 
 
 def test_touching_ranges_do_not_overlap():
     index = memory.WrittenMemory([(100, 200)])
-    starts = np.array([60, 200, 99, 199], np.uint64)
-    sizes = np.array([40, 8, 2, 1], np.uint64)
-    assert index.overlapping(starts, sizes) == [2, 3]
+    assert index.overlapping([60, 200, 99, 199], memory.sizes([40, 8, 2, 1])) == [2, 3]

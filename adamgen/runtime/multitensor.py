@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +25,8 @@ from .kernels import numpy_kernel
 HYPER = ("beta1", "beta2", "epsilon", "step")
 ALL_IN_PLACE = frozenset({("w_new", "w"), ("mw", "mw_tm1"), ("vw", "vw_tm1")})
 DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
+#: a pointer table read as unsigned integers (struct format of uintptr_t)
+_POINTER_FORMAT: Any = np.dtype(np.uintp).char
 
 
 def flat(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -43,7 +46,7 @@ class MultiTensorGroup:
         self.indices = list(indices)
         self.size = sum(p.size for p in self.params)
         #: each gradient's bytes (it has its parameter's size), for the overlap check
-        self._nbytes = np.array([p.nbytes for p in self.params], dtype=np.uint64)
+        self._nbytes = memory.sizes([p.nbytes for p in self.params])
         name = DTYPE_NAMES[self.dtype]
         mode = current_environment().mode
         self.numpy_module = numpy_kernel(KernelConfig(dtype=name, mode=mode,
@@ -113,8 +116,8 @@ class MultiTensorGroup:
             grads = self.grads if external_grads is None else \
                 [external_grads[i] for i in self.indices]
             if external_grads is not None and written is not None:
-                starts = np.array([memory.address(g) for g in grads], dtype=np.uint64)
-                for position in written.overlapping(starts, self._nbytes):
+                addresses = [memory.address(g) for g in grads]
+                for position in written.overlapping(addresses, self._nbytes):
                     grads[position] = np.array(grads[position], order="K")
             self._run_numpy(self.params, grads, self.ms, self.vs, lr, scalars)
             return
@@ -132,8 +135,8 @@ class MultiTensorGroup:
             for slot, buffer in enumerate(buffers):
                 slots[slot] = buffer
             if written is not None:  # the addresses, read back from the table just filled
-                starts = np.frombuffer(kernel.ffi.buffer(slots), dtype=np.uintp)
-                for slot in written.overlapping(starts.astype(np.uint64), self._nbytes):
+                starts = memoryview(kernel.ffi.buffer(slots)).cast(_POINTER_FORMAT)
+                for slot in written.overlapping(starts, self._nbytes):
                     copy = np.array(external_grads[self.indices[slot]], order="K")
                     buffers[slot] = from_buffer(array_type, copy.ravel(order="K"))
                     slots[slot] = buffers[slot]
