@@ -43,48 +43,44 @@ def chained(w: np.ndarray, grads: list[np.ndarray], lr: float, m=None, v=None, f
 
 # -- D1: a parameter reallocated after Adam() --------------------------------------------------
 
-def test_the_issues_resize_reproduction_raises_a_named_error_instead_of_corrupting_the_heap():
-    """Issue 13 D1, verbatim: ``p.resize_`` frees the block the pointer table points at; the
-    step then wrote freed memory ("double free or corruption", SIGABRT at ``del junk``)."""
-    proc = run_isolated("""
+def step_after_freeing(free: str, after: str = "") -> subprocess.CompletedProcess:
+    """The issue's D1 reproduction around ``free`` (code that frees the memory under ``p``, a
+    parameter of ``opt``): allocations that reuse the freed block, a step that must be
+    refused, then freeing those allocations, where glibc aborts if the step wrote the block."""
+    return run_isolated(f"""
         import numpy as np, torch, adamgen
-        p = torch.zeros(1 << 16)
+        p = torch.ones(1 << 16)
         opt = adamgen.Adam([p], lr=0.1)
-        p.resize_(1 << 22)
+        {free}
         junk = [np.zeros(1 << 15, np.float32) for _ in range(64)]
         try:
             opt.step([np.ones(1 << 16, np.float32)])
         except ValueError as error:
             print("refused:", error)
         del junk
-        print("alive", float(p[:1 << 16].abs().sum()))
+        {after}
     """)
+
+
+def test_the_issues_resize_reproduction_raises_a_named_error_instead_of_corrupting_the_heap():
+    """Issue 13 D1 (with ``torch.ones``): ``p.resize_`` frees the block the pointer table points
+    at; the step then wrote freed memory ("double free or corruption", SIGABRT at ``del
+    junk``)."""
+    proc = step_after_freeing("p.resize_(1 << 22)",
+                              "print('alive', float(p[:1 << 16].sum()))")
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     assert "refused: parameter 0 changed from (65536,) float32 to (4194304,) float32" in \
         proc.stdout
-    assert proc.stdout.rstrip().endswith("alive 0.0")
+    assert proc.stdout.rstrip().endswith("alive 65536.0")
 
 
 def test_a_storage_freed_under_a_parameter_is_refused_then_followed_once_restored():
     """FSDP frees a parameter's storage between steps (``untyped_storage().resize_(0)``) and
     restores it before the next; a step while it is freed must not write it."""
-    proc = run_isolated("""
-        import numpy as np, torch, adamgen
-        p = torch.ones(1 << 16)
-        opt = adamgen.Adam([p], lr=0.1)
-        storage = p.untyped_storage()
-        storage.resize_(0)
-        junk = [np.zeros(1 << 15, np.float32) for _ in range(64)]
-        try:
-            opt.step([np.ones(1 << 16, np.float32)])
-        except ValueError as error:
-            print("refused:", error)
-        del junk
-        storage.resize_(4 << 16)
-        p.fill_(1)
-        opt.step([np.ones(1 << 16, np.float32)])
-        print("stepped", p[0].item(), opt.step_count)
-    """)
+    proc = step_after_freeing(
+        "storage = p.untyped_storage(); storage.resize_(0)",
+        "storage.resize_(4 << 16); p.fill_(1); opt.step([np.ones(1 << 16, np.float32)]); "
+        "print('stepped', p[0].item(), opt.step_count)")
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     assert "refused: parameter 0: its storage holds 0 bytes" in proc.stdout
     expected = chained(np.ones(1, np.float32), [np.ones(1, np.float32)], 0.1)[0][0]
