@@ -2,7 +2,8 @@
 
 The group is built once, when the optimizer is constructed: the pointers of the parameters and of
 the optimizer-owned ``m``, ``v`` and gradient buffers are gathered then and reused every step.
-Gradients handed to ``step(grads)`` are the only pointers gathered per step.
+Gradients handed to ``step(grads)`` are the only pointers gathered per step; a torch parameter
+that moved gets a new pointer table through :meth:`MultiTensorGroup.rebind`.
 
 Variants (the loader measures them per size bucket and dispatches to the winner): the C
 multi-tensor kernel, serial or threaded across and within tensors, and the NumPy in-place module
