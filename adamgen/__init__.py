@@ -1,8 +1,8 @@
 """adamgen: Ivy's Adam update, written once in SymPy, compiled to NumPy and C kernels.
 
-Importing adamgen loads NumPy and the runtime only. SymPy and Jinja are generation-time
-dependencies: they load on a kernel-cache miss, or when you call :func:`generate` or
-:func:`verify`.
+Importing adamgen loads NumPy and the runtime only (never torch: :class:`Adam` recognises torch
+tensors without importing it). SymPy and Jinja are generation-time dependencies: they load on a
+kernel-cache miss, when you call :func:`verify`, or when you run ``adamgen generate``.
 """
 
 from __future__ import annotations

@@ -115,9 +115,15 @@ def _parse_choice(name: str, raw: str, accepted: tuple[str, ...]) -> str:
     return value
 
 
+def _is_ascii_digits(text: str) -> bool:
+    """``str.isdigit()`` alone accepts ``'²'`` (which ``int()`` rejects) and ``'١٢'`` (which it
+    reads as 12): a thread count is ASCII digits only."""
+    return text.isascii() and text.isdigit()
+
+
 def _parse_positive_int(name: str, raw: str) -> int:
     text = raw.strip()
-    if not text.isdigit() or int(text) < 1:
+    if not _is_ascii_digits(text) or int(text) < 1:
         raise ConfigError(f"{name}={raw!r} is not valid; accepted: a whole number >= 1")
     return int(text)
 
@@ -137,7 +143,7 @@ def environment(env: Mapping[str, str] | None = None) -> Environment:
     for name in ("ADAMGEN_NUM_THREADS", "OMP_NUM_THREADS"):
         raw = env.get(name)
         if raw:
-            if name == "OMP_NUM_THREADS" and not raw.strip().isdigit():
+            if name == "OMP_NUM_THREADS" and not _is_ascii_digits(raw.strip()):
                 continue  # OMP_NUM_THREADS may be a list ("4,2"); it is OpenMP's, not ours.
             threads = _parse_positive_int(name, raw)
             break

@@ -457,8 +457,9 @@ def adam_cases(draw) -> AdamCase:
     steps = draw(st.integers(1, 3))
     grads = [[draw(values_of(d, s)) for d, s in zip(dtypes, shapes)] for _ in range(steps)]
     external = [draw(st.booleans()) for _ in range(steps)]
-    lr = draw(st.one_of(st.sampled_from([0.0, 1e-3, 0.1, -0.5, 1e300, math.nan]),
-                        st.floats(allow_nan=False, allow_infinity=False)))
+    # Adam's lr rule: finite and >= 0 (a negative or NaN lr is refused at construction)
+    lr = draw(st.one_of(st.sampled_from([0.0, 1e-3, 0.1, 1e300]),
+                        st.floats(min_value=0.0, allow_nan=False, allow_infinity=False)))
     hyper = {"beta1": draw(BETAS), "beta2": draw(BETAS), "epsilon": draw(EPSILONS)}
     event(f"{count} parameters, {'threaded size' if max(map(math.prod, shapes)) > 64 else 'small'}")
     return AdamCase(params, grads, external, lr, hyper)

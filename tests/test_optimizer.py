@@ -196,3 +196,205 @@ def test_fast_mode_steps_with_the_fast_kernel_and_its_own_scalars(variant, monke
     for got, want in zip(params, expected):
         assert got.tobytes() == want.tobytes()
     dispatch.forget()
+
+
+# -- D2: parameters that share memory ----------------------------------------------------------
+
+def _shared_memory_cases():
+    buffer = np.zeros(10, np.float32)
+    wide = np.zeros(4, np.float64)
+    return {
+        "the same array twice": ([buffer, buffer], "parameter 0 and parameter 1"),
+        "overlapping views": ([np.ones(2, np.float32), buffer[:6], buffer[4:]],
+                              "parameter 1 and parameter 2"),
+        "one buffer seen as two dtypes": ([wide, wide.view(np.float32)],
+                                          "parameter 0 and parameter 1"),
+        "a Container": (Container(a=buffer, b=Container(c=buffer[3:5])),
+                        "parameter a and parameter b.c"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_shared_memory_cases()))
+def test_parameters_that_share_memory_are_refused_naming_both(case):
+    """Issue 13 D2: ``Adam([q, q])`` raced under c-omp and updated q twice elsewhere. Stricter
+    than torch, which warns for [p, p] and updates p twice."""
+    params, names = _shared_memory_cases()[case]
+    with pytest.raises(ValueError, match=f"{names} share memory"):
+        Adam(params)
+
+
+def test_disjoint_views_of_one_buffer_are_parameters_like_any_other():
+    buffer = np.linspace(-1, 1, 10, dtype=np.float32)
+    twin = [buffer[:4].copy(), buffer[4:].copy()]
+    opt, other = Adam([buffer[:4], buffer[4:]], lr=0.1), Adam(twin, lr=0.1)
+    grads = [np.ones(4, np.float32), np.full(6, -2, np.float32)]
+    opt.step(grads)
+    other.step(grads)
+    assert buffer.tobytes() == np.concatenate(twin).tobytes()
+
+
+# -- D9: a gradient that overlaps memory the step writes ---------------------------------------
+
+@pytest.mark.parametrize("variant", ["numpy", "c", "c-omp"])
+@pytest.mark.parametrize("size", [5, 70_001], ids=["small", "threaded size"])
+def test_a_gradient_overlapping_what_the_step_writes_is_read_as_it_was(variant, size,
+                                                                       monkeypatch):
+    """Issue 13 D9: ``opt.step([opt.state["m"][0]])`` gave -0.82665324 under numpy and
+    -0.8259197 under c. Now every variant reads such a gradient from a copy taken at the start
+    of the step: the bits are those of a step with copied gradients."""
+    from adamgen.config import refresh_environment
+
+    monkeypatch.setenv("ADAMGEN_VARIANT", variant)
+    refresh_environment()
+    rng = np.random.default_rng(9)
+    params = [rng.standard_normal(size).astype(np.float32) for _ in range(4)]
+    twin = [p.copy() for p in params]
+    opt, reference = Adam(params, lr=0.1), Adam(twin, lr=0.1)
+    first = [rng.standard_normal(size).astype(np.float32) for _ in range(4)]
+    opt.step(first)
+    reference.step(first)
+    for grads in ([opt.state["m"][0], params[2], opt.state["v"][1], params[3]],
+                  [opt.state["v"][0], opt.state["m"][0], params[0], opt.grads[3]]):
+        copies = [np.array(g) for g in grads]
+        opt.step(grads)
+        reference.step(copies)
+        for got, want in zip(params + opt.state["m"] + opt.state["v"],
+                             twin + reference.state["m"] + reference.state["v"]):
+            assert got.tobytes() == want.tobytes()
+
+
+# -- D6: load_state_dict checks everything, names every entry --------------------------------
+
+def _bad_states(state):
+    m0, m1 = state["m"]
+    return {
+        "complex m[1]": ({"m": [m0 + 1, m1.astype(np.complex64)]}, TypeError,
+                         r"state_dict\['m'\]\[1\].*complex64"),
+        "string v[0]": ({"v": ["abc", state["v"][1]]}, TypeError, r"state_dict\['v'\]\[0\]"),
+        "ragged m[0]": ({"m": [[[1.0], [1.0, 2.0]], m1]}, ValueError, r"state_dict\['m'\]\[0\]"),
+        "shape of v[1]": ({"v": [state["v"][0], np.ones(5)]}, ValueError,
+                          r"state_dict\['v'\]\[1\].*shape \(5,\); expected \(4,\)"),
+        "m count": ({"m": [m0]}, ValueError, r"state_dict\['m'\] must be a list of 2"),
+        "m not a list": ({"m": 3.0}, ValueError, r"state_dict\['m'\] must be a list"),
+        "step 2.7": ({"step": 2.7}, ValueError, r"state_dict\['step'\].*2\.7"),
+        "step NaN": ({"step": float("nan")}, ValueError, r"state_dict\['step'\].*nan"),
+        "step -1": ({"step": -1}, ValueError, r"state_dict\['step'\].*-1"),
+        "step True": ({"step": True}, TypeError, r"state_dict\['step'\].*bool"),
+        "step '3'": ({"step": "3"}, TypeError, r"state_dict\['step'\].*str"),
+        "step 10**400": ({"step": 10**400}, ValueError, r"state_dict\['step'\].*beyond"),
+        "lr 'abc'": ({"lr": "abc"}, TypeError, r"state_dict\['lr'\].*str"),
+        "lr -1": ({"lr": -1.0}, ValueError, r"state_dict\['lr'\].*finite number >= 0"),
+        "lr inf": ({"lr": float("inf")}, ValueError, r"state_dict\['lr'\]"),
+        "beta1 1.0": ({"beta1": 1.0}, ValueError, r"state_dict\['beta1'\]"),
+        "epsilon -1": ({"epsilon": -1.0}, ValueError, r"state_dict\['epsilon'\]"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_states({"m": [np.zeros(1)] * 2,
+                                                   "v": [np.zeros(1)] * 2})))
+def test_a_bad_state_dict_changes_nothing_and_names_the_entry(case):
+    """Issue 13 D6: ``m=[valid, complex]`` raised an unnamed TypeError after overwriting m[0];
+    ``step=2.7`` was truncated to 2, ``step=NaN`` a bare ValueError, ``lr`` never checked."""
+    rng = np.random.default_rng(3)
+    opt = Adam([rng.standard_normal((2, 3)).astype(np.float32),
+                rng.standard_normal(4).astype(np.float64)], lr=0.01)
+    opt.step([np.ones((2, 3), np.float32), np.ones(4)])
+    good = opt.state_dict()
+    change, error, message = _bad_states(good)[case]
+    before = [a.tobytes() for a in opt.state["m"] + opt.state["v"]]
+    with pytest.raises(error, match=message):
+        opt.load_state_dict({**good, **change})
+    assert [a.tobytes() for a in opt.state["m"] + opt.state["v"]] == before
+    assert (opt.step_count, opt.lr, opt.beta1, opt.epsilon) == (1, 0.01, 0.9, 1e-7)
+
+
+def test_load_state_dict_takes_whole_float_steps_lists_and_same_kind_casts():
+    opt = Adam([np.zeros(3, np.float32)])
+    opt.load_state_dict({"step": 4.0, "lr": np.float64(0.5), "beta1": 0.5, "beta2": 0.9,
+                         "epsilon": 0, "m": [[1, 2, 3]], "v": [np.full(3, 0.25)]})
+    assert opt.step_count == 4 and type(opt.step_count) is int and opt.lr == 0.5
+    assert opt.state["m"][0].tolist() == [1, 2, 3] and opt.state["v"][0].dtype == np.float32
+    with pytest.raises(TypeError, match="mapping"):
+        opt.load_state_dict([("step", 1)])
+
+
+# -- issue 12 item 10 and issue 13 D8: the learning rate -------------------------------------
+
+BAD_LEARNING_RATES = {
+    "negative": (-1, ValueError, "finite number >= 0, got -1"),
+    "NaN": (float("nan"), ValueError, "finite number >= 0, got nan"),
+    "inf (torch accepts it; adamgen does not)": (float("inf"), ValueError, "got inf"),
+    "a string": ("0.1", TypeError, "lr is a str"),
+    "a bool": (True, TypeError, "lr is a bool"),
+    "None": (None, TypeError, "lr is a NoneType"),
+    "an int beyond float range": (10**400, ValueError,
+                                  r"lr=10000000\.\.\.\(401 digits\) is beyond the range"),
+    "an array of two": (np.array([0.1, 0.2]), ValueError, "lr must be a scalar"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LEARNING_RATES))
+def test_a_bad_learning_rate_is_refused_at_construction_and_at_the_next_step(case):
+    value, error, message = BAD_LEARNING_RATES[case]
+    with pytest.raises(error, match=message):
+        Adam([np.ones(3, np.float32)], lr=value)
+    params = [np.ones(3, np.float32)]
+    opt = Adam(params, lr=0.1)
+    opt.lr = value  # a schedule may set anything: the step checks before it writes
+    with pytest.raises(error, match=message):
+        opt.step([np.ones(3, np.float32)])
+    assert params[0].tolist() == [1, 1, 1] and opt.step_count == 0
+
+
+@pytest.mark.parametrize("lr", [0, 0.0, 3, np.float32(0.25), np.float64(1e-3), np.array(0.5)])
+def test_good_learning_rates_are_python_floats_equal_to_their_value(lr):
+    opt = Adam([np.ones(3, np.float32)], lr=lr)
+    assert type(opt.lr) is float and opt.lr == float(lr)
+    opt.step([np.ones(3, np.float32)])
+
+
+# -- issue 12 item 11: copies ----------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("container", [False, True], ids=["list", "container"])
+def test_a_copied_optimizer_continues_bit_for_bit_on_its_own_copies(how, container):
+    """The state (m, v, owned gradients, step) and hyperparameters travel; the kernels are
+    looked up again; the parameters are copies, as torch's deepcopy copies them."""
+    import copy
+
+    rng = np.random.default_rng(12)
+    params = make_params(rng, np.float32, container)
+    opt = Adam(params, lr=0.02, beta1=0.8, epsilon=1e-6)
+    for _ in range(3):
+        opt.step([rng.standard_normal(p.shape).astype(np.float32) for p in leaves(params)])
+    for g in leaves(opt.grads):
+        g[...] = rng.standard_normal(g.shape)
+    clone = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    assert (clone.step_count, clone.lr, clone.beta1, clone.epsilon) == (3, 0.02, 0.8, 1e-6)
+    assert not any(np.shares_memory(a, b) for a in clone.params for b in opt.params)
+    opt.step()
+    clone.step()  # with the owned gradients it carried over
+    for got, want in zip(leaves(clone.params) + leaves(clone.state["m"]),
+                         leaves(params) + leaves(opt.state["m"])):
+        assert got.tobytes() == want.tobytes()
+
+
+def test_deep_copying_parameters_and_optimizer_together_keeps_them_connected():
+    import copy
+
+    params = [np.ones(3, np.float32), np.ones(2, np.float64)]
+    copied_params, clone = copy.deepcopy((params, Adam(params, lr=0.1)))
+    clone.step([np.ones(3, np.float32), np.ones(2)])
+    assert copied_params[0].tolist() != [1, 1, 1] and params[0].tolist() == [1, 1, 1]
+
+
+# -- issue 12 item 12: messages -----------------------------------------------------------------
+
+def test_repr_counts_parameters_in_good_english():
+    assert repr(Adam([np.ones(3, np.float32)])).startswith("Adam(1 parameter, 3 elements")
+    assert repr(Adam([np.ones(3), np.ones(2)])).startswith("Adam(2 parameters, 5 elements")
+
+
+def test_the_not_contiguous_error_says_its_strides_are_bytes():
+    with pytest.raises(ValueError, match=r"shape \(3,\), strides \(8,\) in bytes"):
+        Adam([np.ones(6, np.float32)[::2]])

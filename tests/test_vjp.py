@@ -348,3 +348,20 @@ def test_hypergradient_example_agrees_with_finite_differences(capsys):
     assert module["main"](["--steps", "6", "--outer", "3"]) == 0
     out = capsys.readouterr().out
     assert "central difference" in out and "tuned lr" in out
+
+
+@pytest.mark.parametrize("where", ["cotangent d_w_new", "cotangent d_mw", "lr", "w"])
+@pytest.mark.parametrize("form", ["int", "list of ints"])
+def test_an_integer_beyond_range_is_a_named_error(where, form):
+    """Issue 13 D8: ``10**400`` as a cotangent or lr gave ``OverflowError: int too large to
+    convert to float``, as a list ``Python int too large to convert to C long``: no name."""
+    big = 10**400 if form == "int" else [10**400] * 3
+    x = np.ones(3)
+    arguments = {"w": x, "lr": 0.1}
+    cotangents = [1.0, 0.0, 0.0]
+    if where.startswith("cotangent"):
+        cotangents[["d_w_new", "d_mw"].index(where.split()[1])] = big
+    else:
+        arguments[where] = big
+    with pytest.raises(ArgumentValueError, match=rf"{where}.*10000000\.\.\.\(401 digits\)"):
+        adam_update_vjp(arguments["w"], x, arguments["lr"], x, x, 1, cotangents)

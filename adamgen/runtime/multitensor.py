@@ -2,7 +2,8 @@
 
 The group is built once, when the optimizer is constructed: the pointers of the parameters and of
 the optimizer-owned ``m``, ``v`` and gradient buffers are gathered then and reused every step.
-Gradients handed to ``step(grads)`` are the only pointers gathered per step.
+Gradients handed to ``step(grads)`` are the only pointers gathered per step; a torch parameter
+that moved gets a new pointer table through :meth:`MultiTensorGroup.rebind`.
 
 Variants (the loader measures them per size bucket and dispatches to the winner): the C
 multi-tensor kernel, serial or threaded across and within tensors, and the NumPy in-place module
@@ -11,18 +12,22 @@ applied tensor by tensor (always available, and the winner wherever C is not fas
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from ..config import KernelConfig, current_environment
-from . import dispatch, loader
+from . import dispatch, loader, memory
 from .c_kernels import resolve_threads
 from .kernels import numpy_kernel
 
 HYPER = ("beta1", "beta2", "epsilon", "step")
 ALL_IN_PLACE = frozenset({("w_new", "w"), ("mw", "mw_tm1"), ("vw", "vw_tm1")})
 DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
+#: a pointer table read as unsigned integers (struct format of uintptr_t)
+_POINTER_FORMAT: Any = np.dtype(np.uintp).char
 
 
 def flat(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -41,6 +46,8 @@ class MultiTensorGroup:
         self.params, self.grads, self.ms, self.vs = list(params), list(grads), list(ms), list(vs)
         self.indices = list(indices)
         self.size = sum(p.size for p in self.params)
+        #: each gradient's bytes (it has its parameter's size), for the overlap check
+        self._nbytes = memory.sizes([p.nbytes for p in self.params])
         name = DTYPE_NAMES[self.dtype]
         mode = current_environment().mode
         self.numpy_module = numpy_kernel(KernelConfig(dtype=name, mode=mode,
@@ -85,14 +92,34 @@ class MultiTensorGroup:
                 lambda m: self._timers(m, hyper), self.dtype.itemsize)
         return self._variant
 
+    def rebind(self, moved: Mapping[int, np.ndarray]) -> None:
+        """Point the group at parameters that moved (keyed by the optimizer's index), each of
+        its old shape, dtype and memory order (the optimizer checked): one new pointer table."""
+        for position, index in enumerate(self.indices):
+            if index in moved:
+                self.params[position] = moved[index]
+        if self.kernel is not None:
+            self.pointers = (self.kernel.pointers(flat(self.params), writable=True),
+                             *self.pointers[1:])
+
     def run(self, lr: float, hyper: tuple[float, ...],
-            external_grads: Sequence[np.ndarray] | None) -> None:
-        """Update every parameter of the group once; ``hyper`` is (beta1, beta2, epsilon, t)."""
+            external_grads: Sequence[np.ndarray] | None,
+            written: memory.WrittenMemory | None = None) -> None:
+        """Update every parameter of the group once; ``hyper`` is (beta1, beta2, epsilon, t).
+
+        An external gradient that overlaps ``written`` (memory the step writes) is read from a
+        copy: each variant reads it at a different moment relative to those writes, so reading
+        it in place would make the bits depend on the variant.
+        """
         variant = self._variant or self.variant(hyper)
         scalars = self.numpy_module.prelude(*hyper)
         if variant == "numpy":
             grads = self.grads if external_grads is None else \
                 [external_grads[i] for i in self.indices]
+            if external_grads is not None and written is not None:
+                addresses = [memory.address(g) for g in grads]
+                for position in written.overlapping(addresses, self._nbytes):
+                    grads[position] = np.array(grads[position], order="K")
             self._run_numpy(self.params, grads, self.ms, self.vs, lr, scalars)
             return
         kernel = self.kernel
@@ -108,6 +135,12 @@ class MultiTensorGroup:
             slots = pg.cdata
             for slot, buffer in enumerate(buffers):
                 slots[slot] = buffer
+            if written is not None:  # the addresses, read back from the table just filled
+                starts = memoryview(kernel.ffi.buffer(slots)).cast(_POINTER_FORMAT)
+                for slot in written.overlapping(starts, self._nbytes):
+                    copy = np.array(external_grads[self.indices[slot]], order="K")
+                    buffers[slot] = from_buffer(array_type, copy.ravel(order="K"))
+                    slots[slot] = buffers[slot]
         if kernel.config.mode != "exact":
             scalars = dispatch.scalars_for(kernel, dict(zip(HYPER, hyper)), scalars)
         arguments = (pw.cdata, pg.cdata, lr, pm.cdata, pv.cdata, *scalars, pw.sizes_cdata,
@@ -150,6 +183,7 @@ class MultiTensorGroup:
                 scalars = dispatch.scalars_for(kernel, dict(zip(HYPER, hyper)), scalars)
             for variant in self.variants[1:]:
                 options = dispatch.threading(variant)
-                timers[variant] = lambda options=options: kernel.multi_inplace(
-                    lists[0], lists[1], 1e-3, lists[2], lists[3], scalars, **options)
+                timers[variant] = functools.partial(kernel.multi_inplace, lists[0], lists[1],
+                                                    1e-3, lists[2], lists[3], scalars,
+                                                    **options)
         return timers

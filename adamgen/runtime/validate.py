@@ -78,17 +78,22 @@ def as_tensor(name: str, value: Any, *, weak_scalars: bool = False) -> Any:
     if isinstance(value, np.ndarray):
         array = value
     elif weak_scalars and (type(value) is float or type(value) is int):
+        if type(value) is int:
+            _as_real(name, value)  # it becomes a float later: an int beyond range is named here
         return value
     elif isinstance(value, (bool, np.bool_)):
         raise ArgumentTypeError(f"{name} is a bool; expected a real number or a real array")
     elif isinstance(value, numbers.Real) and not isinstance(value, np.generic):
         if weak_scalars:
+            _as_real(name, value)
             return value
-        array = np.asarray(value, dtype=ivy_default_dtype(value))
+        array = _as_integers_or_floats(name, value)
     elif isinstance(value, (list, tuple)):
         try:
-            array = np.asarray(value, dtype=ivy_default_dtype(value))
+            array = _as_integers_or_floats(name, value)
         except (ValueError, TypeError) as error:
+            if isinstance(error, ArgumentValueError):
+                raise
             raise ArgumentValueError(f"{name} is not a rectangular sequence of numbers: "
                                      f"{error}") from None
     elif isinstance(value, np.generic) or hasattr(value, "__array__"):
@@ -134,7 +139,8 @@ def _as_real(name: str, value: Any) -> float:
     try:
         return _to_float(name, value)
     except OverflowError:  # an int beyond float range: a bare OverflowError names nothing
-        raise ArgumentValueError(f"{name}={value!r} is beyond the range of a float") from None
+        raise ArgumentValueError(f"{name}={shown(value)} is beyond the range of a float "
+                                 "(largest: 1.8e308)") from None
 
 
 def _to_float(name: str, value: Any) -> float:
@@ -185,3 +191,58 @@ def check_out(out: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     if not out.flags.writeable:
         raise ArgumentValueError("out is read-only")
     return out
+
+
+# --- learning rates and large Python integers (appended: issue 12 item 10, issue 13 D8) -------
+
+def shown(value: Any) -> str:
+    """``repr(value)``, with an integer of more than 24 digits abbreviated: an error message
+    should show ``10**400`` without printing 401 digits."""
+    text = repr(value)
+    if isinstance(value, int) and len(text) > 24:
+        return f"{text[:8]}...({len(text.lstrip('-'))} digits)"
+    return text
+
+
+def _as_integers_or_floats(name: str, value: Any) -> np.ndarray:
+    """``np.asarray`` with Ivy's default dtype, where an integer beyond int64 is a named error
+    rather than NumPy's bare ``OverflowError: Python int too large to convert to C long``."""
+    try:
+        return np.asarray(value, dtype=ivy_default_dtype(value))
+    except OverflowError:
+        big = max((leaf for leaf in _python_leaves(value) if type(leaf) is int), key=abs,
+                  default=value)
+        raise ArgumentValueError(
+            f"{name} holds the integer {shown(big)}, beyond the range of int64 (Ivy makes "
+            "Python ints int32, or int64 where they do not fit); pass floats") from None
+
+
+def as_learning_rate(name: str, value: Any) -> float:
+    """A learning rate as a Python float: a real number, finite and >= 0.
+
+    torch.optim rejects a negative or NaN lr and accepts inf; adamgen rejects inf too, its own
+    choice: an infinite step turns every parameter into inf or NaN at the first step, so the
+    run is lost either way, and an error naming the value is the cheaper way to learn it.
+    Strings are rejected (``Adam(p, lr="0.1")``), not parsed: a config file read as text would
+    otherwise fail only at the first step, or never. Arrays of learning rates are checked
+    with :func:`check_learning_rates`.
+    """
+    number = _as_real(name, value)
+    if not 0.0 <= number < math.inf:  # False for NaN too
+        raise ArgumentValueError(f"{name} must be a finite number >= 0, got {shown(value)}")
+    return number
+
+
+def check_learning_rates(name: str, array: np.ndarray) -> None:
+    """The rule of :func:`as_learning_rate` for every element of an array, without copying it:
+    two reductions (``min`` and ``max``; NaN propagates through ``min``), no temporary of the
+    array's size unless a value is bad and the error names it."""
+    if array.size == 0:
+        return
+    low = array.min()
+    good = bool(low >= 0) and (array.dtype.kind in "iub" or bool(array.max() < math.inf))
+    if not good:
+        with np.errstate(invalid="ignore"):
+            bad = array[~((array >= 0) & np.isfinite(array))].flat[0]
+        raise ArgumentValueError(f"{name} must hold finite numbers >= 0; it holds {bad!r} "
+                                 f"(shape {array.shape}, dtype {array.dtype})")
