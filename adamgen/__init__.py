@@ -14,7 +14,7 @@ from .errors import AdamgenError, CacheError, CompileError, ConfigError
 from .runtime.api import adam_update
 from .runtime.array import Array, array
 from .runtime.container import Container
-from .runtime.optimizer import Adam
+from .runtime.ivy import Adam
 from .runtime.vjp import adam_update_vjp
 
 __all__ = [

@@ -55,19 +55,25 @@ class Range:
                     and (value > self.high or (self.high_open and value == self.high)))
 
     def describe(self, name: str) -> str:
-        """The condition as text: ``0 <= beta1 < 1``, ``epsilon >= 0``, ``lr finite, >= 0``."""
-        low = "" if self.low is None else f"{_number(self.low)} {'<' if self.low_open else '<='} "
-        high = "" if self.high is None else \
-            f" {'<' if self.high_open else '<='} {_number(self.high)}"
+        """What a valid value is, to follow "``name`` must ": ``satisfy 0 <= beta1 < 1``,
+        ``be a finite number >= 0``, ``be >= 0``."""
+        low = None if self.low is None else f"{'>' if self.low_open else '>='} {_number(self.low)}"
+        high = None if self.high is None else \
+            f"{'<' if self.high_open else '<='} {_number(self.high)}"
         if low and high:
-            text = f"{low}{name}{high}"
-        elif low:
-            text = f"{name} {'>' if self.low_open else '>='} {_number(self.low)}"
-        elif high:
-            text = f"{name}{high}"
-        else:
-            text = f"{name} not NaN"
-        return f"{text} and finite" if self.finite else text
+            mirrored = low.replace(">", "<").split(" ", 1)
+            text = f"satisfy {mirrored[1]} {mirrored[0]} {name} {high}"
+            return text + " and be finite" if self.finite else text
+        kind = "a finite number" if self.finite else "a number"
+        bounds = " ".join(b for b in (low, high) if b)
+        return f"be {kind} {bounds}" if bounds else f"be {kind} (not NaN)"
+
+    def check(self, name: str, value: Any) -> float:
+        """``value`` as a float in this range, or a ``ValueError`` naming ``name``."""
+        number = as_real(name, value)
+        if not self.contains(number):
+            raise ArgumentValueError(f"{name} must {self.describe(name)}, got {shown(value)}")
+        return number
 
     def to_json(self) -> dict[str, Any]:
         return {"low": self.low, "high": self.high, "low_open": self.low_open,
@@ -76,6 +82,15 @@ class Range:
 
 def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+def shown(value: Any) -> str:
+    """``repr(value)``, with an integer of more than 24 digits abbreviated: an error message
+    should show ``10**400`` without printing 401 digits."""
+    text = repr(value)
+    if isinstance(value, int) and len(text) > 24:
+        return f"{text[:8]}...({len(text.lstrip('-'))} digits)"
+    return text
 
 
 def as_real(name: str, value: Any) -> float:
@@ -87,7 +102,8 @@ def as_real(name: str, value: Any) -> float:
         try:
             return float(value)
         except OverflowError:
-            raise ArgumentValueError(f"{name}={value!r} is beyond the range of a float") from None
+            raise ArgumentValueError(f"{name}={shown(value)} is beyond the range of a "
+                                     "float") from None
     if isinstance(value, bool) or type(value).__name__ == "bool_":
         raise ArgumentTypeError(f"{name} is a bool; expected a real number")
     if hasattr(value, "ndim") and hasattr(value, "dtype"):  # a NumPy array or scalar
@@ -101,7 +117,8 @@ def as_real(name: str, value: Any) -> float:
         try:
             return float(value)
         except OverflowError:
-            raise ArgumentValueError(f"{name}={value!r} is beyond the range of a float") from None
+            raise ArgumentValueError(f"{name}={shown(value)} is beyond the range of a "
+                                     "float") from None
     raise ArgumentTypeError(f"{name} is a {type(value).__name__}; expected a real number")
 
 
@@ -148,11 +165,7 @@ class Hyperparameter:
 
     def check(self, value: Any) -> float:
         """``value`` as a float, or the rule's error naming this hyperparameter."""
-        number = as_real(self.name, value)
-        if not self.range.contains(number):
-            raise ArgumentValueError(f"{self.name} must satisfy {self.range.describe(self.name)}"
-                                     f", got {value!r}")
-        return number
+        return self.range.check(self.name, value)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "default": self.default, "range": self.range.to_json(),

@@ -1,33 +1,66 @@
 """One optimizer step over every parameter of one dtype: a single C call where C is built.
 
 The group is built once, when the optimizer is constructed: the pointers of the parameters and of
-the optimizer-owned ``m``, ``v`` and gradient buffers are gathered then and reused every step.
-Gradients handed to ``step(grads)`` are the only pointers gathered per step; a torch parameter
-that moved gets a new pointer table through :meth:`MultiTensorGroup.rebind`.
+the optimizer-owned state and gradient buffers are gathered then and reused every step. Gradients
+handed to ``step(grads)`` are the only pointers gathered per step; a torch parameter that moved
+gets a new pointer table through :meth:`MultiTensorGroup.rebind`.
+
+Which tensor of the rule is what comes from its interface (:class:`Roles`): the parameter (the
+caller's arrays, updated in place), the gradient, each owned state tensor, and the tensors that
+may be scalars (Ivy's ``lr``), which an optimizer passes as one value for every element.
 
 Variants (the loader measures them per size bucket and dispatches to the winner): the C
 multi-tensor kernel, serial or threaded across and within tensors, and the NumPy in-place module
-applied tensor by tensor (always available, and the winner wherever C is not faster).
+applied tensor by tensor (where it computes the rule exactly; it is the winner wherever C is not
+faster).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ..config import KernelConfig, current_environment
+from ..errors import InexactVariantError
+from ..interface import Interface
 from . import dispatch, loader, memory
 from .c_kernels import resolve_threads
-from .kernels import numpy_kernel
+from .source import KernelSource
 
-HYPER = ("beta1", "beta2", "epsilon", "step")
-ALL_IN_PLACE = frozenset({("w_new", "w"), ("mw", "mw_tm1"), ("vw", "vw_tm1")})
 DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
 #: a pointer table read as unsigned integers (struct format of uintptr_t)
 _POINTER_FORMAT: Any = np.dtype(np.uintp).char
+
+
+@dataclass(frozen=True)
+class Roles:
+    """What each of a rule's tensors is to an optimizer, from its interface."""
+
+    order: tuple[str, ...]
+    parameter: str
+    gradient: str
+    state: tuple[str, ...]
+    scalars: tuple[str, ...]
+
+    @classmethod
+    def of(cls, interface: Interface) -> Roles:
+        """The roles, or a ``TypeError`` saying why the rule cannot be an in-place optimizer."""
+        if interface.parameter is None or interface.gradient is None:
+            raise TypeError(f"rule {interface.rule} declares no parameter and gradient, so it "
+                            "has no in-place optimizer")
+        state = tuple(p.input for p in interface.owned_state)
+        named = {interface.parameter, interface.gradient, *state}
+        scalars = tuple(t.name for t in interface.tensors if t.name not in named)
+        loose = [name for name in scalars if not interface.tensor(name).scalar]
+        if loose:
+            raise TypeError(f"rule {interface.rule}: the tensor(s) {', '.join(loose)} are "
+                            "neither parameter, gradient nor state, and may not be scalars, so "
+                            "an optimizer cannot supply them")
+        return cls(interface.tensor_names, interface.parameter, interface.gradient, state,
+                   scalars)
 
 
 def flat(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -37,32 +70,47 @@ def flat(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
 
 
 class MultiTensorGroup:
-    """The parameters of one dtype and their optimizer-owned state."""
+    """The parameters of one dtype and their optimizer-owned state.
 
-    def __init__(self, dtype: np.dtype, params: Sequence[np.ndarray],
-                 grads: Sequence[np.ndarray], ms: Sequence[np.ndarray],
-                 vs: Sequence[np.ndarray], indices: Sequence[int]) -> None:
+    Args:
+        source: the rule's kernels.
+        roles: what each tensor of the rule is.
+        dtype: the group's dtype.
+        arrays: per tensor name of the rule (parameter, gradient, state), the group's arrays.
+        indices: each member's position among all the optimizer's parameters.
+    """
+
+    def __init__(self, source: KernelSource, roles: Roles, dtype: np.dtype,
+                 arrays: Mapping[str, Sequence[np.ndarray]], indices: Sequence[int]) -> None:
+        self.roles = roles
         self.dtype = np.dtype(dtype)
-        self.params, self.grads, self.ms, self.vs = list(params), list(grads), list(ms), list(vs)
+        self.arrays = {name: list(found) for name, found in arrays.items()}
         self.indices = list(indices)
+        self.params = self.arrays[roles.parameter]
         self.size = sum(p.size for p in self.params)
         #: each gradient's bytes (it has its parameter's size), for the overlap check
         self._nbytes = memory.sizes([p.nbytes for p in self.params])
         name = DTYPE_NAMES[self.dtype]
-        mode = current_environment().mode
-        self.numpy_module = numpy_kernel(KernelConfig(dtype=name, mode=mode,
-                                                      aliases=ALL_IN_PLACE))
-        self.kernel = dispatch.c_kernel_for(name, frozenset({"lr"}))
+        interface = source.interface
+        scalars = frozenset(roles.scalars)
+        self.numpy_module = source.numpy_module(name, aliases=interface.in_place,
+                                                scalar_tensors=scalars)
+        if self.numpy_module is None:
+            raise LookupError(f"{source.name} has no {name} NumPy module here")
+        #: outputs in the module's order, each the tensor it overwrites
+        self._outputs = tuple(dict((p.output, p.input) for p in interface.state)[o]
+                              for o in self.numpy_module.OUTPUTS)
+        self.kernel = source.c_kernel(name, scalars)
         if self.kernel is not None and "multi_inplace" not in self.kernel.forms:
             self.kernel = None
+        self._writable = {roles.parameter, *roles.state}
         if self.kernel is not None:  # pointers gathered once, reused every step
-            pointers = self.kernel.pointers
-            self.pointers = (pointers(flat(self.params), writable=True), pointers(flat(self.grads)),
-                             pointers(flat(self.ms), writable=True),
-                             pointers(flat(self.vs), writable=True))
+            self.pointers = {t: self.kernel.pointers(flat(self.arrays[t]),
+                                                     writable=t in self._writable)
+                             for t in (roles.parameter, roles.gradient, *roles.state)}
             # step(grads): the same sizes as the owned gradients (checked by the optimizer), so
             # one pointer table is refilled in place instead of a new list per step
-            self._external = pointers(flat(self.grads))
+            self._external = self.kernel.pointers(flat(self.arrays[roles.gradient]))
             # cffi reads C-contiguous memory: a Fortran-ordered gradient is passed flattened
             self._fortran = [p.flags.f_contiguous and not p.flags.c_contiguous
                              for p in self.params]
@@ -73,23 +121,29 @@ class MultiTensorGroup:
             self._serial = self.kernel.function(symbol).c_function
             threaded = self.kernel.functions.get(f"{symbol}_omp")
             self._threaded = threaded.c_function if threaded else None
-        self.variants = dispatch.variants(self.kernel, self.size)
+        variants = dispatch.variants(self.kernel, self.size)
+        self.variants = variants if self.numpy_module.EXACT else variants[1:]
+        if not self.variants:
+            raise InexactVariantError(
+                f"{source.name} in {name}: {self.numpy_module.INEXACT}; no C kernel is "
+                "available here (install a C compiler)")
         self._variant: str | None = None
 
     def describe(self) -> str:
         chosen = self._variant or "not yet chosen"
         return f"{self.dtype} x{len(self.params)}: {chosen} of {'/'.join(self.variants)}"
 
-    def variant(self, hyper: tuple[float, ...]) -> str:
+    def variant(self, values: Mapping[str, float], scalars: tuple[float, ...]) -> str:
         """The loader's pick for this group (its sizes never change, so it is asked once)."""
         if self._variant is None:
             self._variant = loader.choose(
-                f"multi-tensor {self.dtype} {self.numpy_module.MODE} "
+                f"multi-tensor {self.roles.parameter}:{self.numpy_module.SPEC_HASH} "
+                f"{self.dtype} {self.numpy_module.MODE} "
                 f"x2^{loader.bucket_of(len(self.params))}",
                 self.size, self.variants,
                 {"c": self.kernel.cache_key if self.kernel else "",
                  "threads": str(dispatch.default_threads())},
-                lambda m: self._timers(m, hyper), self.dtype.itemsize)
+                lambda m: self._timers(m, values, scalars), self.dtype.itemsize)
         return self._variant
 
     def rebind(self, moved: Mapping[int, np.ndarray]) -> None:
@@ -99,40 +153,44 @@ class MultiTensorGroup:
             if index in moved:
                 self.params[position] = moved[index]
         if self.kernel is not None:
-            self.pointers = (self.kernel.pointers(flat(self.params), writable=True),
-                             *self.pointers[1:])
+            self.pointers[self.roles.parameter] = self.kernel.pointers(flat(self.params),
+                                                                       writable=True)
 
-    def run(self, lr: float, hyper: tuple[float, ...],
+    def run(self, values: Mapping[str, float], scalars: tuple[float, ...],
             external_grads: Sequence[np.ndarray] | None,
             written: memory.WrittenMemory | None = None) -> None:
-        """Update every parameter of the group once; ``hyper`` is (beta1, beta2, epsilon, t).
+        """Update every parameter of the group once.
 
-        An external gradient that overlaps ``written`` (memory the step writes) is read from a
-        copy: each variant reads it at a different moment relative to those writes, so reading
-        it in place would make the bits depend on the variant.
+        Args:
+            values: the scalar tensors' values (Ivy's ``lr``).
+            scalars: the kernel scalars, from this group's NumPy module's prelude.
+            external_grads: ``step(grads)``'s gradients (all the optimizer's), else None.
+            written: memory the step writes; an external gradient overlapping it is read from a
+                copy (each variant reads it at a different moment relative to those writes, so
+                reading it in place would make the bits depend on the variant).
         """
-        variant = self._variant or self.variant(hyper)
-        scalars = self.numpy_module.prelude(*hyper)
+        variant = self._variant or self.variant(values, scalars)
+        roles = self.roles
         if variant == "numpy":
-            grads = self.grads if external_grads is None else \
+            grads = self.arrays[roles.gradient] if external_grads is None else \
                 [external_grads[i] for i in self.indices]
             if external_grads is not None and written is not None:
                 addresses = [memory.address(g) for g in grads]
                 for position in written.overlapping(addresses, self._nbytes):
                     grads[position] = np.array(grads[position], order="K")
-            self._run_numpy(self.params, grads, self.ms, self.vs, lr, scalars)
+            self._run_numpy({**self.arrays, roles.gradient: grads}, values, scalars)
             return
         kernel = self.kernel
         assert kernel is not None
-        pw, pg, pm, pv = self.pointers
+        tables = dict(self.pointers)
         buffers = None
         if external_grads is not None:
-            pg = self._external
+            table = self._external
             from_buffer, array_type = self._from_buffer, self._array_type
             buffers = [from_buffer(array_type, external_grads[i].ravel(order="K") if fortran
                                    else external_grads[i])
                        for i, fortran in zip(self.indices, self._fortran)]
-            slots = pg.cdata
+            slots = table.cdata
             for slot, buffer in enumerate(buffers):
                 slots[slot] = buffer
             if written is not None:  # the addresses, read back from the table just filled
@@ -141,23 +199,27 @@ class MultiTensorGroup:
                     copy = np.array(external_grads[self.indices[slot]], order="K")
                     buffers[slot] = from_buffer(array_type, copy.ravel(order="K"))
                     slots[slot] = buffers[slot]
-        if kernel.config.mode != "exact":
-            scalars = dispatch.scalars_for(kernel, dict(zip(HYPER, hyper)), scalars)
-        arguments = (pw.cdata, pg.cdata, lr, pm.cdata, pv.cdata, *scalars, pw.sizes_cdata,
-                     pw.count)
+            tables[roles.gradient] = table
+        first = tables[roles.parameter]
+        arguments = (*(tables[t].cdata if t in tables else values[t] for t in roles.order),
+                     *scalars, first.sizes_cdata, first.count)
         if variant == "c" or self._threaded is None:
             self._serial(*arguments)
         else:  # as dispatch.threading("c-omp"): every thread from the first element
             self._threaded(*arguments, resolve_threads(None), 0)
         del buffers  # the C call is over: the gradients' buffers may be released
 
-    def _run_numpy(self, params, grads, ms, vs, lr: float, scalars: tuple[float, ...]) -> None:
+    def _run_numpy(self, arrays: Mapping[str, Sequence[np.ndarray]], values: Mapping[str, float],
+                   scalars: tuple[float, ...]) -> None:
         update = self.numpy_module.update
+        order, outputs = self.roles.order, self._outputs
         with np.errstate(all="ignore"):
-            for w, g, m, v in zip(params, grads, ms, vs):
-                update(w, g, lr, m, v, scalars, w, m, v)
+            for position in range(len(arrays[self.roles.parameter])):
+                tensors = {t: arrays[t][position] if t in arrays else values[t] for t in order}
+                update(*(tensors[t] for t in order), scalars, *(tensors[t] for t in outputs))
 
-    def _timers(self, limit: int, hyper: tuple[float, ...]) -> dict[str, Callable[[], None]]:
+    def _timers(self, limit: int, values: Mapping[str, float],
+                scalars: tuple[float, ...]) -> dict[str, Callable[[], None]]:
         """Timing closures on scratch tensors shaped like the group's, at most ``limit``
         elements in all (the first tensors that fit, or a slice of the first)."""
         sizes, total = [], 0
@@ -168,22 +230,21 @@ class MultiTensorGroup:
             total += p.size
         if not sizes:
             sizes, total = [limit], limit
+
         def scratch(fill: float) -> list[np.ndarray]:
-            flat = np.full(total, fill, self.dtype)
-            return np.split(flat, np.cumsum(sizes)[:-1])
-        w, g, m, v = scratch(1.0), scratch(0.5), scratch(0.25), scratch(0.125)
-        scalars = self.numpy_module.prelude(*hyper)
-        timers: dict[str, Callable[[], None]] = {
-            "numpy": lambda: self._run_numpy(w, g, m, v, 1e-3, scalars)}
+            return np.split(np.full(total, fill, self.dtype), np.cumsum(sizes)[:-1])
+
+        names = (self.roles.parameter, self.roles.gradient, *self.roles.state)
+        arrays = {name: scratch(1.0 / (2 ** k)) for k, name in enumerate(names)}
+        timers: dict[str, Callable[[], None]] = {}
+        if "numpy" in self.variants:
+            timers["numpy"] = functools.partial(self._run_numpy, arrays, values, scalars)
         if self.kernel is not None:
             kernel = self.kernel
-            lists = (kernel.pointers(w, writable=True), kernel.pointers(g),
-                     kernel.pointers(m, writable=True), kernel.pointers(v, writable=True))
-            if kernel.config.mode != "exact":
-                scalars = dispatch.scalars_for(kernel, dict(zip(HYPER, hyper)), scalars)
-            for variant in self.variants[1:]:
-                options = dispatch.threading(variant)
-                timers[variant] = functools.partial(kernel.multi_inplace, lists[0], lists[1],
-                                                    1e-3, lists[2], lists[3], scalars,
-                                                    **options)
+            tables = {t: kernel.pointers(arrays[t], writable=t in self._writable) for t in names}
+            ordered = [tables[t] if t in tables else values[t] for t in self.roles.order]
+            for variant in self.variants:
+                if variant != "numpy":
+                    timers[variant] = functools.partial(kernel.multi_inplace, *ordered, scalars,
+                                                        **dispatch.threading(variant))
         return timers

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArgumentTypeError, ArgumentValueError
+from ..interface import shown
 
 #: NumPy dtype kinds an update can compute with: floating, signed and unsigned integers.
 _NUMERIC_KINDS = "fiu"
@@ -194,15 +195,6 @@ def check_out(out: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 
 
 # --- learning rates and large Python integers (appended: issue 12 item 10, issue 13 D8) -------
-
-def shown(value: Any) -> str:
-    """``repr(value)``, with an integer of more than 24 digits abbreviated: an error message
-    should show ``10**400`` without printing 401 digits."""
-    text = repr(value)
-    if isinstance(value, int) and len(text) > 24:
-        return f"{text[:8]}...({len(text.lstrip('-'))} digits)"
-    return text
-
 
 def _as_integers_or_floats(name: str, value: Any) -> np.ndarray:
     """``np.asarray`` with Ivy's default dtype, where an integer beyond int64 is a named error
