@@ -11,7 +11,7 @@ then stays binary, exactly as Python parses the reference expression; since IEEE
 multiplication are commutative, only this nesting (not the operand order inside a node) fixes the
 bits. Operations that plain arithmetic cannot describe (a fused multiply-add, torch's sign, NaN-
 propagating maximum, rounding to bfloat16) are the nodes of :mod:`adamgen.language`, re-exported
-here: ``from adamgen.spec import fma, sqrt, sign, where, maximum, minimum, round_to``.
+here: ``from adamgen.spec import fma, sqrt, sign, where, maximum, minimum, round_to, element``.
 
 **Two kinds of inputs**, because references compute with two kinds of numbers:
 
@@ -58,6 +58,7 @@ from sympy import Symbol
 from .errors import SpecError
 from .interface import Hyperparameter, Interface, Range, SpecRef, StatePair, Tensor
 from .language import (
+    element,
     exact,
     fma,
     maximum,
@@ -69,7 +70,7 @@ from .language import (
 )
 
 __all__ = ["Hyperparameter", "Range", "RESERVED_NAMES", "StatePair", "Tensor", "UpdateSpec",
-           "exact", "fma", "maximum", "minimum", "round_to", "sign", "sqrt", "symbols",
+           "element", "exact", "fma", "maximum", "minimum", "round_to", "sign", "sqrt", "symbols",
            "unevaluated", "where"]
 
 #: Names no spec may use: Python's and C's keywords, and the names generated code uses itself
@@ -163,11 +164,12 @@ class UpdateSpec:
         _check_unique("subexpression names", [n for n, _ in named])
         pairs = _state_pairs(state)
         _check_state(name, pairs, [t.name for t in tensor_decls], [n for n, _ in output_pairs],
-                     parameter, gradient)
+                     parameter, gradient, [h.name for h in hyper_decls])
         for hyper in hyper_decls:
             if hyper.default is not None and not hyper.range.contains(float(hyper.default)):
                 raise SpecError(f"{name}: the default {hyper.name}={hyper.default!r} is outside "
-                                f"its own range ({hyper.range.describe(hyper.name)})")
+                                f"its own range ({hyper.name} must "
+                                f"{hyper.range.describe(hyper.name)})")
         inputs = [canonical[n] for n in declared]
         depends = tuple((out, tuple(s.name for s in inputs if s in expr.free_symbols))
                         for out, expr in output_pairs)
@@ -258,8 +260,13 @@ def _state_pairs(state: Mapping[str, str] | Sequence[StatePair | tuple[str, ...]
 
 
 def _check_state(rule: str, pairs: Sequence[StatePair], tensors: Sequence[str],
-                 outputs: Sequence[str], parameter: str | None, gradient: str | None) -> None:
+                 outputs: Sequence[str], parameter: str | None, gradient: str | None,
+                 hyperparameters: Sequence[str]) -> None:
     for pair in pairs:
+        if pair.input in hyperparameters or pair.output in hyperparameters:
+            raise SpecError(f"{rule}: state pair {pair.output} -> {pair.input}: "
+                            f"{pair.input if pair.input in hyperparameters else pair.output} is "
+                            "a hyperparameter (a Python float); state is a tensor")
         if pair.output not in outputs:
             raise SpecError(f"{rule}: state pair {pair.output} -> {pair.input}: no output "
                             f"{pair.output!r} (outputs: {', '.join(outputs)})")

@@ -53,7 +53,9 @@ def ir_configs(spec: UpdateSpec,
     if scalar:
         configs.append(KernelConfig(spec=ref, dtype="float64", mode="fast",
                                     scalar_tensors=scalar))
-    baked = default_constants(spec) if constants is None else tuple(constants)
+    names = set(spec.interface.hyperparameter_names)
+    baked = (default_constants(spec) if constants is None
+             else tuple((name, value) for name, value in constants if name in names))
     if baked:
         configs += [KernelConfig(spec=ref, dtype="float64", mode=mode, constants=baked)
                     for mode in ("exact", "fast")]
@@ -68,7 +70,8 @@ def theorems(spec: UpdateSpec, ir_factory: IRFactory | None = None,
     Args:
         spec: the rule.
         ir_factory: lowers the spec (default: :func:`lower`).
-        constants: the ``--const`` specialisation (default: the hyperparameters' defaults).
+        constants: the ``--const`` specialisation (default: the hyperparameters' defaults);
+            names the rule does not have are left out.
         own: the rule's own theorems (default: a built-in rule's, none for other rules).
     """
     factory: IRFactory = ir_factory or lower
@@ -148,8 +151,14 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
         except ValueError:
             parser.error(f"--const takes NAME=VALUE with a float VALUE, got {args.const}")
     try:
-        specs = [builtin(name).build() for name in args.rule] if args.rule else None
+        specs = [builtin(name).build() for name in (args.rule or BUILTINS)]
     except ValueError as error:
         parser.error(str(error))
+    if constants is not None:
+        known = {n for spec in specs for n in spec.interface.hyperparameter_names}
+        unknown = [name for name, _ in constants if name not in known]
+        if unknown:
+            parser.error(f"--const {', '.join(unknown)}: no verified rule has such a "
+                         f"hyperparameter (they have {', '.join(sorted(known))})")
     results = verify(specs, constants=constants, only=args.only)
     return print_report(results, verbose=not args.quiet, strict=args.strict)

@@ -158,13 +158,18 @@ class _Translator:
         if isinstance(expr, sympy.Piecewise):
             return self._select(expr, is_scalar)
         if isinstance(expr, language.RoundToElement) and not is_scalar:
-            return self.operand(expr.args[0])  # a tensor value is in the element dtype already
+            raise LoweringError(f"element() rounds an expression of hyperparameters only; "
+                                f"{expr.args[0]} uses a tensor (a tensor is in the element "
+                                "dtype already)")
         if type(expr) in _NODES:
             op = _NODES[type(expr)]
             return self.emit(op, tuple(self.operand(a) for a in expr.args), is_scalar, expr)
-        raise LoweringError(f"cannot lower {type(expr).__name__}: {expr} (an update is "
-                            "elementwise: +, -, *, /, powers, Piecewise/where and the nodes of "
-                            "adamgen.spec)")
+        what = (f"the function {type(expr).__name__}" if isinstance(expr, sympy.Function)
+                 else type(expr).__name__)
+        raise LoweringError(f"cannot lower {what} in {expr}: it is not in the spec language "
+                            "(+, -, *, /, x**2, x**-1, x**Rational(1, 2) of tensors, any power "
+                            "of hyperparameters, where, and adamgen.spec's fma, sqrt, sign, "
+                            "maximum, minimum, round_to, element)")
 
     def _binary_chain(self, expr: sympy.Add, op: str, inverse: str, is_scalar: bool) -> str:
         if len(expr.args) != 2:
@@ -212,6 +217,10 @@ class _Translator:
             return self.emit("div", (1, self.operand(base)), is_scalar, expr)
         if is_scalar:
             return self.emit("pow", (self.operand(base), self.operand(exponent)), True, expr)
+        if exponent.free_symbols:
+            raise LoweringError(f"{expr}: a tensor raised to a symbolic power; exponents of "
+                                "tensors must be the numbers 2, -1 or 1/2 (a hyperparameter "
+                                "exponent would need pow per element)")
         if exponent == sympy.S.Half:
             return self.emit("sqrt", (self.operand(base),), False, expr)
         raise LoweringError(f"elementwise power {expr} is not supported (only x**2, x**-1 and "
