@@ -98,6 +98,34 @@ def _same_python_value(a: Any, b: Any) -> bool:
     return bool(a == b) if not isinstance(a, np.ndarray) else np.array_equal(a, b)
 
 
+#: Variables pointing every cache the suite may fill at the session's temporary directory:
+#: adamgen's kernel cache, and matplotlib's font cache and config (the benchmark's plot), which
+#: would otherwise land in the user's home.
+SESSION_CACHE_VARIABLES = {"ADAMGEN_CACHE_DIR": "adamgen-cache", "MPLCONFIGDIR": "matplotlib"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Every test, and every process a test starts (they inherit the environment), uses a cache
+    directory of this session, never the user's ``~/.cache/adamgen``.
+
+    A test that needs its own cache still sets ``ADAMGEN_CACHE_DIR`` under its ``tmp_path``.
+    ``.ci/run`` proves the whole suite leaves a throwaway ``HOME`` empty.
+    """
+    from adamgen.config import refresh_environment
+    from adamgen.runtime.kernels import kernel_cache
+
+    root = tmp_path_factory.mktemp("session-caches")
+    with pytest.MonkeyPatch.context() as patch:
+        for variable, name in SESSION_CACHE_VARIABLES.items():
+            patch.setenv(variable, str(root / name))
+        refresh_environment()
+        kernel_cache.cache_clear()
+        yield root
+    refresh_environment()
+    kernel_cache.cache_clear()
+
+
 @pytest.fixture(autouse=True)
 def _fresh_adamgen_environment():
     """adamgen reads ADAMGEN_* once per process; tests that monkeypatch them need a re-read."""
