@@ -10,69 +10,13 @@ import sys
 from collections.abc import Sequence
 
 from ._version import __version__
-from .errors import AdamgenError, CacheError
+from .errors import AdamgenError
 
 
 def _info(args: argparse.Namespace) -> int:
-    import numpy as np
+    from .info import main as info
 
-    from .codegen import build
-    from .config import current_environment
-    from .runtime import c_kernels, kernels, loader
-    from .spec import adam_spec  # info is not the hot path; the spec hash needs SymPy
-
-    env = current_environment()
-    compiler = build.probe_compiler()
-    print(f"adamgen {__version__}")
-    print(f"spec:      adam, hash {adam_spec().spec_hash}")
-    print(f"python:    {sys.version.split()[0]}   numpy {np.__version__}")
-    print(f"mode:      {env.mode} (ADAMGEN_MODE; exact is bit-identical to Ivy)")
-    print(f"threads:   {c_kernels.default_threads()} (ADAMGEN_NUM_THREADS, OMP_NUM_THREADS, "
-          "usable cores)")
-    print("backends:")
-    print("  numpy    float16, float32, float64 and mixed dtypes (always available)")
-    if env.backend == "numpy":
-        print("  c        disabled by ADAMGEN_BACKEND=numpy")
-    elif compiler.available:
-        print(f"  c        float32, float64 with {compiler.version}; OpenMP "
-              f"{'yes' if compiler.openmp else 'no (threaded variants absent)'}; "
-              "float16 stays on numpy")
-    else:
-        print(f"  c        unavailable: {compiler.reason}; numpy serves every call")
-    try:
-        cache = kernels.kernel_cache()
-    except CacheError as error:
-        print(f"cache:     none: {error}")
-    else:
-        summary = cache.info()
-        print(f"cache:     {cache.root} ({summary['count']} entries, "
-              f"{summary['size_bytes'] / 1e6:.2f} MB)")
-    if args.build:
-        adam_update = __import__("adamgen").adam_update
-        for dtype in ("float32", "float64"):
-            x = np.ones(1024, dtype)
-            adam_update(x, x, 0.1, x, x, 1)
-    events = kernels.EVENTS + c_kernels.EVENTS
-    if events:
-        print("kernels this process:")
-        for event in events:
-            how = "compiled" if event.get("built") else "fetched from cache"
-            print(f"  {event.get('kernel', event.get('variant', '?'))}: {how} in "
-                  f"{float(event.get('seconds', 0.0)):.3f} s")
-    decisions = {(d.problem, d.bucket): d for d in loader.persisted_decisions()}
-    decisions.update({(d.problem, d.bucket): d for d in loader.decisions()})
-    print("variants chosen by measurement (ADAMGEN_VARIANT forces one):")
-    if not decisions:
-        print("  none yet: the loader measures on first use of each size bucket")
-    else:
-        print(f"  {'problem':<46} {'bucket':>12} {'winner':>7}  measured")
-        for decision in sorted(decisions.values(), key=lambda d: (d.problem, d.bucket)):
-            size = f"<2^{decision.bucket}" if decision.bucket else "0"
-            times = ", ".join(f"{name} {seconds * 1e6:.1f} us"
-                              for name, seconds in sorted(decision.seconds.items()))
-            print(f"  {decision.problem:<46} {size:>12} {decision.winner:>7}  {times} "
-                  f"({decision.source})")
-    return 0
+    return info(build=args.build, every=args.all)
 
 
 def _cache(args: argparse.Namespace) -> int:
@@ -140,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="version, spec hash, backends, cache and variants")
     info.add_argument("--build", action="store_true",
                       help="build (or fetch) the float32 and float64 kernels first")
+    info.add_argument("--all", action="store_true",
+                      help="list every variant the loader chose, with its timings (default: "
+                           "one line per kernel)")
     info.set_defaults(run=_info)
 
     cache = commands.add_parser("cache", help="show or clear the kernel cache")
