@@ -31,6 +31,7 @@ if __package__ in (None, ""):  # run as a script: make the ``benchmarks`` packag
 from benchmarks import plot, report
 from benchmarks.plan import DTYPES, Plan, make_plan
 from benchmarks.progress import Progress
+from benchmarks.summary import summary
 from benchmarks.worker import PROGRESS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -187,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.render is not None:
         results = json.loads(args.render.read_text(encoding="utf-8"))
-        for path in render(results, args.out):
-            print(path)
+        print(summary(results, render(results, args.out)))
         return 0
     plan = make_plan(quick=args.quick, sizes=args.sizes, dtypes=args.dtypes,
                      threads=args.threads, rounds=args.rounds, forced=not args.no_forced,
@@ -204,8 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                "seconds": time.monotonic() - started}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / DATA).write_text(json.dumps(results), encoding="utf-8")
-    for path in render(results, args.out) + [args.out / DATA]:
-        print(path)
+    print(summary(results, render(results, args.out) + [args.out / DATA]))
     failed = [w for w in workers if w.get("failed")]
     for worker in failed:
         print(f"benchmark worker at {worker['threads']} thread(s) failed: {worker['failed']}",
