@@ -7,10 +7,17 @@
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _bytes(a: np.ndarray) -> bytes:
@@ -124,6 +131,45 @@ def _session_cache_dir(tmp_path_factory: pytest.TempPathFactory):
         yield root
     refresh_environment()
     kernel_cache.cache_clear()
+
+
+@dataclass(frozen=True)
+class InstalledWheel:
+    """adamgen's wheel, and a fresh virtual environment it is installed in."""
+
+    wheel: Path
+    python: Path
+    bin: Path
+
+
+@pytest.fixture(scope="session")
+def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> InstalledWheel:
+    """This checkout built as a wheel and installed, without its dependencies, into a fresh
+    venv that sees this interpreter's packages (numpy, cffi, the optional peers): what a user
+    who installed adamgen has, with nothing downloaded.
+
+    The sources are copied first: building writes ``build/`` and ``*.egg-info`` into the tree.
+    """
+    root = tmp_path_factory.mktemp("wheel")
+    source = root / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", "__pycache__", ".hypothesis", "bench-results",
+        "generated"))
+    quiet = {"capture_output": True, "text": True, "timeout": 600}
+
+    def run(*argv: str | Path) -> None:
+        done = subprocess.run([str(a) for a in argv], check=False,  # type: ignore[call-overload]
+                              **quiet)
+        assert done.returncode == 0, f"{argv}: {done.stdout[-2000:]}{done.stderr[-3000:]}"
+
+    run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+        "--no-index", "--wheel-dir", root / "dist", source)
+    wheel = next((root / "dist").glob("adamgen-*.whl"))
+    run(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", root / "venv")
+    python = root / "venv" / "bin" / "python"
+    run(sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-deps",
+        "--no-index", wheel)
+    return InstalledWheel(wheel, python, python.parent)
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,5 @@
-"""The benchmark still works: ``--quick`` runs end to end, prints its summary and writes a report
-with its columns.
+"""The benchmark still works: ``adamgen bench --quick``, from an installed wheel, runs end to end,
+prints its summary and writes a report with its columns.
 
 No speed is asserted here (CI machines are shared and noisy); the figures belong in
 ``docs/performance.md``. The optional peers and matplotlib may or may not be installed: either
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -28,12 +29,30 @@ def _installed(name: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+def quick_run(tmp_path_factory: pytest.TempPathFactory,
+              installed_wheel) -> tuple[Path, subprocess.CompletedProcess]:
+    """The README's ``adamgen bench --quick``, run by the console script of an installed wheel
+    in a directory that holds no checkout, so the suite can only come from the package."""
     out = tmp_path_factory.mktemp("bench")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out)],
-        cwd=ROOT, check=False, capture_output=True, text=True, timeout=600)
+        [str(installed_wheel.bin / "adamgen"), "bench", "--quick", "--out", str(out)],
+        cwd=out, env=env, check=False, capture_output=True, text=True, timeout=900)
     return out, completed
+
+
+@pytest.mark.slow
+def test_quick_run_uses_the_installed_suite(quick_run, installed_wheel):
+    out, completed = quick_run
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["command"] == f"adamgen bench --quick --out {out}"
+    assert results["machine"]["commit"] == ""  # not a checkout: the wheel's copy ran
+    assert "(not run from a git checkout)" in (out / "report.md").read_text()
+    where = subprocess.run([str(installed_wheel.python), "-c",
+                            "import adamgen.benchmarks.run as r; print(r.__file__)"],
+                           cwd=out, capture_output=True, text=True, check=True, timeout=120)
+    assert Path(where.stdout.strip()).is_relative_to(installed_wheel.python.parents[1])
 
 
 @pytest.mark.slow
