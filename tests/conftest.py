@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import site
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -155,20 +157,22 @@ def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> InstalledWheel:
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
         ".git", "build", "dist", "*.egg-info", "__pycache__", ".hypothesis", "bench-results",
         "generated"))
-    quiet = {"capture_output": True, "text": True, "timeout": 600}
+    # pip and what it starts get a HOME of their own: pip asks `rustc --version` for its user
+    # agent, and a rustup-managed rustc then writes ~/.rustup/settings.toml
+    env = {**os.environ, "HOME": str(root / "home"), "PYTHONUSERBASE": site.getuserbase()}
 
     def run(*argv: str | Path) -> None:
-        done = subprocess.run([str(a) for a in argv], check=False,  # type: ignore[call-overload]
-                              **quiet)
+        done = subprocess.run([str(a) for a in argv], capture_output=True, text=True,
+                              timeout=600, check=False, env=env)
         assert done.returncode == 0, f"{argv}: {done.stdout[-2000:]}{done.stderr[-3000:]}"
 
-    run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-        "--no-index", "--wheel-dir", root / "dist", source)
+    pip = (sys.executable, "-m", "pip", "--no-cache-dir", "--disable-pip-version-check")
+    run(*pip, "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+        "--wheel-dir", root / "dist", source)
     wheel = next((root / "dist").glob("adamgen-*.whl"))
     run(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", root / "venv")
     python = root / "venv" / "bin" / "python"
-    run(sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-deps",
-        "--no-index", wheel)
+    run(*pip, "--python", python, "install", "--quiet", "--no-deps", "--no-index", wheel)
     return InstalledWheel(wheel, python, python.parent)
 
 
