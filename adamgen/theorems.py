@@ -15,7 +15,6 @@ can hand in a deliberately wrong IR and see ``FAILED``. Symbols ``A1 = 1 - beta1
 
 from __future__ import annotations
 
-import argparse
 import functools
 import random
 import time
@@ -407,24 +406,3 @@ def print_report(results: Sequence[TheoremResult], *, verbose: bool = True,
           f"in {total:.1f} s")
     return 1 if counts[FAILED] or (strict and counts[UNPROVEN]) else 0
 
-
-def run_cli(argv: Sequence[str] | None = None) -> int:
-    """``adamgen verify [--only TEXT] [--const NAME=VALUE] [--strict] [--quiet]``."""
-    parser = argparse.ArgumentParser(prog="adamgen verify", description=__doc__.split("\n")[0])
-    parser.add_argument("--only", action="append", default=[], metavar="TEXT",
-                        help="run the theorems whose name contains TEXT (repeatable)")
-    parser.add_argument("--const", action="append", default=None, metavar="NAME=VALUE",
-                        help="hyperparameters baked in for the --const check "
-                             "(default: beta1=0.9 beta2=0.999 epsilon=1e-07)")
-    parser.add_argument("--strict", action="store_true", help="exit 1 on UNPROVEN too")
-    parser.add_argument("--quiet", action="store_true", help="details of non-proven only")
-    args = parser.parse_args(argv)
-    constants = DEFAULT_CONSTANTS
-    if args.const is not None:
-        try:
-            constants = tuple((n.strip(), float(v)) for n, v in
-                              (item.split("=", 1) for item in args.const))
-        except ValueError:
-            parser.error(f"--const takes NAME=VALUE with a float VALUE, got {args.const}")
-    results = verify(constants=constants, only=args.only)
-    return print_report(results, verbose=not args.quiet, strict=args.strict)
