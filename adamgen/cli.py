@@ -8,72 +8,17 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
 
 from ._version import __version__
-from .errors import AdamgenError, CacheError
+from .errors import AdamgenError, ArgumentValueError
 
 
 def _info(args: argparse.Namespace) -> int:
-    import numpy as np
+    from .info import main as info
 
-    from .codegen import build
-    from .config import current_environment
-    from .runtime import c_kernels, kernels, loader
-    from .rules import BUILTINS  # info is not the hot path; the spec hash needs SymPy
-
-    env = current_environment()
-    compiler = build.probe_compiler()
-    print(f"adamgen {__version__}")
-    for rule in BUILTINS.values():
-        print(f"rule:      {rule.name}, spec hash {rule.build().spec_hash}")
-    print(f"python:    {sys.version.split()[0]}   numpy {np.__version__}")
-    print(f"mode:      {env.mode} (ADAMGEN_MODE; exact is bit-identical to Ivy)")
-    print(f"threads:   {c_kernels.default_threads()} (ADAMGEN_NUM_THREADS, OMP_NUM_THREADS, "
-          "usable cores)")
-    print("backends:")
-    print("  numpy    float16, float32, float64 and mixed dtypes (always available)")
-    if env.backend == "numpy":
-        print("  c        disabled by ADAMGEN_BACKEND=numpy")
-    elif compiler.available:
-        print(f"  c        float32, float64 with {compiler.version}; OpenMP "
-              f"{'yes' if compiler.openmp else 'no (threaded variants absent)'}; "
-              "float16 stays on numpy")
-    else:
-        print(f"  c        unavailable: {compiler.reason}; numpy serves every call")
-    try:
-        cache = kernels.kernel_cache()
-    except CacheError as error:
-        print(f"cache:     none: {error}")
-    else:
-        summary = cache.info()
-        print(f"cache:     {cache.root} ({summary['count']} entries, "
-              f"{summary['size_bytes'] / 1e6:.2f} MB)")
-    if args.build:
-        adam_update = __import__("adamgen").adam_update
-        for dtype in ("float32", "float64"):
-            x = np.ones(1024, dtype)
-            adam_update(x, x, 0.1, x, x, 1)
-    events = kernels.EVENTS + c_kernels.EVENTS
-    if events:
-        print("kernels this process:")
-        for event in events:
-            how = "compiled" if event.get("built") else "fetched from cache"
-            print(f"  {event.get('kernel', event.get('variant', '?'))}: {how} in "
-                  f"{float(event.get('seconds', 0.0)):.3f} s")
-    decisions = {(d.problem, d.bucket): d for d in loader.persisted_decisions()}
-    decisions.update({(d.problem, d.bucket): d for d in loader.decisions()})
-    print("variants chosen by measurement (ADAMGEN_VARIANT forces one):")
-    if not decisions:
-        print("  none yet: the loader measures on first use of each size bucket")
-    else:
-        print(f"  {'problem':<46} {'bucket':>12} {'winner':>7}  measured")
-        for decision in sorted(decisions.values(), key=lambda d: (d.problem, d.bucket)):
-            size = f"<2^{decision.bucket}" if decision.bucket else "0"
-            times = ", ".join(f"{name} {seconds * 1e6:.1f} us"
-                              for name, seconds in sorted(decision.seconds.items()))
-            print(f"  {decision.problem:<46} {size:>12} {decision.winner:>7}  {times} "
-                  f"({decision.source})")
-    return 0
+    return info(build=args.build, every=args.all)
 
 
 def _cache(args: argparse.Namespace) -> int:
@@ -92,22 +37,34 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    """Run ``benchmarks/run.py`` of the source checkout (the suite and its peers are not part
-    of the installed package): the one next to this package, else the one in the current
-    directory."""
-    import subprocess
-    from pathlib import Path
+def _benchmark_suite() -> ModuleType:
+    """The benchmark suite's entry module: ``adamgen.benchmarks.run`` as installed with adamgen,
+    else ``benchmarks/run.py`` of the source checkout this package was imported from."""
+    import importlib
 
     from ._resources import PACKAGE_DIR
 
-    for root in (PACKAGE_DIR.parent, Path.cwd()):
-        if (root / "benchmarks" / "run.py").is_file():
-            return subprocess.call([sys.executable, "-m", "benchmarks.run", *args.bench_args],
-                                   cwd=root)
-    print("adamgen bench: error: the benchmark suite lives in the source checkout "
-          "(benchmarks/); run this command from a clone of adamgen", file=sys.stderr)
-    return 2
+    try:
+        return importlib.import_module("adamgen.benchmarks.run")
+    except ModuleNotFoundError as error:
+        if error.name not in ("adamgen.benchmarks", "adamgen.benchmarks.run"):
+            raise  # the suite is there but one of its own imports is not
+    checkout = PACKAGE_DIR.parent
+    if not (checkout / "benchmarks" / "run.py").is_file():
+        raise AdamgenError("the benchmark suite (adamgen.benchmarks) is missing from this "
+                           "installation; reinstall adamgen")
+    if str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))  # a checkout: the suite is its top-level package
+    return importlib.import_module("benchmarks.run")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """The suite parses its own options (it also runs as ``python -m benchmarks.run``), so
+    everything after ``bench`` is handed to it, ``--help`` included."""
+    forwarded = list(args.forwarded)
+    if forwarded[:1] == ["--"]:
+        forwarded = forwarded[1:]
+    return int(_benchmark_suite().main(forwarded, prog="adamgen bench"))
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -117,9 +74,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .theorems import run_cli
+    from .theorems import print_report, verify_rules
 
-    return run_cli(args.verify_args)
+    constants = None if args.const is None else tuple(args.const)
+    try:
+        results = verify_rules(args.rule, constants=constants, only=args.only)
+    except ValueError as error:
+        raise ArgumentValueError(str(error)) from None
+    return print_report(results, verbose=not args.quiet, strict=args.strict)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -128,9 +90,47 @@ def _generate(args: argparse.Namespace) -> int:
     def progress(message: str) -> None:
         print(f"adamgen generate: {message}", file=sys.stderr, flush=True)
 
-    generate(args.out, args.name, dtypes=args.dtype, constants=args.const, mode=args.mode,
-             portable=args.portable, with_c=not args.numpy_only, progress=progress)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ArgumentValueError(f"--out {args.out} is a file; expected a directory to write "
+                                 "the package into")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        generate(out, args.name, dtypes=args.dtype, constants=args.const, mode=args.mode,
+                 portable=args.portable, with_c=not args.numpy_only, progress=progress)
+    except OSError as error:
+        written = Path(error.filename or "").absolute()
+        if error.filename is None or not (written == out.absolute()
+                                          or out.absolute() in written.parents):
+            raise  # not about the output directory: a real bug, keep its traceback
+        raise ArgumentValueError(f"--out {args.out}: cannot write the package there "
+                                 f"({error.strerror}: {error.filename})") from None
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _constants(text: str) -> list[tuple[str, float]]:
+    """``beta1=0.9,epsilon=0`` -> ``[("beta1", 0.9), ("epsilon", 0.0)]``."""
+    pairs = []
+    for item in (part.strip() for part in text.split(",")):
+        name, equals, value = item.partition("=")
+        try:
+            if not (name.strip() and equals):
+                raise ValueError
+            pairs.append((name.strip(), float(value)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected NAME=VALUE with a float VALUE, got {item!r}") from None
+    return pairs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="version, spec hash, backends, cache and variants")
     info.add_argument("--build", action="store_true",
                       help="build (or fetch) the float32 and float64 kernels first")
+    info.add_argument("--all", action="store_true",
+                      help="list every variant the loader chose, with its timings (default: "
+                           "one line per kernel)")
     info.set_defaults(run=_info)
 
     cache = commands.add_parser("cache", help="show or clear the kernel cache")
@@ -148,20 +151,32 @@ def build_parser() -> argparse.ArgumentParser:
     cache.set_defaults(run=_cache)
 
     bench = commands.add_parser(
-        "bench", help="benchmarks against the peers and the bandwidth roofline (--quick, ...)",
-        add_help=False)
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
-    bench.set_defaults(run=_bench)
+        "bench", add_help=False,
+        help="benchmarks against the peers and the bandwidth roofline (bench --help: options)")
+    bench.set_defaults(run=_bench, forwards=True)
 
     demo = commands.add_parser("demo", help="build, verify, measure and train: the whole tour")
-    demo.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
+    demo.add_argument("--epochs", type=_positive_int, default=20,
+                      help="training epochs, >= 1 (default 20)")
     demo.add_argument("--no-verify", action="store_true", help="skip the symbolic proofs")
     demo.set_defaults(run=_demo)
 
     verify = commands.add_parser(
-        "verify", help="prove the kernels equal the spec and Adam's properties (SymPy)",
-        add_help=False)
-    verify.add_argument("verify_args", nargs=argparse.REMAINDER)
+        "verify", help="prove the kernels equal each rule's spec, and its properties (SymPy)",
+        description="Prove the kernels equal each rule's spec, and the rule's own theorems, "
+                    "with SymPy. Every built-in rule by default. Exit status 1 if a theorem "
+                    "fails.")
+    verify.add_argument("--rule", action="append", default=[], metavar="NAME",
+                        help="verify this built-in rule (repeatable; default: every rule)")
+    verify.add_argument("--only", action="append", default=[], metavar="TEXT",
+                        help="run the theorems whose name contains TEXT (repeatable)")
+    verify.add_argument("--const", action="extend", type=_constants, default=None,
+                        metavar="NAME=VALUE[,...]",
+                        help="hyperparameters baked in for the --const check (repeatable; "
+                             "default: each rule's defaults)")
+    verify.add_argument("--strict", action="store_true", help="exit 1 on UNPROVEN too")
+    verify.add_argument("--quiet", action="store_true",
+                        help="print the details of theorems not proven only")
     verify.set_defaults(run=_verify)
 
     gen = commands.add_parser("generate", help="write an importable package of kernels")
@@ -181,8 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; exit status 2 with one line on stderr for a user's mistake."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "forwards", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.forwarded = extra
     try:
         return int(args.run(args) or 0)
     except AdamgenError as error:  # our errors are messages for the user, not tracebacks

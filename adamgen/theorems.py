@@ -10,7 +10,6 @@ constants; plus the rule's own theorems, listed beside its spec (a built-in rule
 
 from __future__ import annotations
 
-import argparse
 import functools
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -29,8 +28,8 @@ from .proofs import (
 from .rules import BUILTINS, builtin
 from .spec import UpdateSpec
 
-__all__ = ["FAILED", "PROVED", "UNPROVEN", "TheoremResult", "print_report", "run_cli",
-           "theorems", "verify"]
+__all__ = ["FAILED", "PROVED", "UNPROVEN", "TheoremResult", "print_report", "theorems",
+           "verify", "verify_rules"]
 
 Theorem = tuple[str, Callable[[], tuple[str, str]]]
 #: A rule's own theorems: given its spec and the IR factory, ``(name, prove)`` pairs.
@@ -130,35 +129,19 @@ def print_report(results: Sequence[TheoremResult], *, verbose: bool = True,
     return 1 if counts[FAILED] or (strict and counts[UNPROVEN]) else 0
 
 
-def run_cli(argv: Sequence[str] | None = None) -> int:
-    """``adamgen verify [--rule NAME] [--only TEXT] [--const NAME=VALUE] [--strict] [--quiet]``."""
-    parser = argparse.ArgumentParser(prog="adamgen verify", description=__doc__.split("\n")[0])
-    parser.add_argument("--rule", action="append", default=[], metavar="NAME",
-                        help="verify this built-in rule (repeatable; default: every rule)")
-    parser.add_argument("--only", action="append", default=[], metavar="TEXT",
-                        help="run the theorems whose name contains TEXT (repeatable)")
-    parser.add_argument("--const", action="append", default=None, metavar="NAME=VALUE",
-                        help="hyperparameters baked in for the --const check "
-                             "(default: each rule's defaults)")
-    parser.add_argument("--strict", action="store_true", help="exit 1 on UNPROVEN too")
-    parser.add_argument("--quiet", action="store_true", help="details of non-proven only")
-    args = parser.parse_args(argv)
-    constants = None
-    if args.const is not None:
-        try:
-            constants = tuple((n.strip(), float(v)) for n, v in
-                              (item.split("=", 1) for item in args.const))
-        except ValueError:
-            parser.error(f"--const takes NAME=VALUE with a float VALUE, got {args.const}")
-    try:
-        specs = [builtin(name).build() for name in (args.rule or BUILTINS)]
-    except ValueError as error:
-        parser.error(str(error))
+def verify_rules(names: Sequence[str] = (), *,
+                 constants: Sequence[tuple[str, float]] | None = None,
+                 only: Sequence[str] = ()) -> list[TheoremResult]:
+    """``adamgen verify``: the named built-in rules (default: all of them).
+
+    Raises:
+        ValueError: an unknown rule, or a ``constants`` name no verified rule has.
+    """
+    specs = [builtin(name).build() for name in (names or BUILTINS)]
     if constants is not None:
         known = {n for spec in specs for n in spec.interface.hyperparameter_names}
         unknown = [name for name, _ in constants if name not in known]
         if unknown:
-            parser.error(f"--const {', '.join(unknown)}: no verified rule has such a "
-                         f"hyperparameter (they have {', '.join(sorted(known))})")
-    results = verify(specs, constants=constants, only=args.only)
-    return print_report(results, verbose=not args.quiet, strict=args.strict)
+            raise ValueError(f"--const {', '.join(unknown)}: no verified rule has such a "
+                             f"hyperparameter (they have {', '.join(sorted(known))})")
+    return verify(specs, constants=constants, only=only)

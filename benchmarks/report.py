@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from .results import PEERS, PICK, Case, cases, find, targets
+from .results import GOALS, NOT_IN_RUN, PEERS, PICK, Case, cases, find, targets
 
 
 def fmt_time(seconds: float) -> str:
@@ -39,17 +39,28 @@ def present_peers(all_cases: Sequence[Case]) -> list[str]:
     return [peer for peer in PEERS if peer in seen]
 
 
+#: What each optional package adds to a run, and the requirement that installs it (the
+#: ``bench`` extra pins the same range; torch is pinned for its size, see the README).
+OPTIONAL_EFFECTS = {
+    "numexpr": ("the numexpr column", "numexpr"),
+    "numba": ("the numba column and the GIL control", "numba"),
+    "torch": ("the torch fused and torch foreach columns and the torch targets", "torch==2.13.0"),
+    "matplotlib": ("the plot", "matplotlib"),
+}
+
+
+def optional_versions(results: dict[str, Any]) -> dict[str, str | None]:
+    """Each optional package's version in the run's first worker, None where it is missing."""
+    return results["workers"][0]["environment"]["optional"] if results["workers"] else {}
+
+
 def missing_columns(results: dict[str, Any]) -> list[str]:
     """Sentences naming each optional package that is missing and what it removes."""
-    optional = results["workers"][0]["environment"]["optional"] if results["workers"] else {}
-    effects = {"numexpr": ("the numexpr column is", ".[bench]"),
-               "numba": ("the numba column and the GIL control are", ".[bench]"),
-               "torch": ("the torch fused and torch foreach columns and the torch targets are",
-                         "torch"),
-               "matplotlib": ("the plot is", ".[bench]")}
-    return [f"`{name}` is not installed, so {effects[name][0]} missing "
-            f"(`pip install {effects[name][1]}`)."
-            for name, version in optional.items() if version is None and name in effects]
+    return [f"`{name}` is not installed, so {OPTIONAL_EFFECTS[name][0]} "
+            f"{'are' if ' and ' in OPTIONAL_EFFECTS[name][0] else 'is'} missing "
+            f"(`pip install {OPTIONAL_EFFECTS[name][1]}`, or the `bench` extra)."
+            for name, version in optional_versions(results).items()
+            if version is None and name in OPTIONAL_EFFECTS]
 
 
 def sweep_table(all_cases: Sequence[Case], mode: str, dtype: str, peers: Sequence[str]) -> str:
@@ -138,23 +149,39 @@ def gil_table(results: dict[str, Any]) -> str:
                   "two threads / one (median)", "(best round)", "clean rounds"], rows)
 
 
-def targets_table(results: dict[str, Any]) -> str:
-    rows = [[t.issue, t.promise, t.case, t.measured,
-             {"met": "met", "short": "**short**"}.get(t.status, t.status), t.detail]
-            for t in targets(results)]
-    return table(["issue", "target", "case", "measured", "status", "gap"], rows)
+def targets_section(results: dict[str, Any]) -> str:
+    """The targets this run measured, each goal's yardstick explained, and a count of those
+    whose sizes it did not sweep (a ``--quick`` run leaves out everything beyond cache)."""
+    checked = targets(results)
+    shown = [t for t in checked if t.detail != NOT_IN_RUN]
+    goals = [f"- **{goal}**: {text}" for goal, text in GOALS.items()
+             if any(t.goal == goal for t in shown)]
+    parts = ["adamgen's own speed goals, each against a yardstick measured in the same run:\n",
+             "\n".join(goals) + "\n"]
+    if shown:
+        parts.append(table(["goal", "target", "case", "measured", "status", "gap"],
+                           [[t.goal, t.promise, t.case, t.measured,
+                             {"met": "met", "short": "**short**"}.get(t.status, t.status),
+                             t.detail] for t in shown]))
+    skipped = len(checked) - len(shown)
+    if skipped:
+        parts.append(f"{skipped} more target{'s' if skipped > 1 else ''} need sizes or cases "
+                     "this run did not measure (a full run without `--quick` or `--sizes` "
+                     "checks every target).\n")
+    return "\n".join(parts)
 
 
 def machine_lines(results: dict[str, Any]) -> list[str]:
     machine = results["machine"]
-    optional = results["workers"][0]["environment"]["optional"] if results["workers"] else {}
-    versions = ", ".join(f"{k} {v}" for k, v in optional.items() if v)
+    software = ", ".join([f"Python {machine['python']}", f"numpy {machine['numpy']}",
+                          *(f"{k} {v}" for k, v in optional_versions(results).items() if v)])
+    commit = (f"at commit {machine['commit']}" if machine.get("commit") not in (None, "")
+              else "(not run from a git checkout)")
     lines = [
         f"- **CPU**: {machine['cpu']} ({machine['cores']}); caches: {machine['caches']}",
         f"- **Memory**: {machine['memory']}; kernel {machine['kernel']}",
-        (f"- **Software**: Python {machine['python']}, numpy {machine['numpy']}, {versions}; "
-         f"{machine['compiler']}"),
-        f"- **adamgen**: {machine['adamgen']} at commit {machine['commit']}",
+        f"- **Software**: {software}; {machine['compiler']}",
+        f"- **adamgen**: {machine['adamgen']} {commit}",
         f"- **Probe flags**: `{' '.join(machine['probe_flags']) or 'probe not built'}`",
     ]
     if machine.get("unset"):
@@ -191,8 +218,8 @@ def markdown(results: dict[str, Any], plot_name: str | None) -> str:
                  "that traffic, serial and OpenMP, the best of which is the roof.\n")
     if plot_name:
         parts.append(f"![throughput against N]({plot_name})\n")
-    parts.append("## Targets of issues 4, 5 and 7 (float32)\n")
-    parts.append(targets_table(results))
+    parts.append("## Speed targets (float32)\n")
+    parts.append(targets_section(results))
     for mode, title in (("inplace", "In place: `adamgen.Adam([w]).step()` with owned grads"),
                         ("functional", "Functional: `adamgen.adam_update` (three fresh outputs)")):
         for dtype in plan["dtypes"]:

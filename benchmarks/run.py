@@ -22,18 +22,28 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make the ``benchmarks`` package importable
+if __name__ == "__main__" and not __package__:  # ``python benchmarks/run.py``: run the package
+    import runpy
+
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    runpy.run_module("benchmarks.run", run_name="__main__", alter_sys=True)
 
-from benchmarks import plot, report
-from benchmarks.plan import DTYPES, Plan, make_plan
-from benchmarks.progress import Progress
-from benchmarks.worker import PROGRESS
+from . import plot, report
+from .plan import DTYPES, Plan, make_plan
+from .progress import Progress
+from .summary import summary
+from .worker import PROGRESS
 
-ROOT = Path(__file__).resolve().parent.parent
+#: ``benchmarks`` in a source checkout, ``adamgen.benchmarks`` when installed with adamgen.
+PACKAGE = __package__ or "benchmarks"
+#: The source checkout the suite runs from (for ``git describe``), or None when installed.
+CHECKOUT = Path(__file__).resolve().parents[1]
+if not (CHECKOUT / ".git").exists():
+    CHECKOUT = None
 #: Variables removed from the workers' environment: OpenBLAS tuning that slows NumPy here
 #: (PERFORMANCE-NOTES) and a forced variant, which would make "the loader's pick" a lie.
 UNSET = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "ADAMGEN_VARIANT")
@@ -70,9 +80,9 @@ def _threads(text: str) -> tuple[int, ...]:
     return values
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = f"python -m {PACKAGE}.run") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.run",
+        prog=prog,
         description="Benchmark adamgen against its peers and the memory-bandwidth limit.")
     parser.add_argument("--quick", action="store_true",
                         help="the CI smoke run: small sizes, few rounds (well under a minute)")
@@ -114,11 +124,14 @@ def machine_info(workers: list[dict[str, Any]]) -> dict[str, Any]:
         memory = f"{kib / 2**20:.0f} GiB"
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-                                capture_output=True, text=True, check=False).stdout.strip()
-    except OSError:
-        commit = ""
+    commit = ""
+    if CHECKOUT is not None:
+        try:
+            commit = subprocess.run(["git", "-C", str(CHECKOUT), "describe", "--always",
+                                     "--dirty"], capture_output=True, text=True,
+                                    check=False).stdout.strip()
+        except OSError:
+            pass
     cores = (f"{os.cpu_count()} logical CPUs: {lscpu.get('Socket(s)', '?')} socket(s) x "
              f"{lscpu.get('Core(s) per socket', '?')} core(s) x "
              f"{lscpu.get('Thread(s) per core', '?')} thread(s)")
@@ -134,18 +147,21 @@ def machine_info(workers: list[dict[str, Any]]) -> dict[str, Any]:
         "cores": cores, "caches": caches, "memory": memory, "kernel": platform.release(),
         "python": platform.python_version(), "numpy": np.__version__,
         "compiler": probe_compiler().version, "adamgen": adamgen.__version__,
-        "commit": commit or "unknown", "probe_flags": environment.get("probe_flags", []),
+        "commit": commit, "probe_flags": environment.get("probe_flags", []),
         "unset": [name for name in UNSET[:2] if name in os.environ],
     }
 
 
 def worker_environment(threads: int, plan: Plan) -> dict[str, str]:
+    """This environment with the thread counts set, and this process's ``sys.path`` as
+    ``PYTHONPATH``: a worker imports the same adamgen and the same suite as its parent, however
+    the parent found them (a checkout, an installed wheel, ``pip install --target``)."""
     env = {k: v for k, v in os.environ.items() if k not in UNSET}
     count = str(threads)
     env.update(ADAMGEN_NUM_THREADS=count, OMP_NUM_THREADS=count, MKL_NUM_THREADS=count,
                OPENBLAS_NUM_THREADS=count, NUMEXPR_NUM_THREADS=count,
                NUMEXPR_MAX_THREADS=str(max(plan.threads)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(path for path in sys.path if path)
     return env
 
 
@@ -153,9 +169,9 @@ def run_worker(plan: Plan, threads: int, bar: Progress) -> dict[str, Any]:
     """One worker process; its progress lines move the bar, its other output goes to stderr."""
     with tempfile.TemporaryDirectory(prefix="adamgen-bench-") as scratch:
         out = Path(scratch, "worker.json")
-        argv = [sys.executable, "-m", "benchmarks.worker", "--threads", str(threads),
+        argv = [sys.executable, "-m", f"{PACKAGE}.worker", "--threads", str(threads),
                 "--plan", plan.to_json(), "--out", str(out)]
-        process = subprocess.Popen(argv, env=worker_environment(threads, plan), cwd=ROOT,
+        process = subprocess.Popen(argv, env=worker_environment(threads, plan), cwd=scratch,
                                    stdout=subprocess.PIPE, text=True)
         assert process.stdout is not None
         for line in process.stdout:
@@ -183,12 +199,15 @@ def render(results: dict[str, Any], out: Path) -> list[Path]:
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Run the benchmark (or re-render one); ``prog`` names the command in help and reports
+    (``adamgen bench`` forwards its arguments here)."""
+    prog = prog or f"python -m {PACKAGE}.run"
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(prog).parse_args(argv)
     if args.render is not None:
         results = json.loads(args.render.read_text(encoding="utf-8"))
-        for path in render(results, args.out):
-            print(path)
+        print(summary(results, render(results, args.out)))
         return 0
     plan = make_plan(quick=args.quick, sizes=args.sizes, dtypes=args.dtypes,
                      threads=args.threads, rounds=args.rounds, forced=not args.no_forced,
@@ -197,15 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     bar = Progress(sum(plan.units(t) for t in plan.threads))
     workers = [run_worker(plan, threads, bar) for threads in plan.threads]
     bar.close()
-    command = "python -m benchmarks.run " + shlex.join(sys.argv[1:] if argv is None else argv)
     results = {"plan": json.loads(plan.to_json()), "workers": workers,
-               "machine": machine_info(workers), "command": command.strip(),
+               "machine": machine_info(workers),
+               "command": f"{prog} {shlex.join(argv)}".strip(),
                "started": stamp.isoformat(timespec="seconds"),
                "seconds": time.monotonic() - started}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / DATA).write_text(json.dumps(results), encoding="utf-8")
-    for path in render(results, args.out) + [args.out / DATA]:
-        print(path)
+    print(summary(results, render(results, args.out) + [args.out / DATA]))
     failed = [w for w in workers if w.get("failed")]
     for worker in failed:
         print(f"benchmark worker at {worker['threads']} thread(s) failed: {worker['failed']}",

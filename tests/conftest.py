@@ -7,10 +7,19 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import site
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _bytes(a: np.ndarray) -> bytes:
@@ -96,6 +105,75 @@ def _same_python_value(a: Any, b: Any) -> bool:
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
     return bool(a == b) if not isinstance(a, np.ndarray) else np.array_equal(a, b)
+
+
+#: Variables pointing every cache the suite may fill at the session's temporary directory:
+#: adamgen's kernel cache, and matplotlib's font cache and config (the benchmark's plot), which
+#: would otherwise land in the user's home.
+SESSION_CACHE_VARIABLES = {"ADAMGEN_CACHE_DIR": "adamgen-cache", "MPLCONFIGDIR": "matplotlib"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Every test, and every process a test starts (they inherit the environment), uses a cache
+    directory of this session, never the user's ``~/.cache/adamgen``.
+
+    A test that needs its own cache still sets ``ADAMGEN_CACHE_DIR`` under its ``tmp_path``.
+    ``.ci/run`` proves the whole suite leaves a throwaway ``HOME`` empty.
+    """
+    from adamgen.config import refresh_environment
+    from adamgen.runtime.kernels import kernel_cache
+
+    root = tmp_path_factory.mktemp("session-caches")
+    with pytest.MonkeyPatch.context() as patch:
+        for variable, name in SESSION_CACHE_VARIABLES.items():
+            patch.setenv(variable, str(root / name))
+        refresh_environment()
+        kernel_cache.cache_clear()
+        yield root
+    refresh_environment()
+    kernel_cache.cache_clear()
+
+
+@dataclass(frozen=True)
+class InstalledWheel:
+    """adamgen's wheel, and a fresh virtual environment it is installed in."""
+
+    wheel: Path
+    python: Path
+    bin: Path
+
+
+@pytest.fixture(scope="session")
+def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> InstalledWheel:
+    """This checkout built as a wheel and installed, without its dependencies, into a fresh
+    venv that sees this interpreter's packages (numpy, cffi, the optional peers): what a user
+    who installed adamgen has, with nothing downloaded.
+
+    The sources are copied first: building writes ``build/`` and ``*.egg-info`` into the tree.
+    """
+    root = tmp_path_factory.mktemp("wheel")
+    source = root / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", "__pycache__", ".hypothesis", "bench-results",
+        "generated"))
+    # pip and what it starts get a HOME of their own: pip asks `rustc --version` for its user
+    # agent, and a rustup-managed rustc then writes ~/.rustup/settings.toml
+    env = {**os.environ, "HOME": str(root / "home"), "PYTHONUSERBASE": site.getuserbase()}
+
+    def run(*argv: str | Path) -> None:
+        done = subprocess.run([str(a) for a in argv], capture_output=True, text=True,
+                              timeout=600, check=False, env=env)
+        assert done.returncode == 0, f"{argv}: {done.stdout[-2000:]}{done.stderr[-3000:]}"
+
+    pip = (sys.executable, "-m", "pip", "--no-cache-dir", "--disable-pip-version-check")
+    run(*pip, "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+        "--wheel-dir", root / "dist", source)
+    wheel = next((root / "dist").glob("adamgen-*.whl"))
+    run(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", root / "venv")
+    python = root / "venv" / "bin" / "python"
+    run(*pip, "--python", python, "install", "--quiet", "--no-deps", "--no-index", wheel)
+    return InstalledWheel(wheel, python, python.parent)
 
 
 @pytest.fixture(autouse=True)

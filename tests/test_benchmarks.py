@@ -1,4 +1,5 @@
-"""The benchmark still works: ``--quick`` runs end to end and writes a report with its columns.
+"""The benchmark still works: ``adamgen bench --quick``, from an installed wheel, runs end to end,
+prints its summary and writes a report with its columns.
 
 No speed is asserted here (CI machines are shared and noisy); the figures belong in
 ``docs/performance.md``. The optional peers and matplotlib may or may not be installed: either
@@ -9,9 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -25,12 +29,50 @@ def _installed(name: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+def quick_run(tmp_path_factory: pytest.TempPathFactory,
+              installed_wheel) -> tuple[Path, subprocess.CompletedProcess]:
+    """The README's ``adamgen bench --quick``, run by the console script of an installed wheel
+    in a directory that holds no checkout, so the suite can only come from the package."""
     out = tmp_path_factory.mktemp("bench")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out)],
-        cwd=ROOT, check=False, capture_output=True, text=True, timeout=600)
+        [str(installed_wheel.bin / "adamgen"), "bench", "--quick", "--out", str(out)],
+        cwd=out, env=env, check=False, capture_output=True, text=True, timeout=900)
     return out, completed
+
+
+@pytest.mark.slow
+def test_quick_run_uses_the_installed_suite(quick_run, installed_wheel):
+    out, completed = quick_run
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["command"] == f"adamgen bench --quick --out {out}"
+    assert results["machine"]["commit"] == ""  # not a checkout: the wheel's copy ran
+    assert "(not run from a git checkout)" in (out / "report.md").read_text()
+    where = subprocess.run([str(installed_wheel.python), "-c",
+                            "import adamgen.benchmarks.run as r; print(r.__file__)"],
+                           cwd=out, capture_output=True, text=True, check=True, timeout=120)
+    assert Path(where.stdout.strip()).is_relative_to(installed_wheel.python.parents[1])
+
+
+@pytest.mark.slow
+def test_quick_run_prints_a_summary_against_each_peer(quick_run):
+    out, completed = quick_run
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    lines = completed.stdout.splitlines()
+    header = next(line for line in lines if line.split()[:2] == ["threads", "N"])
+    for column in ("adamgen", "% of probe", "numpy naive", "numpy best"):
+        assert column in header, (column, header)
+    for package, columns in OPTIONAL_COLUMNS.items():
+        for column in columns:
+            assert (column[2:] in header) == _installed(package), (column, header)
+    rows = [line.split() for line in lines[lines.index(header) + 1:] if line.strip()]
+    sizes = [row[:2] for row in rows if row[0] in ("1", "2")]
+    assert sizes == [[t, n] for t in ("1", "2") for n in ("16", "1e+03", "1e+04")]
+    assert any(line.startswith("Speed targets: ") for line in lines)
+    assert f"  {out / 'report.md'}" in lines and f"  {out / 'results.json'}" in lines
+    if not _installed("matplotlib"):
+        assert "matplotlib (the plot: pip install matplotlib)" in completed.stdout
 
 
 @pytest.mark.slow
@@ -64,10 +106,12 @@ def test_report_tables_have_the_expected_columns(quick_run):
             else:
                 assert f"| {column} |" not in in_place
                 assert f"`{package}` is not installed," in report
-    for section in ("## Targets of issues 4, 5 and 7", "## In place", "## Functional",
+    for section in ("## Speed targets", "## In place", "## Functional",
                     "## The loader's pick", "## Many tensors", "## Per-call overhead",
                     "## The GIL"):
         assert section in report, section
+    assert re.search(r"issues? \d", report, re.IGNORECASE) is None  # say what, not which ticket
+    assert "- **torch fused**: `torch.optim.Adam(fused=True)`" in report
 
 
 @pytest.mark.slow
@@ -85,12 +129,8 @@ def test_results_hold_every_case_and_rerender(quick_run, tmp_path):
     assert all(r["seconds"] > 0 for r in sweep if r["impl"] == "adamgen")
     assert results["workers"][0]["gil"], "the GIL case runs in the one-thread worker"
 
-    sys.path.insert(0, str(ROOT))
-    try:
-        from benchmarks.run import main
-    finally:
-        sys.path.remove(str(ROOT))
-    assert main(["--render", str(out / "results.json"), "--out", str(tmp_path)]) == 0
+    (run,) = suite("run")
+    assert run.main(["--render", str(out / "results.json"), "--out", str(tmp_path)]) == 0
     assert (tmp_path / "report.md").read_text() == (out / "report.md").read_text()
 
 
@@ -101,13 +141,13 @@ def test_runs_as_a_script():
     assert "--quick" in completed.stdout
 
 
-def _peers_module():
+def suite(*names: str) -> tuple[ModuleType, ...]:
+    """Modules of the checkout's benchmark suite (``benchmarks/`` is not on ``sys.path``)."""
     sys.path.insert(0, str(ROOT))
     try:
-        from benchmarks import peers, worker
+        return tuple(importlib.import_module(f"benchmarks.{name}") for name in names)
     finally:
         sys.path.remove(str(ROOT))
-    return peers, worker
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -117,7 +157,7 @@ def test_every_peer_computes_one_adam_step_in_the_arrays_dtype(dtype, functional
     comparison meaningless (PERFORMANCE-NOTES: NumPy 2 and numexpr promote on float scalars)."""
     import numpy as np
 
-    peers, worker = _peers_module()
+    peers, worker = suite("peers", "worker")
     w0, g, m0, v0 = worker.make_arrays(1000, dtype)
     expected = peers.ivy_expression(w0, g, peers.LR, m0, v0, 1.0)
     names = [c.name for c in peers.single_tensor_peers(*(a.copy() for a in (w0, g, m0, v0)),
@@ -149,3 +189,44 @@ def test_every_peer_computes_one_adam_step_in_the_arrays_dtype(dtype, functional
             np.testing.assert_allclose(np.asarray(actual) - before, reference - before,
                                        rtol=16 * eps, atol=4 * eps * float(np.abs(before).max()),
                                        err_msg=f"{name} {label}")
+
+
+def _empty_run(**optional: str | None) -> dict:
+    """A run that measured nothing, on a machine with the given optional packages."""
+    (plan,) = suite("plan")
+    machine = {"cpu": "cpu", "cores": "2", "caches": "-", "memory": "1 GiB", "kernel": "6",
+               "python": "3.11.7", "numpy": "2.4.6", "compiler": "cc 12", "adamgen": "0.1.0",
+               "commit": "", "probe_flags": [], "unset": []}
+    return {"plan": json.loads(plan.make_plan(quick=True).to_json()), "machine": machine,
+            "workers": [{"threads": 1, "records": [], "gil": [],
+                         "environment": {"optional": optional}}]}
+
+
+def test_machine_line_without_optional_packages_has_no_stray_separator():
+    (report,) = suite("report")
+    lines = report.machine_lines(_empty_run(numexpr=None, numba=None, torch=None,
+                                            matplotlib=None))
+    assert "- **Software**: Python 3.11.7, numpy 2.4.6; cc 12" in lines
+    assert "- **adamgen**: 0.1.0 (not run from a git checkout)" in lines
+    with_one = report.machine_lines(_empty_run(numexpr="2.14", numba=None))
+    assert "- **Software**: Python 3.11.7, numpy 2.4.6, numexpr 2.14; cc 12" in with_one
+
+
+def test_summary_says_how_to_get_each_missing_package(tmp_path):
+    (summary,) = suite("summary")
+    text = summary.summary(_empty_run(numexpr="2.14", numba=None, torch=None, matplotlib=None),
+                           [tmp_path / "report.md"])
+    assert "matplotlib (the plot: pip install matplotlib)" in text
+    assert "torch (the torch fused and torch foreach columns and the torch targets: pip " \
+           "install torch==2.13.0)" in text
+    assert "numexpr (" not in text
+    assert f"  {tmp_path / 'report.md'}" in text.splitlines()
+
+
+def test_summary_columns_stay_aligned():
+    (summary,) = suite("summary")
+    lines = summary.aligned(["threads", "N", "a peer with a long name"],
+                            [["1", "16", "1.00"], ["2", "1e+04", "12345.67"]],
+                            over=(2, "× label"))
+    assert len({len(line) for line in lines[1:]}) == 1
+    assert lines[0].index("×") == lines[1].index("a peer")

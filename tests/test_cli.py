@@ -1,19 +1,72 @@
-"""End to end: the ``adamgen`` command line in fresh processes, on an empty cache."""
+"""End to end: the ``adamgen`` command line in fresh processes, every subcommand with ``--help`` and
+with each documented option; mistakes end with one line on stderr and exit status 2."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
+#: Every subcommand and the options its ``--help`` must list.
+OPTIONS = {
+    "info": ["--build", "--all"],
+    "cache": ["{info,clear}"],
+    "bench": ["--quick", "--out", "--sizes", "--dtypes", "--threads", "--rounds",
+              "--wait-quiet", "--no-forced", "--render"],
+    "demo": ["--epochs", "--no-verify"],
+    "verify": ["--only", "--const", "--strict", "--quiet"],
+    "generate": ["--out", "--name", "--dtype", "--const", "--mode", "--portable",
+                 "--numpy-only"],
+}
 
-def adamgen_cli(*args: str, cache, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ADAMGEN_CACHE_DIR": str(cache)}
+
+def adamgen_cli(*args: str, cache: Path | None = None, cwd: Path | None = None,
+                timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m adamgen ARGS`` with this checkout's adamgen, in ``cwd``; ``cache`` replaces
+    the session's cache directory."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if cache is not None:
+        env["ADAMGEN_CACHE_DIR"] = str(cache)
     env.pop("ADAMGEN_VARIANT", None)
-    return subprocess.run([sys.executable, "-m", "adamgen", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "adamgen", *args], env=env, cwd=cwd or REPO,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def assert_usage_error(run: subprocess.CompletedProcess, *expected: str) -> None:
+    """Status 2, no traceback, and an error line naming what was wrong."""
+    assert run.returncode == 2, (run.returncode, run.stdout, run.stderr)
+    assert "Traceback" not in run.stderr, run.stderr
+    error = [line for line in run.stderr.splitlines() if ": error: " in line]
+    assert len(error) == 1, run.stderr
+    for text in expected:
+        assert text in error[0], (text, error[0])
+
+
+@pytest.mark.parametrize("command", sorted(OPTIONS))
+def test_every_subcommand_explains_its_options(command):
+    run = adamgen_cli(command, "--help")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(f"usage: adamgen {command}"), run.stdout[:200]
+    for option in OPTIONS[command]:
+        assert option in run.stdout, (option, run.stdout)
+
+
+def test_top_level_help_and_version():
+    run = adamgen_cli("--help")
+    assert run.returncode == 0 and all(command in run.stdout for command in OPTIONS)
+    version = adamgen_cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("adamgen ")
+
+
+def test_unknown_option_of_a_subcommand_is_a_usage_error():
+    assert_usage_error(adamgen_cli("info", "--bogus"), "unrecognized arguments: --bogus")
+    assert_usage_error(adamgen_cli("bench", "--bogus"), "adamgen bench: error:", "--bogus")
+    assert_usage_error(adamgen_cli("verify", "--bogus"), "unrecognized arguments: --bogus")
 
 
 def test_demo_builds_verifies_measures_and_trains(tmp_path):
@@ -27,17 +80,48 @@ def test_demo_builds_verifies_measures_and_trains(tmp_path):
         assert expected in out, (expected, out)
     again = adamgen_cli("demo", "--epochs", "1", "--no-verify", cache=tmp_path / "cache")
     assert again.returncode == 0 and "fetched from the cache" in again.stdout
+    assert "PROVED" not in again.stdout
 
 
-def test_verify_exit_status_and_table(tmp_path):
-    run = adamgen_cli("verify", cache=tmp_path / "cache")
+@pytest.mark.parametrize("epochs", ["-3", "0", "two"])
+def test_demo_rejects_epochs_below_one(epochs):
+    assert_usage_error(adamgen_cli("demo", "--epochs", epochs), "argument --epochs",
+                       "expected an integer >= 1")
+
+
+def test_verify_exit_status_and_table():
+    run = adamgen_cli("verify")
     assert run.returncode == 0, run.stdout + run.stderr
     assert "0 failed" in run.stdout and "moment recurrences" in run.stdout
+    assert any(line.startswith("    ") for line in run.stdout.splitlines())  # the details
 
 
-def test_cache_info_and_clear(tmp_path):
+def test_verify_options():
+    quiet = adamgen_cli("verify", "--quiet", "--strict")
+    assert quiet.returncode == 0, quiet.stdout + quiet.stderr
+    assert "0 failed, 0 unproven" in quiet.stdout
+    assert not any(line.startswith("    ") for line in quiet.stdout.splitlines())
+    only = adamgen_cli("verify", "--only", "moment", "--only", "bias")
+    assert only.returncode == 0 and "2 proved, 0 failed" in only.stdout
+    assert "moment recurrences" in only.stdout
+    const = adamgen_cli("verify", "--only", "const", "--const", "beta1=0.5",
+                        "--const", "epsilon=0", "--quiet")
+    assert const.returncode == 0 and "const(beta1=0.5,epsilon=0.0)" in const.stdout
+    listed = adamgen_cli("verify", "--only", "const", "--const", "beta1=0.5,epsilon=0")
+    assert listed.returncode == 0 and "const(beta1=0.5,epsilon=0.0)" in listed.stdout
+    assert_usage_error(adamgen_cli("verify", "--const", "beta1"), "argument --const",
+                       "NAME=VALUE", "'beta1'")
+
+
+def test_info_and_cache(tmp_path):
     cache = tmp_path / "cache"
-    assert adamgen_cli("info", "--build", cache=cache).returncode == 0
+    empty = adamgen_cli("info", cache=cache)
+    assert empty.returncode == 0 and "none yet" in empty.stdout
+    built = adamgen_cli("info", "--build", cache=cache)
+    assert built.returncode == 0, built.stderr
+    assert "kernels this process:" in built.stdout and "winner by size" in built.stdout
+    every = adamgen_cli("info", "--all", cache=cache)
+    assert every.returncode == 0 and " us (cache dir)" in every.stdout
     info = adamgen_cli("cache", "info", cache=cache)
     assert info.returncode == 0 and "entries:" in info.stdout and "c-kernel" in info.stdout
     cleared = adamgen_cli("cache", "clear", cache=cache)
@@ -48,7 +132,59 @@ def test_cache_info_and_clear(tmp_path):
 def test_bad_environment_is_a_clear_error_not_a_traceback(tmp_path):
     env = {**os.environ, "ADAMGEN_CACHE_DIR": str(tmp_path), "ADAMGEN_MODE": "slow"}
     run = subprocess.run([sys.executable, "-m", "adamgen", "info"], env=env,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 2
     assert "ADAMGEN_MODE" in run.stderr and "exact, fast" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_generate_with_every_option(tmp_path):
+    run = adamgen_cli("generate", "--out", str(tmp_path / "out"), "--name", "adam_fast",
+                      "--dtype", "float32", "--const", "beta1=0.9,epsilon=1e-7",
+                      "--mode", "fast", "--numpy-only")
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "out" / "adam_fast" / "__init__.py").is_file()
+    portable = adamgen_cli("generate", "--out", str(tmp_path / "out"), "--name", "adam64",
+                           "--dtype", "float64", "--portable")
+    assert portable.returncode == 0, portable.stderr
+    script = ("import adam_fast, adam64, numpy as np; x = np.ones(3); f = x.astype('f4'); "
+              "print(adam_fast.adam_update(f, f, 0.1, f, f, 1)[0].dtype, "
+              "adam64.adam_update(x, x, 0.1, x, x, 1)[0].dtype)")
+    check = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path / "out", capture_output=True, text=True,
+        timeout=300, check=False,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "out"), str(REPO)])})
+    assert check.returncode == 0 and check.stdout.split() == ["float32", "float64"], check.stderr
+
+
+def test_generate_into_an_unwritable_place_is_one_line_and_status_2(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    assert_usage_error(adamgen_cli("generate", "--out", "/proc/nope", "--name", "x"),
+                       "--out /proc/nope", "cannot write the package there")
+    assert_usage_error(adamgen_cli("generate", "--out", str(a_file), "--name", "x"),
+                       f"--out {a_file} is a file")
+    assert_usage_error(adamgen_cli("generate", "--out", str(a_file / "sub"), "--name", "x"),
+                       f"--out {a_file / 'sub'}", "Not a directory")
+    assert a_file.read_text() == "not a directory"
+
+
+def test_bench_options_from_a_checkout(tmp_path):
+    """Every option of ``adamgen bench`` on the smallest run (the suite comes from this checkout;
+    tests/test_benchmarks.py runs ``--quick`` whole from an installed wheel)."""
+    out, again = tmp_path / "run", tmp_path / "rendered"
+    run = adamgen_cli("bench", "--quick", "--sizes", "16", "--dtypes", "float32",
+                      "--threads", "1", "--rounds", "1", "--wait-quiet", "0", "--no-forced",
+                      "--out", str(out), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    plan = results["plan"]
+    assert (plan["sizes"], plan["dtypes"], plan["threads"], plan["rounds"], plan["forced"]) == (
+        [16], ["float32"], [1], 1, False)
+    assert results["command"].startswith("adamgen bench --quick --sizes 16")
+    assert "threads" in run.stdout and str(out / "report.md") in run.stdout
+    rendered = adamgen_cli("bench", "--", "--render", str(out / "results.json"),
+                           "--out", str(again), cwd=tmp_path)
+    assert rendered.returncode == 0, rendered.stderr
+    assert (again / "report.md").read_text() == (out / "report.md").read_text()
+    assert_usage_error(adamgen_cli("bench", "--sizes", "0", cwd=tmp_path), "--sizes")

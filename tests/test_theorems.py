@@ -134,17 +134,6 @@ def test_undecided_is_unproven_and_never_proven(monkeypatch, capsys):
     assert "2 unproven" in capsys.readouterr().out
 
 
-def test_report_and_cli(capsys):
-    assert V.run_cli(["--only", "moment", "--only", "bias"]) == 0
-    out = capsys.readouterr().out
-    assert "moment recurrences" in out and "PROVED" in out and "2 proved, 0 failed" in out
-    assert V.run_cli(["--only", "const", "--const", "beta1=0.5", "--const", "epsilon=0",
-                      "--quiet"]) == 0
-    assert "const(beta1=0.5,epsilon=0.0)" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        V.run_cli(["--const", "beta1"])
-
-
 def test_ir_expressions_use_exact_binary_constants():
     config = KernelConfig(constants=(("beta1", 0.9),))
     ir = lower(adam_spec(), config)
