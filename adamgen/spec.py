@@ -200,6 +200,21 @@ class UpdateSpec:
         """A hash of the graph and the interface (``srepr`` keeps nesting and operand order)."""
         return self.interface.spec_hash
 
+    def replace(self, **changes: Any) -> UpdateSpec:
+        """A new spec with some of the constructor's arguments changed (``outputs=``, ...)."""
+        interface = self.interface
+        arguments: dict[str, Any] = {
+            "name": self.name, "tensors": interface.tensors,
+            "hyperparameters": interface.hyperparameters, "outputs": self.outputs,
+            "state": interface.state, "parameter": interface.parameter,
+            "gradient": interface.gradient, "names": self.names, "options": interface.options,
+            "summary": interface.summary}
+        unknown = set(changes) - set(arguments)
+        if unknown:
+            raise TypeError(f"UpdateSpec.replace() got unknown {', '.join(sorted(unknown))}")
+        arguments.update(changes)
+        return UpdateSpec(**arguments)
+
     def ref(self, *, builtin: bool = False) -> SpecRef:
         """This spec as kernels are keyed: by its hash unless it is a built-in rule (whose source
         is part of every key already)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import sympy
 
@@ -59,5 +58,5 @@ def test_hash_is_stable_and_changes_with_the_graph():
     other_math = spec.output("w_new").xreplace({epsilon: 2 * epsilon})
     for name, expr in (("mw", regrouped), ("w_new", other_math)):
         outputs = tuple((n, expr if n == name else e) for n, e in spec.outputs)
-        changed = dataclasses.replace(spec, outputs=outputs)
+        changed = spec.replace(outputs=outputs)
         assert changed.spec_hash != spec.spec_hash, name
