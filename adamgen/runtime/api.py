@@ -173,15 +173,17 @@ class Updater:
 
         A Python number stays weak. Something without a dtype of its own (a list, a tuple, an
         ``__array__`` object without ``dtype``) takes the effective gradient's dtype, as Ivy's
-        ``promote_types_of_inputs`` converts it; anything with a dtype keeps it.
+        ``promote_types_of_inputs`` converts it; anything with a dtype keeps it. The value as
+        given must be finite and ``>= 0`` (:func:`validate.check_lr`: adamgen's rule, not Ivy's).
         """
         if isinstance(lr, (list, tuple)) or (
                 hasattr(lr, "__array__") and not hasattr(lr, "dtype")):
             gradient_dtype = np.result_type(tensors["dcdw"], tensors["mw_tm1"],
                                             tensors["vw_tm1"], 1.0)
-            validate.as_tensor("lr", lr)  # the checks: numbers, rectangular, real dtype
+            # the checks (numbers, rectangular, real dtype; the lr rule on the values as given)
+            validate.check_lr(validate.as_tensor("lr", lr))
             return np.asarray(lr, dtype=gradient_dtype)
-        return validate.as_tensor("lr", lr, weak_scalars=True)
+        return validate.check_lr(validate.as_tensor("lr", lr, weak_scalars=True))
 
     def result_dtypes(self, module: ModuleType,
                       tensors: dict[str, Any]) -> tuple[np.dtype, ...]:
@@ -377,7 +379,10 @@ def adam_update(w: Any, dcdw: Any, lr: Any, mw_tm1: Any, vw_tm1: Any, step: Any,
     Args:
         w, dcdw, mw_tm1, vw_tm1: arrays or array-likes (lists of Python floats become float32);
             they broadcast together. Never modified, except ``w`` when ``out is w``.
-        lr: a Python number (rounded to the arrays' dtype, as NumPy does) or an array.
+        lr: a Python number (rounded to the arrays' dtype, as NumPy does) or an array; finite
+            and ``>= 0`` (every element of an array, checked without copying it). torch rejects
+            a negative or NaN lr but accepts inf; adamgen rejects inf too: an infinite step
+            turns every weight into inf or NaN, which no caller means.
         step: an int, a float or a 0-d array, used as ``float(step)``; ``step=0`` is no update.
         beta1, beta2: in ``[0, 1)``. epsilon: ``>= 0``.
         stop_gradients: must be a bool; NumPy has no autograd, so it changes nothing.
