@@ -55,9 +55,11 @@ _kernels: dict[tuple[str, str, frozenset[str]], CKernel | None] = {}
 
 
 def forget() -> None:
-    """Drop memoised C kernels (tests that switch cache directories)."""
+    """Drop memoised C kernels (tests that switch cache directories), and the call plans that
+    hold them."""
     _kernels.clear()
     _descriptions.clear()
+    loader.forget_dependents()
 
 
 def c_kernel_for(dtype: str, scalar_tensors: frozenset[str]) -> CKernel | None:
@@ -88,10 +90,19 @@ def scalars_for(kernel: CKernel, hyper: Mapping[str, float],
 CKernelProvider = Callable[[str, frozenset[str]], "CKernel | None"]
 
 
-def run_update(module: ModuleType, tensors: Mapping[str, Any], scalars: tuple[float, ...],
-               hyper: Mapping[str, float], buffers: Sequence[np.ndarray], in_place: bool,
-               c_kernels: CKernelProvider | None = None) -> None:
-    """One buffered update into ``buffers`` (``buffers[0] is w`` when ``in_place``)."""
+#: The tensors as C takes them (arrays, and numbers for scalar tensors), and which are scalars.
+CArguments = tuple[list[Any], frozenset[str]]
+
+
+def route(module: ModuleType, tensors: Mapping[str, Any], scalars: tuple[float, ...],
+          hyper: Mapping[str, float], buffers: Sequence[np.ndarray], in_place: bool,
+          c_kernels: CKernelProvider | None = None,
+          ) -> tuple[str, CKernel | None, CArguments | None]:
+    """Which variant runs a buffered update, on which C kernel, with which C arguments.
+
+    Nothing is written (the loader measures on scratch arrays). :func:`run_update` follows the
+    route; the functional API's call plans (:mod:`adamgen.runtime.hotpath`) remember it.
+    """
     full = buffers[0]
     plan = (_c_arguments(tensors, full)
             if all(b.flags.c_contiguous and b.flags.aligned for b in buffers) else None)
@@ -100,7 +111,6 @@ def run_update(module: ModuleType, tensors: Mapping[str, Any], scalars: tuple[fl
         kernel = (c_kernels or c_kernel_for)(module.DTYPE, plan[1])
         if kernel is not None and in_place and "w" in plan[1]:
             kernel = None
-    arrays = tuple(tensors.values())
     candidates = variants(kernel, full.size)
     if full.size and (len(candidates) > 1 or current_environment().variant is not None):
         problem, context = _describe(module, kernel, plan[1] if plan else None, in_place)
@@ -111,7 +121,16 @@ def run_update(module: ModuleType, tensors: Mapping[str, Any], scalars: tuple[fl
             full.dtype.itemsize)
     else:
         variant = "numpy"
+    return variant, kernel, plan
+
+
+def run_update(module: ModuleType, tensors: Mapping[str, Any], scalars: tuple[float, ...],
+               hyper: Mapping[str, float], buffers: Sequence[np.ndarray], in_place: bool,
+               c_kernels: CKernelProvider | None = None) -> None:
+    """One buffered update into ``buffers`` (``buffers[0] is w`` when ``in_place``)."""
+    variant, kernel, plan = route(module, tensors, scalars, hyper, buffers, in_place, c_kernels)
     if variant == "numpy":
+        arrays = tuple(tensors.values())
         with np.errstate(all="ignore"):  # inf and NaN are values here (see api.run_numpy)
             module.update(*arrays, scalars, *buffers)
         return
@@ -140,8 +159,7 @@ def _describe(module: ModuleType, kernel: CKernel | None, scalar_names: frozense
     return found
 
 
-def _c_arguments(tensors: Mapping[str, Any],
-                 full: np.ndarray) -> tuple[list[Any], frozenset[str]] | None:
+def _c_arguments(tensors: Mapping[str, Any], full: np.ndarray) -> CArguments | None:
     """The tensors as C takes them, and which are scalars; None when C cannot take them."""
     size = full.size
     arguments: list[Any] = []
@@ -174,7 +192,7 @@ def _timing_outputs(w: Any, in_place: bool, m: int, dtype: np.dtype) -> list[np.
 
 def _update_timers(module: ModuleType, kernel: CKernel | None, tensors: Mapping[str, Any],
                    scalars: tuple[float, ...], hyper: Mapping[str, float],
-                   plan: tuple[list[Any], frozenset[str]] | None, m: int, in_place: bool,
+                   plan: CArguments | None, m: int, in_place: bool,
                    variants: tuple[str, ...]) -> dict[str, Callable[[], None]]:
     """Timing closures on scratch arrays of ``m`` elements: copies, never the caller's arrays
     (a size-one argument is copied too: with ``out=w`` the timed in-place run writes into it)."""

@@ -329,6 +329,22 @@ def persisted_decisions() -> list[Decision]:
 
 
 def forget() -> None:
-    """Drop in-memory decisions (tests use it to prove a later process reads the cache dir)."""
+    """Drop in-memory decisions (tests use it to prove a later process reads the cache dir),
+    and everything remembered on top of them (:func:`on_forget`)."""
     _decisions.clear()
     _winners.clear()
+    forget_dependents()
+
+
+_dependents: list[Callable[[], None]] = []
+
+
+def on_forget(hook: Callable[[], None]) -> None:
+    """Call ``hook`` whenever decisions or kernels are forgotten: a memo that remembers a
+    decision (the functional API's call plans) must forget it too."""
+    _dependents.append(hook)
+
+
+def forget_dependents() -> None:
+    for hook in _dependents:
+        hook()
