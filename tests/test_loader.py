@@ -10,6 +10,8 @@ import textwrap
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from reference import adam_update_ref
 
 import adamgen
@@ -307,3 +309,31 @@ def test_a_persisted_decision_keeps_its_reason(fresh_loader, monkeypatch):
     (decision,) = loader.decisions()
     assert decision.source == "cache dir" and decision.winner == "c"
     assert decision.reason == "fastest"
+
+
+@st.composite
+def noisy_measurements(draw):
+    """True costs (serial C no slower than NumPy; two threads at most twice as fast as one),
+    and samples of them: clean ones within 4 % of the truth, disturbed ones (they waited for a
+    CPU) inflated up to 100x, any number of them, for any candidate."""
+    c = draw(st.floats(1.0, 1e6))
+    truth = {"c": c, "numpy": c * draw(st.floats(1.0, 10.0)),
+             "c-omp": c * draw(st.floats(0.5, 50.0))}
+    measured = {}
+    for name, cost in truth.items():
+        rounds = draw(st.lists(st.tuples(st.booleans(), st.floats(0.96, 1.04),
+                                         st.floats(1.0, 100.0)), min_size=3, max_size=9))
+        measured[name] = [loader.Sample(cost * inflate, cost * inflate) if disturbed
+                          else loader.Sample(cost * noise, 0.0)
+                          for disturbed, noise, inflate in rounds]
+    return truth, measured
+
+
+@given(noisy_measurements())
+@settings(max_examples=500, deadline=None)
+def test_the_pick_is_never_more_than_twice_the_best_variant(case):
+    """The bound of issue 12, item 15, for the rule itself: whatever the neighbour disturbed,
+    the winner's true cost is at most twice the best candidate's."""
+    truth, measured = case
+    winner = loader.decide(measured, THREE).winner
+    assert truth[winner] <= 2 * min(truth.values())
