@@ -10,6 +10,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import assert_all_bitwise_equal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import adam_update_ref
@@ -17,7 +18,7 @@ from reference import adam_update_ref
 import adamgen
 from adamgen.config import refresh_environment
 from adamgen.errors import ConfigError
-from adamgen.runtime import loader
+from adamgen.runtime import api, guard, loader
 
 VARIANTS = [None, "numpy", "c", "c-omp"]  # None: measured
 
@@ -337,3 +338,110 @@ def test_the_pick_is_never_more_than_twice_the_best_variant(case):
     truth, measured = case
     winner = loader.decide(measured, THREE).winner
     assert truth[winner] <= 2 * min(truth.values())
+
+
+# -- the guard: a threaded pick gives way to serial C while its calls run slow -----------------
+
+class Clock:
+    """An injected clock: each reading advances by the next step (seconds), if any."""
+
+    def __init__(self):
+        self.now, self.steps, self.reads = 100.0, [], 0
+
+    def __call__(self):
+        self.reads += 1
+        self.now += self.steps.pop(0) if self.steps else 0.0
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    injected = Clock()
+    monkeypatch.setattr(guard, "clock", injected)
+    return injected
+
+
+def calls(clock, watched, durations, elements=1000):
+    """One call per duration (the threaded call takes that long, serial no time): which ran."""
+    ran = []
+    for seconds in durations:
+        def threaded(seconds=seconds):
+            ran.append("threaded")
+            clock.now += seconds
+
+        watched.run(threaded, lambda: ran.append("serial"), elements)
+    return ran
+
+
+def test_threaded_calls_in_time_keep_their_threads(clock):
+    g = guard.ThreadGuard(10e-9)  # serial: 10 us for 1000 elements; slow is beyond 20 us
+    assert calls(clock, g, [6e-6, 19e-6, 7e-6] * 5) == ["threaded"] * 15 and g.strikes == 0
+
+
+def test_one_slow_threaded_call_is_not_a_strike_two_in_a_row_are(clock):
+    g = guard.ThreadGuard(10e-9)
+    assert calls(clock, g, [5e-3, 6e-6, 5e-3, 6e-6]) == ["threaded"] * 4 and g.strikes == 0
+    assert calls(clock, g, [5e-3, 5e-3, 6e-6, 6e-6]) == ["threaded"] * 2 + ["serial"] * 2
+    assert g.strikes == 1 and g.backoff == guard.BACKOFF_MIN
+
+
+def test_the_back_off_doubles_while_the_probes_run_slow_and_ends_when_one_is_in_time(clock):
+    g = guard.ThreadGuard(10e-9)
+    calls(clock, g, [5e-3, 5e-3])  # a strike: serial for BACKOFF_MIN
+    backoffs = [g.backoff]
+    for _ in range(9):
+        clock.now = g.until  # the back-off is over: the next call probes
+        assert calls(clock, g, [5e-3]) == ["threaded"]  # slow: a strike at once
+        backoffs.append(g.backoff)
+        assert calls(clock, g, [5e-3]) == ["serial"]
+    assert backoffs == [min(guard.BACKOFF_MAX, guard.BACKOFF_MIN * 2**k) for k in range(10)]
+    clock.now = g.until
+    assert calls(clock, g, [6e-6, 5e-3, 6e-6]) == ["threaded"] * 3  # in time: threads back
+    assert g.backoff == 0.0 and g.strikes == 10
+
+
+def _threaded_pick(monkeypatch):
+    monkeypatch.setattr(loader, "run_delay", lambda: 0.0)
+    monkeypatch.setattr(loader, "measure", lambda timers: {
+        "numpy": samples(400e-6, 400e-6, 400e-6), "c": samples(100e-6, 100e-6, 100e-6),
+        "c-omp": samples(50e-6, 50e-6, 50e-6)})
+
+
+def test_a_threaded_winner_gets_a_guard_from_the_serial_timing(fresh_loader, monkeypatch):
+    _threaded_pick(monkeypatch)
+    assert loader.choose("p", 5000, THREE, {"t": "2"}, lambda m: {}, 4) == "c-omp"
+    g = loader.guard("p", 5000, THREE, {"t": "2"})
+    assert g is not None and g.serial_seconds_per_element == 100e-6 / 5000
+    assert loader.guard("p", 5000, THREE, {"t": "1"}) is None  # another context
+    monkeypatch.setenv("ADAMGEN_VARIANT", "c-omp")
+    refresh_environment()
+    assert loader.guard("p", 5000, THREE, {"t": "2"}) is None  # forced means forced
+    monkeypatch.delenv("ADAMGEN_VARIANT")
+    refresh_environment()
+    loader.forget()
+    assert loader.guard("p", 5000, THREE, {"t": "2"}) is None
+
+
+@pytest.mark.parametrize("shortcut", [False, True], ids=["whole way", "shortcut"])
+def test_a_busy_neighbour_after_the_measurement_sends_calls_to_serial_c(
+        fresh_loader, monkeypatch, clock, shortcut):
+    """The loader picked threads on a quiet machine; then every threaded call runs slow (the
+    injected clock makes each take a second): after two of them, serial C serves, same bits."""
+    from adamgen.runtime import dispatch
+
+    kernel = dispatch.c_kernel_for("float32", frozenset({"lr"}))
+    if kernel is None or not kernel.openmp:
+        pytest.skip("no OpenMP: no threaded variant to guard")
+    monkeypatch.setattr(dispatch, "default_threads", lambda: 2)
+    _threaded_pick(monkeypatch)
+    w, g, m, v = one_step(20_000, np.float32, seed=4)
+    expected = adam_update_ref(w, g, 0.01, m, v, 3)
+    update = adamgen.adam_update if shortcut else api.Updater(api._JIT.kernels,
+                                                               runner=dispatch.run_update)
+    clock.steps = [0.0, 1.0] * 2  # the first two threaded calls take a second each
+    for _ in range(4):
+        assert_all_bitwise_equal(update(w, g, 0.01, m, v, 3), expected)
+    assert [d.winner for d in loader.decisions()] == ["c-omp"]
+    guarded = list(loader._guards.values())
+    assert len(guarded) == 1 and guarded[0].strikes == 1
+    assert clock.reads == 2 * 2 + 2  # two timed threaded calls, then two serial ones

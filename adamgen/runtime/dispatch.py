@@ -19,13 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from ..config import KernelConfig, current_environment
 from . import loader
 from .c_kernels import CKernel, c_kernel, default_threads
+from .guard import ThreadGuard
 from .kernels import numpy_kernel
 from .outputs import empty_outputs
 
@@ -94,14 +95,23 @@ CKernelProvider = Callable[[str, frozenset[str]], "CKernel | None"]
 CArguments = tuple[list[Any], frozenset[str]]
 
 
+class Route(NamedTuple):
+    """How a buffered update runs: the variant, its C kernel and C arguments (None for NumPy),
+    and for a measured threaded pick the guard that watches its calls."""
+
+    variant: str
+    kernel: CKernel | None
+    arguments: CArguments | None
+    guard: ThreadGuard | None
+
+
 def route(module: ModuleType, tensors: Mapping[str, Any], scalars: tuple[float, ...],
           hyper: Mapping[str, float], buffers: Sequence[np.ndarray], in_place: bool,
-          c_kernels: CKernelProvider | None = None,
-          ) -> tuple[str, CKernel | None, CArguments | None]:
+          c_kernels: CKernelProvider | None = None) -> Route:
     """Which variant runs a buffered update, on which C kernel, with which C arguments.
 
     Nothing is written (the loader measures on scratch arrays). :func:`run_update` follows the
-    route; the functional API's call plans (:mod:`adamgen.runtime.hotpath`) remember it.
+    route; the functional API's shortcuts (:mod:`adamgen.runtime.hotpath`) remember it.
     """
     full = buffers[0]
     plan = (_c_arguments(tensors, full)
@@ -119,27 +129,32 @@ def route(module: ModuleType, tensors: Mapping[str, Any], scalars: tuple[float, 
             lambda m: _update_timers(module, kernel, tensors, scalars, hyper, plan, m, in_place,
                                      candidates),
             full.dtype.itemsize)
+        guard = loader.guard(problem, full.size, candidates, context)
     else:
-        variant = "numpy"
-    return variant, kernel, plan
+        variant, guard = "numpy", None
+    return Route(variant, kernel, plan, guard if variant in loader.THREADED else None)
 
 
 def run_update(module: ModuleType, tensors: Mapping[str, Any], scalars: tuple[float, ...],
                hyper: Mapping[str, float], buffers: Sequence[np.ndarray], in_place: bool,
                c_kernels: CKernelProvider | None = None) -> None:
     """One buffered update into ``buffers`` (``buffers[0] is w`` when ``in_place``)."""
-    variant, kernel, plan = route(module, tensors, scalars, hyper, buffers, in_place, c_kernels)
+    variant, kernel, plan, guard = route(module, tensors, scalars, hyper, buffers, in_place,
+                                         c_kernels)
     if variant == "numpy":
         arrays = tuple(tensors.values())
         with np.errstate(all="ignore"):  # inf and NaN are values here (see api.run_numpy)
             module.update(*arrays, scalars, *buffers)
         return
     assert kernel is not None and plan is not None
-    c_scalars = scalars_for(kernel, hyper, scalars)
-    if in_place:
-        kernel.inplace_w(*plan[0], c_scalars, *buffers[1:], **threading(variant))
-    else:
-        kernel.functional(*plan[0], c_scalars, *buffers, **threading(variant))
+    run = kernel.inplace_w if in_place else kernel.functional
+    arguments = (*plan[0], scalars_for(kernel, hyper, scalars),
+                 *(buffers[1:] if in_place else buffers))
+    if guard is None:
+        run(*arguments, **threading(variant))
+    else:  # threads while they keep their promise (a busy neighbour breaks it)
+        guard.run(lambda: run(*arguments, **threading(variant)),
+                  lambda: run(*arguments, threads=1), buffers[0].size)
 
 
 _descriptions: dict[tuple, tuple[str, dict[str, str]]] = {}

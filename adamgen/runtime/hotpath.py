@@ -47,6 +47,7 @@ from ..config import Environment, current_environment
 from . import loader
 from .array import Array
 from .c_kernels import CKernel, KernelFunction, resolve_threads
+from .guard import ThreadGuard
 from .outputs import empty_outputs, pooled
 
 #: ``0.0 <= x <= _MAX_FINITE`` is False for NaN, inf and negatives.
@@ -65,27 +66,33 @@ _HYPERPARAMETERS = ("beta1", "beta2", "epsilon", "step")
 _OUTPUTS = ("w_new", "mw", "vw")
 _MAX_SHORTCUTS = 4096  # shapes vary without end in some programs
 
-#: Returns (variant, C kernel, C arguments) for a buffered update: :func:`dispatch.route`.
-Router = Callable[..., "tuple[str, CKernel | None, Any]"]
+#: Returns (variant, C kernel, C arguments, guard) for a buffered update:
+#: :func:`adamgen.runtime.dispatch.route`.
+Router = Callable[..., "tuple[str, CKernel | None, Any, ThreadGuard | None]"]
 
 
 class Shortcut:
     """What a signature decided: the kernel's prelude, the C entry point and how to call it."""
 
-    __slots__ = ("array_type", "c_function", "dtype", "env", "from_buffer", "lr_is_array",
-                 "pooled", "prelude", "shape", "tail", "wrap")
+    __slots__ = ("array_type", "c_function", "dtype", "env", "from_buffer", "guard",
+                 "lr_is_array", "pooled", "prelude", "serial_function", "shape", "size", "tail",
+                 "wrap")
 
     def __init__(self, *, dtype: np.dtype, shape: tuple[int, ...], lr_is_array: bool,
                  prelude: Callable[..., tuple[float, ...]], function: KernelFunction,
-                 kernel: CKernel, tail: tuple[int, ...], wrap: tuple[bool, bool, bool],
-                 env: Environment) -> None:
+                 serial: KernelFunction | None, guard: ThreadGuard | None, kernel: CKernel,
+                 threads: int, wrap: tuple[bool, bool, bool], env: Environment) -> None:
         self.dtype, self.shape, self.lr_is_array = dtype, shape, lr_is_array
+        self.size = int(np.prod(shape))
         self.prelude = prelude
         self.c_function = function.c_function
+        self.tail = (self.size, threads, 0) if function.threaded else (self.size,)
+        # a threaded entry point is watched: serial C stands in while threads run slow
+        self.guard = guard if function.threaded and serial is not None else None
+        self.serial_function = serial.c_function if serial is not None else None
         self.from_buffer = kernel.ffi.from_buffer
         self.array_type = kernel.ffi.typeof(f"{kernel.ctype}[]")
-        self.tail = tail
-        self.pooled = pooled(len(_OUTPUTS), int(np.prod(shape)) * dtype.itemsize)
+        self.pooled = pooled(len(_OUTPUTS), self.size * dtype.itemsize)
         self.wrap = wrap if any(wrap) else None
         self.env = env
 
@@ -156,10 +163,15 @@ class HotPath:
         else:
             w_new, mw, vw = np.empty(shape, dtype), np.empty(shape, dtype), np.empty(shape, dtype)
         pointer, array_type = cut.from_buffer, cut.array_type
-        cut.c_function(pointer(array_type, w), pointer(array_type, dcdw), rate,
-                       pointer(array_type, mw_tm1), pointer(array_type, vw_tm1), *scalars,
-                       pointer(array_type, w_new), pointer(array_type, mw),
-                       pointer(array_type, vw), *cut.tail)
+        arguments = (pointer(array_type, w), pointer(array_type, dcdw), rate,
+                     pointer(array_type, mw_tm1), pointer(array_type, vw_tm1), *scalars,
+                     pointer(array_type, w_new), pointer(array_type, mw),
+                     pointer(array_type, vw))
+        if cut.guard is None:
+            cut.c_function(*arguments, *cut.tail)
+        else:
+            cut.guard.run(lambda: cut.c_function(*arguments, *cut.tail),
+                          lambda: cut.serial_function(*arguments, cut.size), cut.size)
         if cut.wrap is None:
             return w_new, mw, vw
         wrap = cut.wrap
@@ -182,8 +194,8 @@ class HotPath:
             return
         dtype, shape = w.dtype, w.shape
         buffers = empty_outputs(3, shape, dtype)
-        variant, kernel, c_arguments = self.router(module, tensors, scalars, hyper, buffers,
-                                                   False)
+        variant, kernel, c_arguments, guard = self.router(module, tensors, scalars, hyper,
+                                                          buffers, False)
         if (variant not in ("c", "c-omp") or kernel is None or c_arguments is None
                 or c_arguments[1] != frozenset({"lr"}) or any(
                     c_arguments[0][index] is not array
@@ -191,18 +203,18 @@ class HotPath:
             return  # NumPy runs it, or C takes copies or other scalars: the whole way
         threads = resolve_threads(kernel_threads(variant))
         function = _functional_entry(kernel, threaded=threads > 1, scalars=len(scalars))
+        serial = _functional_entry(kernel, threaded=False, scalars=len(scalars))
         if function is None:
             return
-        size = int(np.prod(shape))
-        tail = (size, threads, 0) if function.threaded else (size,)
         wrap = tuple(any(type(tensors[d]) is Array for d in module.DEPENDS[name]
                          if d in tensors) for name in _OUTPUTS)
         if len(self.shortcuts) >= _MAX_SHORTCUTS:
             self.shortcuts.clear()
         self.shortcuts[(type(w), type(dcdw), type(lr), type(mw_tm1), type(vw_tm1), dtype, shape)] = \
             Shortcut(dtype=dtype, shape=shape, lr_is_array=type(lr) is not float,
-                 prelude=module.prelude, function=function, kernel=kernel, tail=tail,
-                 wrap=wrap, env=current_environment())  # type: ignore[arg-type]
+                 prelude=module.prelude, function=function, serial=serial, guard=guard,
+                 kernel=kernel, threads=threads, wrap=wrap,  # type: ignore[arg-type]
+                 env=current_environment())
 
 
 def kernel_threads(variant: str) -> int:

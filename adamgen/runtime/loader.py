@@ -28,6 +28,8 @@ The rule (:func:`decide`, a pure function of the samples, tested with injected t
 
 So a pick is never much slower than the best variant: serial C, the fallback, is at most about
 the thread count slower than threaded C, and nothing slower than it wins without clean evidence.
+A neighbour arriving after the measurement is the guard's business (:mod:`.guard`, fetched with
+:func:`guard`): a threaded pick whose calls run slow gives way to serial C until they do not.
 
 ``ADAMGEN_VARIANT=<name>`` forces one variant wherever it fits (C does not fit float16, nor a
 partially broadcast argument: NumPy serves those; ``c-omp`` where threads do not fit runs serial
@@ -51,6 +53,7 @@ from pathlib import Path
 from ..config import current_environment
 from ..errors import CacheError
 from .forksafe import ForkSafeLock
+from .guard import ThreadGuard
 
 BUDGET_SECONDS = 0.05
 MAX_ROUNDS = 9
@@ -68,6 +71,8 @@ MIN_CLEAN = 3
 TIE_MARGIN = 0.10
 #: Candidates from safest to most fragile; the first present is the safe choice.
 SAFETY_ORDER = ("c", "numpy", "c-omp")
+#: Variants that run on several threads: their calls are watched (:mod:`.guard`).
+THREADED = frozenset({"c-omp"})
 
 #: A timing closure: runs one candidate once on scratch data.
 Timer = Callable[[], None]
@@ -110,6 +115,7 @@ class Verdict:
 _lock = ForkSafeLock()
 _decisions: dict[str, Decision] = {}
 _winners: dict[tuple, str] = {}  # the hot path's memo: no hashing, no JSON
+_guards: dict[tuple, ThreadGuard] = {}  # by the same key, for threaded winners
 
 
 def bucket_of(n: int) -> int:
@@ -311,7 +317,20 @@ def choose(problem: str, n: int, candidates: tuple[str, ...], context: Mapping[s
                     _write(directory / f"{key}.json", decision)
             _decisions[key] = decision
         _winners[memo_key] = decision.winner
+        if decision.winner in THREADED:
+            serial = decision.seconds.get(safe_choice(candidates), math.nan)
+            if serial > 0 and decision.timed_elements > 0:  # NaN compares False
+                _guards[memo_key] = ThreadGuard(serial / decision.timed_elements)
     return decision.winner
+
+
+def guard(problem: str, n: int, candidates: tuple[str, ...],
+          context: Mapping[str, str]) -> ThreadGuard | None:
+    """The guard watching the calls of a threaded winner :func:`choose` measured (or read from
+    the cache dir) for these arguments; None for any other pick, a forced one included."""
+    if current_environment().variant is not None:
+        return None
+    return _guards.get((problem, int(n).bit_length(), candidates, tuple(context.items())))
 
 
 def decisions() -> list[Decision]:
@@ -333,6 +352,7 @@ def forget() -> None:
     and everything remembered on top of them (:func:`on_forget`)."""
     _decisions.clear()
     _winners.clear()
+    _guards.clear()
     forget_dependents()
 
 
