@@ -89,7 +89,7 @@ class Shortcut:
         self.tail = (self.size, threads, 0) if function.threaded else (self.size,)
         # a threaded entry point is watched: serial C stands in while threads run slow
         self.guard = guard if function.threaded and serial is not None else None
-        self.serial_function = serial.c_function if serial is not None else None
+        self.serial_function = (serial or function).c_function  # the guard's stand-in
         self.from_buffer = kernel.ffi.from_buffer
         self.array_type = kernel.ffi.typeof(f"{kernel.ctype}[]")
         self.pooled = pooled(len(_OUTPUTS), self.size * dtype.itemsize)
