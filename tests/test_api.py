@@ -303,7 +303,9 @@ def test_nan_inf_and_negative_state_match_reference(dtype, step, hyper):
         values = np.array(SPECIALS).astype(dtype)
     w, g, m, v = (x.ravel() for x in np.meshgrid(values, values, values, values, indexing="ij"))
     check_against_reference(w, g, 0.1, m, v, step, **hyper)
-    lr = np.resize(values, w.size)  # NaN, inf, negative and zero learning rates too
+    with np.errstate(invalid="ignore"):
+        valid = values[np.isfinite(values) & (values >= 0)]  # adamgen's lr rule
+    lr = np.resize(valid, w.size)  # zero, -0.0, subnormal and huge learning rates too
     check_against_reference(w, g, lr, m, v, step, **hyper)
 
 
@@ -768,6 +770,43 @@ def test_hyperparameters_out_of_range_raise_value_error_showing_the_value(name, 
     assert repr(value) in str(error) or str(value) in str(error)
 
 
+BAD_LRS = [-0.1, -1, float("nan"), float("inf"), float("-inf"), 10**400, np.float32(-1.0),
+           np.float64("nan"), np.array(np.inf), np.array([0.1] * 5 + [-0.1], np.float32),
+           np.array([0.1] * 5 + [np.nan]), [0.1, -0.2, 0.3, 0.1, 0.1, 0.1], (float("inf"),)]
+
+
+@pytest.mark.parametrize("lr", BAD_LRS, ids=repr)
+def test_negative_nan_and_infinite_lr_raise_value_error_naming_lr(lr):
+    """adamgen's rule: finite and >= 0 (torch accepts an infinite lr; adamgen does not)."""
+    error = failing_call(ValueError, r"\blr\b", lr=lr)
+    assert isinstance(error, adamgen.AdamgenError)
+
+
+@pytest.mark.parametrize("lr", [0.0, -0.0, 0, 5e-324, 1e300, np.array(0.0), np.float32(-0.0),
+                                np.zeros(6, np.float32)], ids=repr)
+def test_zero_and_huge_finite_lr_are_accepted(lr):
+    w, g, m, v = float32_case()
+    check_against_reference(w, g, lr, m, v, 3)
+
+
+@pytest.mark.parametrize("lr", [-0.1, float("nan"), float("inf")], ids=repr)
+def test_the_array_and_container_forms_and_the_vjp_apply_the_lr_rule(lr):
+    w, g, m, v = float32_case()
+    snapshot = Snapshot(w=w, g=g, m=m, v=v)
+    with pytest.raises(ValueError, match=r"\blr\b"):
+        adamgen.array(w).adam_update(g, lr, m, v, 2, out=w)
+    container = adamgen.Container(a=w, b=w.copy())
+    with pytest.raises(ValueError, match=r"\blr\b"):
+        container.adam_update(adamgen.Container(a=g, b=g), lr, m, v, 2)
+    with pytest.raises(ValueError, match=r"\blr\b"):
+        adamgen.adam_update(container, g, adamgen.Container(a=0.1, b=lr), m, v, 2)
+    with pytest.raises(ValueError, match=r"\blr\b"):
+        adamgen.adam_update_vjp(w, g, lr, m, v, 2, (1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match=r"\blr\b"):
+        adamgen.adam_update_vjp(w, g, np.full(6, lr, np.float32), m, v, 2, (1.0, 1.0, 1.0))
+    snapshot.assert_unchanged()
+
+
 @pytest.mark.parametrize("flag", [None, 1, 0, "yes", 1.0, np.array(True), [True]], ids=repr)
 def test_stop_gradients_that_is_not_a_bool_raises_type_error(flag):
     failing_call(TypeError, "stop_gradients", stop_gradients=flag)
@@ -853,11 +892,21 @@ def update_cases(draw):
 def test_property_matches_reference(case):
     arrays, lr, step, hyper = case
     args = (arrays["w"], arrays["dcdw"], lr, arrays["mw_tm1"], arrays["vw_tm1"], step)
+    if not lr_is_valid(lr):
+        with pytest.raises(ValueError, match=r"\blr\b"):
+            adamgen.adam_update(*args, **hyper)
+        return
     if divides_by_zero(step, hyper):
         with pytest.raises(ZeroDivisionError):
             adamgen.adam_update(*args, **hyper)
         return
     check_against_reference(*args, **hyper)
+
+
+def lr_is_valid(lr) -> bool:
+    """adamgen's rule (not Ivy's): every element of ``lr`` finite and >= 0."""
+    with np.errstate(invalid="ignore"):
+        return bool(np.all(np.isfinite(lr)) and np.all(np.asarray(lr) >= 0))
 
 
 def divides_by_zero(step, hyper) -> bool:
@@ -874,7 +923,7 @@ def divides_by_zero(step, hyper) -> bool:
 def test_property_out_is_w_in_place(case):
     arrays, lr, step, hyper = case
     w = arrays["w"]
-    assume(not divides_by_zero(step, hyper))
+    assume(not divides_by_zero(step, hyper) and lr_is_valid(lr))
     expected = adam_update_ref(w, arrays["dcdw"], lr, arrays["mw_tm1"], arrays["vw_tm1"], step,
                                **hyper)
     assume(expected[0].shape == w.shape and expected[0].dtype == w.dtype)

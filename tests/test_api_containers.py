@@ -99,7 +99,7 @@ def test_nested_container_in_each_position_matches_reference_leaf_by_leaf(positi
             "lr": 0.01, "mw_tm1": rng.standard_normal(5).astype(dtype),
             "vw_tm1": np.abs(rng.standard_normal(5)).astype(dtype)}
     container = nested(rng, dtype)
-    if position == "vw_tm1":
+    if position in ("vw_tm1", "lr"):  # state v >= 0; lr finite and >= 0 (adamgen's rule)
         container = container.map_leaves(np.abs)
     args[position] = container
     results = adamgen.adam_update(*args.values(), 7)

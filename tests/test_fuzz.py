@@ -386,6 +386,15 @@ def update_cases(draw, partial_overlap_with_out: bool = False) -> UpdateCase:
     return UpdateCase(args, shared, out, draw(STEPS), hyper)
 
 
+def lr_is_valid(lr: Any) -> bool:
+    """adamgen's lr rule, on the value as given (a list as NumPy reads it)."""
+    try:
+        values = np.asarray(lr, dtype=np.float64)
+    except OverflowError:  # a Python int beyond float range
+        return False
+    return bool(np.all(np.isfinite(values)) and np.all(values >= 0))
+
+
 def check_update_case(case: UpdateCase, variant: str) -> None:
     """One call under ``variant`` against the reference; inputs checked unwritten."""
     args, out = case.build()
@@ -394,10 +403,12 @@ def check_update_case(case: UpdateCase, variant: str) -> None:
               if isinstance(value, np.ndarray)}
     call = [args[name] for name in NAMES]
     try:
+        if not lr_is_valid(copies["lr"]):  # adamgen's rule (Ivy has none): finite and >= 0
+            raise ValueError("lr")
         expected = adam_update_ref(*(copies[name] for name in NAMES), case.step, **case.hyper)
-    except ZeroDivisionError:
+    except (ZeroDivisionError, ValueError) as error:
         out_before = None if out is None else bits(out)
-        with forced_variant(variant), pytest.raises(ZeroDivisionError):
+        with forced_variant(variant), pytest.raises(type(error)):
             adamgen.adam_update(*call, case.step, **case.hyper, out=out)
         assert all(bits(args[name]) == saved for name, saved in before.items())
         assert out is None or bits(out) == out_before, "out was written before the error"
@@ -576,7 +587,7 @@ def check_vjp_case(case: VJPCase) -> None:
         try:
             with np.errstate(all="ignore"):
                 results[backend] = VJP(backend)(*call, case.step, cotangents, **case.hyper)
-        except ZeroDivisionError as error:
+        except (ZeroDivisionError, ValueError) as error:  # ValueError: an lr < 0, NaN or inf
             results[backend] = type(error)
         after = [bits(v) for v in (*args.values(), *cotangents) if isinstance(v, np.ndarray)]
         assert before == after, f"an input was modified [{backend}]"

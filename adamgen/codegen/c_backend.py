@@ -336,7 +336,7 @@ def render_c_module(irs: Mapping[str, KernelIR], *, openmp: bool,
     """Render one C file with every form in ``irs`` (form name -> IR lowered with its aliases).
 
     Args:
-        irs: the forms, e.g. ``{"functional": ir, "inplace_w": ir_w, "inplace_all": ir_all}``;
+        irs: the forms, e.g. ``{"functional": ir, "inplace_parameter": ir_p, "inplace_all": ir_all}``;
             all lowered from one spec for one configuration, differing only in ``aliases``.
         openmp: also emit the threaded ``*_omp`` entry points (only where OpenMP builds).
         flags: the compiler flags, named in the header so the file says how it was built.

@@ -2,7 +2,9 @@
 
 A call goes: validate everything (nothing is written before every check has passed) -> pick the
 kernel form -> compute the per-call scalars with the kernel's own prelude -> run the kernel into
-fresh buffers (or into ``out``) -> return ``(w_new, mw, vw)``.
+fresh buffers (or into ``out``) -> return ``(w_new, mw, vw)``. That whole way costs far more
+than the kernel on small arrays, so a call whose signature was seen before takes a remembered
+shortcut (:mod:`adamgen.runtime.hotpath`) after a few compares proving it would go the same way.
 
 Which kernel form: when every array has one float dtype D and ``lr`` is a Python number or an
 array of D, every step of the reference computes in D, so the buffered single-dtype kernel gives
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -27,10 +29,10 @@ from ..errors import ArgumentTypeError, ArgumentValueError, StepZeroDivisionErro
 from . import validate
 from .array import Array
 from .container import Container, key_mismatch
-from .outputs import empty_outputs
+from .hotpath import HotPath, Router
+from .prepared import PreparedCall
 
 TENSORS = ("w", "dcdw", "lr", "mw_tm1", "vw_tm1")
-OUT_IS_W = frozenset({("w_new", "w")})
 #: Argument types that are never Containers (the common case skips the isinstance walk).
 _PLAIN_TYPES = frozenset({np.ndarray, Array, float, int, bool, type(None)})
 FLOAT_DTYPES = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32",
@@ -73,13 +75,18 @@ class Updater:
     Args:
         kernels: returns the NumPy kernel module for a configuration.
         constants: hyperparameters the kernels were specialised for; any other value is an error.
+        runner: runs a buffered update (NumPy alone by default; the JIT's dispatcher).
+        router: the dispatcher's route (:func:`adamgen.runtime.dispatch.route`) for the same
+            kernels as ``runner``: with it, a call whose signature was seen before takes a
+            remembered shortcut (:mod:`adamgen.runtime.hotpath`). Not with ``constants``.
     """
 
     def __init__(self, kernels: KernelProvider, constants: dict[str, float] | None = None,
-                 runner: BufferedRunner | None = None):
+                 runner: BufferedRunner | None = None, router: Router | None = None):
         self.kernels = kernels
         self.constants = dict(constants or {})
         self.runner = runner or run_numpy
+        self.hotpath = HotPath(router) if router is not None and not self.constants else None
         self._modules: dict[tuple[str, frozenset, str], ModuleType | None] = {}
         self._result_dtypes: dict[tuple, tuple[np.dtype, ...]] = {}
         self._plans: dict[tuple, CallPlan] = {}
@@ -173,15 +180,17 @@ class Updater:
 
         A Python number stays weak. Something without a dtype of its own (a list, a tuple, an
         ``__array__`` object without ``dtype``) takes the effective gradient's dtype, as Ivy's
-        ``promote_types_of_inputs`` converts it; anything with a dtype keeps it.
+        ``promote_types_of_inputs`` converts it; anything with a dtype keeps it. The value as
+        given must be finite and ``>= 0`` (:func:`validate.check_lr`: adamgen's rule, not Ivy's).
         """
         if isinstance(lr, (list, tuple)) or (
                 hasattr(lr, "__array__") and not hasattr(lr, "dtype")):
             gradient_dtype = np.result_type(tensors["dcdw"], tensors["mw_tm1"],
                                             tensors["vw_tm1"], 1.0)
-            validate.as_tensor("lr", lr)  # the checks: numbers, rectangular, real dtype
+            # the checks (numbers, rectangular, real dtype; the lr rule on the values as given)
+            validate.check_lr(validate.as_tensor("lr", lr))
             return np.asarray(lr, dtype=gradient_dtype)
-        return validate.as_tensor("lr", lr, weak_scalars=True)
+        return validate.check_lr(validate.as_tensor("lr", lr, weak_scalars=True))
 
     def result_dtypes(self, module: ModuleType,
                       tensors: dict[str, Any]) -> tuple[np.dtype, ...]:
@@ -203,6 +212,21 @@ class Updater:
     def __call__(self, w: Any, dcdw: Any, lr: Any, mw_tm1: Any, vw_tm1: Any, step: Any, *,
                  beta1: Any = 0.9, beta2: Any = 0.999, epsilon: Any = 1e-07,
                  stop_gradients: Any = True, out: Any = None) -> tuple[Any, Any, Any]:
+        hotpath = self.hotpath
+        if hotpath is not None and out is None:
+            done = hotpath.run(w, dcdw, lr, mw_tm1, vw_tm1, step, beta1, beta2, epsilon,
+                               stop_gradients)
+            if done is not None:
+                return done
+        return self.whole_way(w, dcdw, lr, mw_tm1, vw_tm1, step, beta1, beta2, epsilon,
+                              stop_gradients, out)
+
+    def whole_way(self, w: Any, dcdw: Any, lr: Any, mw_tm1: Any, vw_tm1: Any, step: Any,
+                  beta1: Any, beta2: Any, epsilon: Any, stop_gradients: Any,
+                  out: Any) -> tuple[Any, Any, Any]:
+        """Every check, every decision, then the update; the route is remembered as a shortcut
+        when the arguments have the hot path's common form (:mod:`adamgen.runtime.hotpath`)."""
+        hotpath = self.hotpath
         for value in (w, dcdw, lr, mw_tm1, vw_tm1, step, beta1, beta2, epsilon, stop_gradients,
                       out):
             if type(value) not in _PLAIN_TYPES and isinstance(value, Container):
@@ -210,9 +234,15 @@ class Updater:
                     "w": w, "dcdw": dcdw, "lr": lr, "mw_tm1": mw_tm1, "vw_tm1": vw_tm1,
                     "step": step, "beta1": beta1, "beta2": beta2, "epsilon": epsilon,
                     "stop_gradients": stop_gradients, "out": out})
-        return self.prepare(w=w, dcdw=dcdw, lr=lr, mw_tm1=mw_tm1, vw_tm1=vw_tm1, step=step,
+        call = self.prepare(w=w, dcdw=dcdw, lr=lr, mw_tm1=mw_tm1, vw_tm1=vw_tm1, step=step,
                             beta1=beta1, beta2=beta2, epsilon=epsilon,
-                            stop_gradients=stop_gradients, out=out).run()
+                            stop_gradients=stop_gradients, out=out)
+        results = call.run()
+        if hotpath is not None and out is None:  # remember the route for the next such call
+            hotpath.learn(call.module, call.tensors, call.scalars, call.hyper, call.buffered,
+                        (w, dcdw, lr, mw_tm1, vw_tm1, step, beta1, beta2, epsilon,
+                         stop_gradients))
+        return results
 
     def update_containers(self, arguments: dict[str, Any]) -> tuple[Any, ...]:
         """Leaf by leaf, with plain arguments broadcast to every leaf.
@@ -250,97 +280,12 @@ class Updater:
         return tuple(results)
 
 
-def _copy_into_out(out: np.ndarray, w_new: np.ndarray) -> None:
-    """``w_new`` into a caller's ``out`` of the same or a narrower float kind. Values beyond the
-    narrower type become inf, as the cast defines; like the update itself, this raises no
-    floating-point warning."""
-    with np.errstate(over="ignore"):
-        np.copyto(out, w_new, casting="same_kind")
-
-
-class PreparedCall:
-    """A validated call: arguments converted, scalars computed, kernel chosen; nothing written."""
-
-    def __init__(self, module: ModuleType, tensors: dict[str, Any], scalars: tuple[float, ...],
-                 hyper: dict[str, float], output_shapes: tuple[tuple[int, ...], ...],
-                 dtypes: tuple[np.dtype, ...], buffered: bool, out: np.ndarray | None,
-                 updater: Updater) -> None:
-        self.module = module
-        self.tensors = tensors
-        self.scalars = scalars
-        self.hyper = hyper
-        self.updater = updater
-        self.output_shapes = output_shapes
-        self.dtypes = dtypes
-        self.buffered = buffered
-        self.out = out
-
-    def run(self) -> tuple[Any, Any, Any]:
-        arrays = tuple(self.tensors.values())
-        if self.buffered:
-            results = self._run_buffered(arrays)
-        else:
-            with np.errstate(all="ignore"):
-                results = self.module.update(*arrays, self.scalars)
-            results = tuple(np.asarray(r) for r in results)
-            if self.out is not None:
-                _copy_into_out(self.out, results[0])
-                results = (self.out,) + results[1:]
-        return self._wrap(results)
-
-    def _run_buffered(self, arrays: tuple[Any, ...]) -> tuple:
-        module, out = self.module, self.out
-        w = self.tensors["w"]
-        in_place = out is not None and _same_view(out, w)
-        # out may be written directly only when no input it is not exactly (w, for out=w)
-        # shares its memory: a partial overlap would be read after being written
-        direct = out is not None and out.dtype == self.dtypes[0] and out.flags.c_contiguous and \
-            not any(isinstance(a, np.ndarray) and not (in_place and a is w)
-                    and np.shares_memory(out, a) for a in arrays)
-        if in_place and direct:
-            in_place_module = self.updater.module(module.DTYPE, OUT_IS_W)
-            if in_place_module is not None:
-                module = in_place_module
-            else:  # no in-place kernel: compute into a fresh buffer, then copy into out
-                direct = False
-        # the buffered form's outputs share one shape and dtype: one recycled block holds them
-        fresh = empty_outputs(len(self.output_shapes) - direct, self.output_shapes[0],
-                              self.dtypes[0])
-        buffers = [out] + fresh if direct else fresh
-        self.updater.runner(module, self.tensors, self.scalars, self.hyper, buffers,
-                            in_place and direct)
-        if out is not None and not direct:
-            _copy_into_out(out, buffers[0])
-            buffers[0] = out
-        return tuple(buffers)
-
-    def _wrap(self, results: tuple) -> tuple:
-        """Outputs come back as ``adamgen.Array`` when an input they depend on is one."""
-        if not any(type(value) is Array for value in self.tensors.values()):
-            return results
-        depends = self.module.DEPENDS
-        wrapped = []
-        for name, result in zip(self.module.OUTPUTS, results):
-            if result is not self.out and any(
-                    isinstance(self.tensors.get(dep), Array) for dep in depends[name]):
-                result = result.view(Array)
-            wrapped.append(result)
-        return tuple(wrapped)
-
-
 def _common_float_dtype(tensors: dict[str, Any]) -> str | None:
     """The one float dtype of every array argument, if there is one (Python scalars are weak)."""
     dtypes = {v.dtype for v in tensors.values() if isinstance(v, np.ndarray)}
     if len(dtypes) == 1:
         return FLOAT_DTYPES.get(dtypes.pop())
     return None
-
-
-def _same_view(a: np.ndarray, b: Any) -> bool:
-    """True when ``a`` and ``b`` are the same elements in the same layout (``out=w``)."""
-    return (isinstance(b, np.ndarray) and a.shape == b.shape and a.strides == b.strides
-            and a.dtype == b.dtype
-            and a.__array_interface__["data"][0] == b.__array_interface__["data"][0])
 
 
 def _jit_kernels(config: KernelConfig) -> ModuleType:
@@ -362,7 +307,15 @@ def _jit_runner(*args: Any) -> None:
     run_update(*args)
 
 
-_JIT = Updater(_jit_kernels, runner=_jit_runner)
+def _jit_router(*args: Any) -> Any:
+    """The dispatcher's route for the JIT's kernels (see :func:`_jit_runner`)."""
+    from .dispatch import route
+
+    return route(*args)
+
+
+_JIT = Updater(_jit_kernels, runner=_jit_runner, router=_jit_router)
+_HOTPATH = cast(HotPath, _JIT.hotpath)
 
 
 def adam_update(w: Any, dcdw: Any, lr: Any, mw_tm1: Any, vw_tm1: Any, step: Any, /, *,
@@ -377,7 +330,10 @@ def adam_update(w: Any, dcdw: Any, lr: Any, mw_tm1: Any, vw_tm1: Any, step: Any,
     Args:
         w, dcdw, mw_tm1, vw_tm1: arrays or array-likes (lists of Python floats become float32);
             they broadcast together. Never modified, except ``w`` when ``out is w``.
-        lr: a Python number (rounded to the arrays' dtype, as NumPy does) or an array.
+        lr: a Python number (rounded to the arrays' dtype, as NumPy does) or an array; finite
+            and ``>= 0`` (every element of an array, checked without copying it). torch rejects
+            a negative or NaN lr but accepts inf; adamgen rejects inf too: an infinite step
+            turns every weight into inf or NaN, which no caller means.
         step: an int, a float or a 0-d array, used as ``float(step)``; ``step=0`` is no update.
         beta1, beta2: in ``[0, 1)``. epsilon: ``>= 0``.
         stop_gradients: must be a bool; NumPy has no autograd, so it changes nothing.
@@ -386,5 +342,10 @@ def adam_update(w: Any, dcdw: Any, lr: Any, mw_tm1: Any, vw_tm1: Any, step: Any,
     Result dtypes follow the reference expression's promotion: float32 in gives float32 out,
     integer arrays give float64, and a float64 0-d ``lr`` makes ``w_new`` float64.
     """
-    return _JIT(w, dcdw, lr, mw_tm1, vw_tm1, step, beta1=beta1, beta2=beta2, epsilon=epsilon,
-                stop_gradients=stop_gradients, out=out)
+    if out is None:  # a signature seen before takes its shortcut (Updater.__call__, inlined)
+        done = _HOTPATH.run(w, dcdw, lr, mw_tm1, vw_tm1, step, beta1, beta2, epsilon,
+                          stop_gradients)
+        if done is not None:
+            return done
+    return _JIT.whole_way(w, dcdw, lr, mw_tm1, vw_tm1, step, beta1, beta2, epsilon,
+                          stop_gradients, out)

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from ..config import KernelConfig, current_environment
 from . import loader
 from .c_kernels import CKernel, c_kernel, default_threads
+from .guard import ThreadGuard
 from .kernels import numpy_kernel
 from .outputs import empty_outputs
 
@@ -55,9 +56,11 @@ _kernels: dict[tuple[str, str, frozenset[str]], CKernel | None] = {}
 
 
 def forget() -> None:
-    """Drop memoised C kernels (tests that switch cache directories)."""
+    """Drop memoised C kernels (tests that switch cache directories), and the call plans that
+    hold them."""
     _kernels.clear()
     _descriptions.clear()
+    loader.forget_dependents()
 
 
 def c_kernel_for(dtype: str, scalar_tensors: frozenset[str]) -> CKernel | None:
@@ -88,10 +91,28 @@ def scalars_for(kernel: CKernel, hyper: Mapping[str, float],
 CKernelProvider = Callable[[str, frozenset[str]], "CKernel | None"]
 
 
-def run_update(module: ModuleType, tensors: Mapping[str, Any], scalars: tuple[float, ...],
-               hyper: Mapping[str, float], buffers: Sequence[np.ndarray], in_place: bool,
-               c_kernels: CKernelProvider | None = None) -> None:
-    """One buffered update into ``buffers`` (``buffers[0] is w`` when ``in_place``)."""
+#: The tensors as C takes them (arrays, and numbers for scalar tensors), and which are scalars.
+CArguments = tuple[list[Any], frozenset[str]]
+
+
+class Route(NamedTuple):
+    """How a buffered update runs: the variant, its C kernel and C arguments (None for NumPy),
+    and for a measured threaded pick the guard that watches its calls."""
+
+    variant: str
+    kernel: CKernel | None
+    arguments: CArguments | None
+    guard: ThreadGuard | None
+
+
+def route(module: ModuleType, tensors: Mapping[str, Any], scalars: tuple[float, ...],
+          hyper: Mapping[str, float], buffers: Sequence[np.ndarray], in_place: bool,
+          c_kernels: CKernelProvider | None = None) -> Route:
+    """Which variant runs a buffered update, on which C kernel, with which C arguments.
+
+    Nothing is written (the loader measures on scratch arrays). :func:`run_update` follows the
+    route; the functional API's shortcuts (:mod:`adamgen.runtime.hotpath`) remember it.
+    """
     full = buffers[0]
     plan = (_c_arguments(tensors, full)
             if all(b.flags.c_contiguous and b.flags.aligned for b in buffers) else None)
@@ -100,7 +121,6 @@ def run_update(module: ModuleType, tensors: Mapping[str, Any], scalars: tuple[fl
         kernel = (c_kernels or c_kernel_for)(module.DTYPE, plan[1])
         if kernel is not None and in_place and "w" in plan[1]:
             kernel = None
-    arrays = tuple(tensors.values())
     candidates = variants(kernel, full.size)
     if full.size and (len(candidates) > 1 or current_environment().variant is not None):
         problem, context = _describe(module, kernel, plan[1] if plan else None, in_place)
@@ -109,18 +129,32 @@ def run_update(module: ModuleType, tensors: Mapping[str, Any], scalars: tuple[fl
             lambda m: _update_timers(module, kernel, tensors, scalars, hyper, plan, m, in_place,
                                      candidates),
             full.dtype.itemsize)
+        guard = loader.guard(problem, full.size, candidates, context)
     else:
-        variant = "numpy"
+        variant, guard = "numpy", None
+    return Route(variant, kernel, plan, guard if variant in loader.THREADED else None)
+
+
+def run_update(module: ModuleType, tensors: Mapping[str, Any], scalars: tuple[float, ...],
+               hyper: Mapping[str, float], buffers: Sequence[np.ndarray], in_place: bool,
+               c_kernels: CKernelProvider | None = None) -> None:
+    """One buffered update into ``buffers`` (``buffers[0] is w`` when ``in_place``)."""
+    variant, kernel, plan, guard = route(module, tensors, scalars, hyper, buffers, in_place,
+                                         c_kernels)
     if variant == "numpy":
+        arrays = tuple(tensors.values())
         with np.errstate(all="ignore"):  # inf and NaN are values here (see api.run_numpy)
             module.update(*arrays, scalars, *buffers)
         return
     assert kernel is not None and plan is not None
-    c_scalars = scalars_for(kernel, hyper, scalars)
-    if in_place:
-        kernel.inplace_parameter(*plan[0], c_scalars, *buffers[1:], **threading(variant))
-    else:
-        kernel.functional(*plan[0], c_scalars, *buffers, **threading(variant))
+    run = kernel.inplace_parameter if in_place else kernel.functional
+    arguments = (*plan[0], scalars_for(kernel, hyper, scalars),
+                 *(buffers[1:] if in_place else buffers))
+    if guard is None:
+        run(*arguments, **threading(variant))
+    else:  # threads while they keep their promise (a busy neighbour breaks it)
+        guard.run(lambda: run(*arguments, **threading(variant)),
+                  lambda: run(*arguments, threads=1), buffers[0].size)
 
 
 _descriptions: dict[tuple, tuple[str, dict[str, str]]] = {}
@@ -140,8 +174,7 @@ def _describe(module: ModuleType, kernel: CKernel | None, scalar_names: frozense
     return found
 
 
-def _c_arguments(tensors: Mapping[str, Any],
-                 full: np.ndarray) -> tuple[list[Any], frozenset[str]] | None:
+def _c_arguments(tensors: Mapping[str, Any], full: np.ndarray) -> CArguments | None:
     """The tensors as C takes them, and which are scalars; None when C cannot take them."""
     size = full.size
     arguments: list[Any] = []
@@ -174,7 +207,7 @@ def _timing_outputs(w: Any, in_place: bool, m: int, dtype: np.dtype) -> list[np.
 
 def _update_timers(module: ModuleType, kernel: CKernel | None, tensors: Mapping[str, Any],
                    scalars: tuple[float, ...], hyper: Mapping[str, float],
-                   plan: tuple[list[Any], frozenset[str]] | None, m: int, in_place: bool,
+                   plan: CArguments | None, m: int, in_place: bool,
                    variants: tuple[str, ...]) -> dict[str, Callable[[], None]]:
     """Timing closures on scratch arrays of ``m`` elements: copies, never the caller's arrays
     (a size-one argument is copied too: with ``out=w`` the timed in-place run writes into it)."""

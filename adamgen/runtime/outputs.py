@@ -57,11 +57,16 @@ def _aligned(raw: np.ndarray, nbytes: int) -> np.ndarray:
     return raw[offset:offset + nbytes]
 
 
+def pooled(count: int, nbytes: int) -> bool:
+    """Whether ``count`` outputs of ``nbytes`` each come from a pooled block (else malloc)."""
+    return nbytes * count >= MIN_BYTES
+
+
 def empty_outputs(count: int, shape: tuple[int, ...], dtype: np.dtype) -> list[np.ndarray]:
     """``count`` new C-contiguous arrays of ``shape`` and ``dtype``, from one (recycled) block."""
     dtype = np.dtype(dtype)
     size = math.prod(shape) * dtype.itemsize
-    if size * count < MIN_BYTES:
+    if not pooled(count, size):
         return [np.empty(shape, dtype) for _ in range(count)]
     aligned = -(-size // 64) * 64  # each output starts on a 64-byte boundary
     block = _take(aligned * count)

@@ -126,7 +126,7 @@ class VJP:
                  "epsilon": validate.as_hyperparameter("epsilon", epsilon, 0.0, None),
                  "step": validate.as_step(step)}
         primals = {"w": validate.as_tensor("w", w), "dcdw": validate.as_tensor("dcdw", dcdw),
-                   "lr": validate.as_tensor("lr", lr, weak_scalars=True),
+                   "lr": validate.check_lr(validate.as_tensor("lr", lr, weak_scalars=True)),
                    "mw_tm1": validate.as_tensor("mw_tm1", mw_tm1),
                    "vw_tm1": validate.as_tensor("vw_tm1", vw_tm1)}
         if isinstance(cotangents, (str, bytes)) or not isinstance(cotangents, Sequence):
