@@ -11,11 +11,9 @@ from typing import Any
 
 from ._version import __version__
 from .errors import AdamgenError, CacheError, CompileError, ConfigError
-from .runtime.api import adam_update
 from .runtime.array import Array, array
 from .runtime.container import Container
-from .runtime.ivy import Adam
-from .runtime.vjp import adam_update_vjp
+from .runtime.ivy import Adam, adam_update, adam_update_vjp
 
 __all__ = [
     "Adam", "AdamgenError", "Array", "CacheError", "CompileError", "ConfigError", "Container",

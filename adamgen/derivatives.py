@@ -53,10 +53,11 @@ import sympy
 from sympy import Piecewise, S, Symbol, sqrt
 
 from .errors import LoweringError
+from .interface import DERIVATIVE_PREFIX
 from .spec import UpdateSpec
 
 #: Cotangent and gradient names: ``d_<output>`` and ``d_<tensor>``.
-PREFIX = "d_"
+PREFIX = DERIVATIVE_PREFIX
 
 
 class SqrtOfClamp(sympy.Function):

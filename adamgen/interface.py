@@ -30,6 +30,9 @@ from typing import Any
 
 from .errors import ArgumentTypeError, ArgumentValueError
 
+#: A derived VJP names the cotangent of output ``o`` and the gradient of tensor ``x``
+#: ``d_o`` and ``d_x``.
+DERIVATIVE_PREFIX = "d_"
 #: Kinds of hyperparameter: a real number, or the step counter (``float(step)``; an optimizer
 #: supplies it, counting from 1).
 KINDS = ("real", "step")
@@ -220,8 +223,10 @@ class SpecRef:
             text += "(" + ", ".join(chosen) + ")"
         return f"{text}.{self.derivative}" if self.derivative else text
 
-    def derived(self, derivative: str, source: Callable[[], Any] | None = None) -> SpecRef:
-        return SpecRef(self.name, self.options, self.digest, derivative, source)
+    def derived(self, derivative: str) -> SpecRef:
+        """The spec derived from this one (``"vjp"``); ``source`` still builds the rule's own
+        spec, which the derivation starts from."""
+        return SpecRef(self.name, self.options, self.digest, derivative, self.source)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 import adamgen
-from adamgen.runtime.vjp import adam_update_vjp
+from adamgen import adam_update_vjp
 
 
 class LeastSquares:

@@ -188,9 +188,9 @@ def _fresh_adamgen_environment():
 
 @pytest.fixture
 def recorded_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[tuple, dict]]:
-    """Replace ``adamgen.runtime.api.adam_update`` with a recorder, so a test sees what the
+    """Replace ``adamgen.runtime.ivy.adam_update`` with a recorder, so a test sees what the
     Array and Container methods forward, not what the math gives."""
-    from adamgen.runtime import api
+    from adamgen.runtime import ivy
 
     calls: list[tuple[tuple, dict]] = []
 
@@ -198,7 +198,7 @@ def recorded_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[tuple, dict]]:
         calls.append((args, kwargs))
         return "result"
 
-    monkeypatch.setattr(api, "adam_update", record)
+    monkeypatch.setattr(ivy, "adam_update", record)
     return calls
 
 

@@ -31,7 +31,7 @@ from reference import adam_update_ref
 
 import adamgen
 from adamgen.config import refresh_environment
-from adamgen.runtime import c_kernels, dispatch, kernels, loader, vjp
+from adamgen.runtime import c_kernels, dispatch, ivy, kernels, loader
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -242,7 +242,7 @@ def fresh_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator
         kernels.kernel_cache.cache_clear()
         # the in-process memos of loaded modules too, so kernels really load from the new cache
         for memo in (getattr(kernels, "_modules", None),
-                     getattr(getattr(adamgen.runtime.api, "_JIT", None), "_modules", None)):
+                     getattr(getattr(adamgen.runtime.ivy, "_JIT", None), "_modules", None)):
             if hasattr(memo, "clear"):
                 memo.clear()
 
@@ -269,7 +269,7 @@ def all_entry_points_match_the_reference() -> list[warnings.WarningMessage]:
         p = [x.copy()]
         adamgen.Adam(p, lr=0.01).step([x[::-1].copy()])
         assert_bitwise_equal(p[0], adam_update_ref(x, x[::-1], 0.01, 0 * x, 0 * x, 1)[0])
-        numpy_vjp = vjp.VJP("numpy")(y, y, 0.1, y, y ** 2, 2, (y, y, y))
+        numpy_vjp = ivy.bind_adam_update_vjp("numpy")(y, y, 0.1, y, y ** 2, 2, (y, y, y))
         for a, b in zip(adamgen.adam_update_vjp(y, y, 0.1, y, y ** 2, 2, (y, y, y)), numpy_vjp):
             assert_bitwise_equal(a, b)
     return [w for w in seen if "adamgen" in str(w.message)]

@@ -34,7 +34,7 @@ from reference import adam_update_ref
 
 import adamgen
 from adamgen.config import refresh_environment
-from adamgen.runtime import c_kernels, dispatch, kernels, loader
+from adamgen.runtime import c_kernels, dispatch, ivy, kernels, loader
 
 REPO = Path(__file__).resolve().parents[1]
 THREADS = 8
@@ -234,7 +234,7 @@ def fresh_loader(monkeypatch, tmp_path):
 def test_8_threads_hitting_a_new_bucket_measure_once(fresh_loader, monkeypatch):
     """A fresh cache dir and loader memo: 8 threads released together into a size bucket no one
     has measured. One measurement, one persisted decision, every result correct."""
-    if dispatch.c_kernel_for("float32", frozenset({"lr"})) is None:
+    if ivy.ivy_source().c_kernel("float32", frozenset({"lr"})) is None:
         pytest.skip("no C compiler: NumPy is the only candidate, nothing is measured")
     measured: Counter[str] = Counter()
     real_measure = loader.measure
@@ -472,7 +472,7 @@ def _child_new_kernel(queue) -> None:
 
 @pytest.mark.parametrize("held", ["loader measurement", "C kernel load"])
 def test_fork_while_another_thread_holds_an_adamgen_lock(held, monkeypatch, tmp_path):
-    if dispatch.c_kernel_for("float32", frozenset({"lr"})) is None:
+    if ivy.ivy_source().c_kernel("float32", frozenset({"lr"})) is None:
         pytest.skip("no C compiler: neither lock is taken")
     monkeypatch.delenv("ADAMGEN_VARIANT", raising=False)
     monkeypatch.setenv("ADAMGEN_CACHE_DIR", str(tmp_path / "cache"))

@@ -16,7 +16,7 @@ What is fuzzed, and against what:
   separate array of any float dtype and layout). Inputs other than ``out``'s memory are checked
   unwritten, byte for byte (NaN payloads included).
 * ``adamgen.Adam`` under the three variants against chained reference updates.
-* ``adam_update_vjp``: the NumPy and C backends (``VJP("numpy")`` / ``VJP("c")``) on the same
+* ``adam_update_vjp``: the NumPy and C backends (``ivy.bind_adam_update_vjp("numpy")`` / ``ivy.bind_adam_update_vjp("c")``) on the same
   inputs, their reduced results bit for bit (NaN rule), float32 and float64, with broadcasting,
   layouts, Python-number and array cotangents.
 
@@ -51,8 +51,7 @@ from reference import adam_update_ref
 
 import adamgen
 from adamgen.config import KernelConfig, refresh_environment
-from adamgen.runtime import dispatch, loader
-from adamgen.runtime.vjp import VJP, c_vjp_kernel
+from adamgen.runtime import dispatch, ivy, loader
 
 EXAMPLES = int(os.environ.get("ADAMGEN_FUZZ_EXAMPLES", "0") or 0)
 LONG = EXAMPLES > 0
@@ -75,7 +74,7 @@ ONE_BELOW_ONE = math.nextafter(1.0, 0.0)
 
 def c_kernels_available(openmp: bool = False) -> bool:
     """Whether this machine builds the update's C kernels (and threaded ones)."""
-    kernel = dispatch.c_kernel_for("float32", frozenset({"lr"}))
+    kernel = ivy.ivy_source().c_kernel("float32", frozenset({"lr"}))
     return kernel is not None and (kernel.openmp or not openmp)
 
 
@@ -527,7 +526,7 @@ VJP_THREADED_SHAPES = ((16_385,), (130, 130))  # c_kernels.DEFAULT_THRESHOLD is 
 
 
 def c_vjp_available() -> bool:
-    return c_vjp_kernel(KernelConfig(dtype="float64")) is not None
+    return ivy.ivy_source().derived("vjp").c_kernel("float64", frozenset()) is not None
 
 
 @dataclass
@@ -577,7 +576,7 @@ def vjp_cases(draw, number_cotangents: bool = False) -> VJPCase:
 
 
 def check_vjp_case(case: VJPCase) -> None:
-    """``VJP("numpy")`` and ``VJP("c")`` on fresh copies: same bits, inputs unwritten."""
+    """``ivy.bind_adam_update_vjp("numpy")`` and ``ivy.bind_adam_update_vjp("c")`` on fresh copies: same bits, inputs unwritten."""
     results = {}
     for backend in ("numpy", "c"):
         args = {name: arg.build() for name, arg in case.args.items()}
@@ -586,7 +585,7 @@ def check_vjp_case(case: VJPCase) -> None:
         call = [args[name] for name in NAMES]
         try:
             with np.errstate(all="ignore"):
-                results[backend] = VJP(backend)(*call, case.step, cotangents, **case.hyper)
+                results[backend] = ivy.bind_adam_update_vjp(backend)(*call, case.step, cotangents, **case.hyper)
         except (ZeroDivisionError, ValueError) as error:  # ValueError: an lr < 0, NaN or inf
             results[backend] = type(error)
         after = [bits(v) for v in (*args.values(), *cotangents) if isinstance(v, np.ndarray)]
@@ -749,8 +748,8 @@ def test_regression_vjp_python_number_cotangent_is_rounded_like_c():
         pytest.skip("no C compiler")
     primals = [np.array(x, np.float32) for x in (0.0, 1.0, 0.0, 0.0, 0.0)]
     cotangents = (1.0, 121129691.0, 1.0)
-    numpy_results = VJP("numpy")(*primals, 1, cotangents, beta1=0.75, beta2=0.0, epsilon=0.0)
-    c_results = VJP("c")(*primals, 1, cotangents, beta1=0.75, beta2=0.0, epsilon=0.0)
+    numpy_results = ivy.bind_adam_update_vjp("numpy")(*primals, 1, cotangents, beta1=0.75, beta2=0.0, epsilon=0.0)
+    c_results = ivy.bind_adam_update_vjp("c")(*primals, 1, cotangents, beta1=0.75, beta2=0.0, epsilon=0.0)
     for name, a, b in zip(("d_w", "d_dcdw", "d_lr", "d_mw_tm1", "d_vw_tm1"), c_results,
                           numpy_results):
         assert_bitwise_equal(a, b, name)

@@ -17,9 +17,9 @@ from reference import adam_update_ref
 
 import adamgen
 from adamgen.config import refresh_environment
-from adamgen.runtime import api, dispatch, hotpath, loader
+from adamgen.runtime import dispatch, functional, hotpath, ivy, loader
 
-needs_c = pytest.mark.skipif("dispatch.c_kernel_for('float32', frozenset({'lr'})) is None",
+needs_c = pytest.mark.skipif("ivy.ivy_source().c_kernel('float32', frozenset({'lr'})) is None",
                              reason="no C compiler: shortcuts serve C variants only")
 
 
@@ -31,20 +31,20 @@ def state(n, dtype, seed=0):
 
 def whole_way():
     """An Updater on the JIT's kernels without a hot path: every call goes the whole way."""
-    return api.Updater(api._JIT.kernels, runner=dispatch.run_update)
+    return ivy.bind_adam_update(ivy.IvyUpdater(ivy.ivy_source(), runner=ivy._JIT.runner))
 
 
 @pytest.fixture
 def counted_whole_way(monkeypatch):
     """How many calls of ``adam_update`` went the whole way."""
     calls = []
-    real = api.Updater.whole_way
+    real = functional.Updater.whole_way
 
     def counting(self, *args):
         calls.append(args)
         return real(self, *args)
 
-    monkeypatch.setattr(api.Updater, "whole_way", counting)
+    monkeypatch.setattr(functional.Updater, "whole_way", counting)
     return calls
 
 
@@ -180,7 +180,7 @@ def test_shortcuts_follow_the_environment_and_are_forgotten_with_the_decisions(
     w, g, m, v = state(16, np.float32)
     for _ in range(2):
         adamgen.adam_update(w, g, 0.1, m, v, 2)
-    assert len(counted_whole_way) == 1 and api._HOTPATH.shortcuts
+    assert len(counted_whole_way) == 1 and ivy._JIT.hotpath.shortcuts
     monkeypatch.setenv("ADAMGEN_VARIANT", "numpy")  # NumPy is not a shortcut's: the whole way
     refresh_environment()
     for _ in range(2):
@@ -192,13 +192,13 @@ def test_shortcuts_follow_the_environment_and_are_forgotten_with_the_decisions(
     assert len(counted_whole_way) == 4
     for forget in (loader.forget, dispatch.forget):
         adamgen.adam_update(w, g, 0.1, m, v, 2)
-        assert api._HOTPATH.shortcuts
+        assert ivy._JIT.hotpath.shortcuts
         forget()
-        assert not api._HOTPATH.shortcuts
+        assert not ivy._JIT.hotpath.shortcuts
 
 
 def _shortcuts_in_a_forked_child(queue):
-    queue.put(len(api._HOTPATH.shortcuts))
+    queue.put(len(ivy._JIT.hotpath.shortcuts))
 
 
 @needs_c
@@ -207,7 +207,7 @@ def test_a_forked_child_forgets_the_shortcuts():
     """libgomp is not fork-safe: a child relearns its shortcuts, serially."""
     w, g, m, v = state(16, np.float32)
     adamgen.adam_update(w, g, 0.1, m, v, 2)
-    assert api._HOTPATH.shortcuts
+    assert ivy._JIT.hotpath.shortcuts
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     child = context.Process(target=_shortcuts_in_a_forked_child, args=(queue,))
@@ -223,6 +223,5 @@ def test_the_flag_bits_are_numpys():
     assert np.zeros(17, np.uint8)[1:].view(np.float64).flags.num & 0x100 == 0
 
 
-def test_updaters_with_constants_or_without_a_router_make_no_shortcuts():
-    assert whole_way().hotpath is None
-    assert api.Updater(api._JIT.kernels, {"beta1": 0.9}, router=dispatch.route).hotpath is None
+def test_updaters_without_a_router_make_no_shortcuts():
+    assert ivy.IvyUpdater(ivy.ivy_source(), runner=ivy._JIT.runner).hotpath is None

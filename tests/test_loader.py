@@ -18,7 +18,7 @@ from reference import adam_update_ref
 import adamgen
 from adamgen.config import refresh_environment
 from adamgen.errors import ConfigError
-from adamgen.runtime import api, guard, loader
+from adamgen.runtime import functional, guard, ivy, loader
 
 VARIANTS = [None, "numpy", "c", "c-omp"]  # None: measured
 
@@ -429,15 +429,15 @@ def test_a_busy_neighbour_after_the_measurement_sends_calls_to_serial_c(
     injected clock makes each take a second): after two of them, serial C serves, same bits."""
     from adamgen.runtime import dispatch
 
-    kernel = dispatch.c_kernel_for("float32", frozenset({"lr"}))
+    kernel = ivy.ivy_source().c_kernel("float32", frozenset({"lr"}))
     if kernel is None or not kernel.openmp:
         pytest.skip("no OpenMP: no threaded variant to guard")
     monkeypatch.setattr(dispatch, "default_threads", lambda: 2)
     _threaded_pick(monkeypatch)
     w, g, m, v = one_step(20_000, np.float32, seed=4)
     expected = adam_update_ref(w, g, 0.01, m, v, 3)
-    update = adamgen.adam_update if shortcut else api.Updater(api._JIT.kernels,
-                                                               runner=dispatch.run_update)
+    update = adamgen.adam_update if shortcut else ivy.bind_adam_update(
+        ivy.IvyUpdater(ivy.ivy_source(), runner=ivy._JIT.runner))
     clock.steps = [0.0, 1.0] * 2  # the first two threaded calls take a second each
     for _ in range(4):
         assert_all_bitwise_equal(update(w, g, 0.01, m, v, 3), expected)

@@ -18,13 +18,9 @@ from reference import adam_update_ref
 
 from adamgen.config import KernelConfig
 from adamgen.errors import ArgumentTypeError, ArgumentValueError, StepZeroDivisionError
-from adamgen.runtime.vjp import (
-    VJP,
-    adam_update_vjp,
-    c_vjp_kernel,
-    pairwise_sum_rows,
-    sum_to_shape,
-)
+from adamgen.runtime import ivy
+from adamgen.runtime.ivy import adam_update_vjp
+from adamgen.runtime.vjp import pairwise_sum_rows, sum_to_shape
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ("w", "dcdw", "lr", "mw_tm1", "vw_tm1")
@@ -141,7 +137,7 @@ def test_vjp_never_writes_its_inputs():
     for array in [*values, *cotangents]:
         array.setflags(write=False)  # any write would raise
     for backend in ("numpy", "auto"):
-        VJP(backend)(*values, 4, tuple(cotangents))
+        ivy.bind_adam_update_vjp(backend)(*values, 4, tuple(cotangents))
     snapshot.assert_unchanged()
 
 
@@ -278,7 +274,7 @@ def assert_bits_equal_but_nan_sign(actual, expected, name):
 
 @pytest.fixture(scope="module", params=["float32", "float64"])
 def c_dtype(request):
-    if c_vjp_kernel(KernelConfig(dtype=request.param)) is None:
+    if ivy.ivy_source().derived("vjp").c_kernel(request.param, frozenset()) is None:
         pytest.skip("no C compiler: the C VJP kernel is unavailable")
     return np.dtype(request.param)
 
@@ -290,8 +286,8 @@ def test_numpy_and_c_agree_bit_for_bit(c_dtype, shapes):
     values = [v.astype(c_dtype) if isinstance(v, np.ndarray) else v
               for v in make_inputs(shapes, rng, c_dtype)]
     cotangents = tuple(rng.normal(size=s).astype(c_dtype) for s in output_shapes(shapes))
-    numpy_results = VJP("numpy")(*values, 9, cotangents)
-    c_results = VJP("c")(*values, 9, cotangents)
+    numpy_results = ivy.bind_adam_update_vjp("numpy")(*values, 9, cotangents)
+    c_results = ivy.bind_adam_update_vjp("c")(*values, 9, cotangents)
     for name, a, b in zip(NAMES, c_results, numpy_results):
         assert_bitwise_equal(a, b, name)
 
@@ -302,10 +298,10 @@ def test_numpy_and_c_agree_with_python_number_cotangents(c_dtype):
     values = [v.astype(c_dtype) if isinstance(v, np.ndarray) else v
               for v in make_inputs(shapes, rng, c_dtype)]
     cotangents = (rng.normal(size=(3, 4)).astype(c_dtype), 1.0, -0.1)
-    numpy_results = VJP("numpy")(*values, 2, cotangents)
-    for name, a, b in zip(NAMES, VJP("c")(*values, 2, cotangents), numpy_results):
+    numpy_results = ivy.bind_adam_update_vjp("numpy")(*values, 2, cotangents)
+    for name, a, b in zip(NAMES, ivy.bind_adam_update_vjp("c")(*values, 2, cotangents), numpy_results):
         assert_bitwise_equal(a, b, name)
-    exact = VJP("numpy")(*(v.astype(np.float64) if isinstance(v, np.ndarray) else v
+    exact = ivy.bind_adam_update_vjp("numpy")(*(v.astype(np.float64) if isinstance(v, np.ndarray) else v
                           for v in values), 2, (cotangents[0].astype(np.float64), 1.0, -0.1))
     for name, a, b in zip(NAMES, numpy_results, exact):
         assert_close(a, b, 1e-5, name)
@@ -320,8 +316,8 @@ def test_numpy_and_c_agree_on_special_values(c_dtype):
     lr = np.resize(np.array(lr_values, c_dtype), dcdw.size)
     cotangents = tuple(np.resize(np.array(SPECIAL[::k], c_dtype), dcdw.size) for k in (1, 2, 3))
     for hyper in ({}, {"epsilon": 0.0}, {"beta1": 0.0, "beta2": 0.5}):
-        numpy_results = VJP("numpy")(w, dcdw, lr, mw_tm1, vw_tm1, 5, cotangents, **hyper)
-        c_results = VJP("c")(w, dcdw, lr, mw_tm1, vw_tm1, 5, cotangents, **hyper)
+        numpy_results = ivy.bind_adam_update_vjp("numpy")(w, dcdw, lr, mw_tm1, vw_tm1, 5, cotangents, **hyper)
+        c_results = ivy.bind_adam_update_vjp("c")(w, dcdw, lr, mw_tm1, vw_tm1, 5, cotangents, **hyper)
         for name, a, b in zip(NAMES, c_results, numpy_results):
             assert_bits_equal_but_nan_sign(a, b, f"{name} {hyper}")
 
@@ -332,7 +328,7 @@ def test_a_cache_hit_imports_neither_sympy_nor_jinja(tmp_path):
     code = textwrap.dedent("""
         import sys
         import numpy as np
-        from adamgen.runtime.vjp import adam_update_vjp
+        from adamgen.runtime.ivy import adam_update_vjp
         x = np.ones(5, np.float32)
         adam_update_vjp(x, x, 0.1, x, x[:1], 2, (x, 1.0, 0.0))
         print(sorted(m for m in ("sympy", "jinja2") if m in sys.modules))

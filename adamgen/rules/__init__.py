@@ -112,16 +112,14 @@ def builtin(name: str) -> BuiltinRule:
 
 
 def resolve(ref: SpecRef) -> Any:
-    """The :class:`~adamgen.spec.UpdateSpec` a reference names (generation time: SymPy)."""
-    if ref.derivative:
-        base = SpecRef(ref.name, ref.options, ref.digest)
-        if ref.source is not None:
-            return ref.source()
-        if ref.derivative == "vjp":
-            from ..derivatives import vjp_spec
+    """The :class:`~adamgen.spec.UpdateSpec` a reference names (generation time: SymPy): the
+    rule's own (built by ``ref.source``, or the built-in's module), or one derived from it."""
+    spec = ref.source() if ref.source is not None else \
+        builtin(ref.name).build(**dict(ref.options))
+    if not ref.derivative:
+        return spec
+    if ref.derivative == "vjp":
+        from ..derivatives import vjp_spec
 
-            return vjp_spec(resolve(base))
-        raise ArgumentValueError(f"unknown derived spec {ref.derivative!r} of {ref.name}")
-    if ref.source is not None:
-        return ref.source()
-    return builtin(ref.name).build(**dict(ref.options))
+        return vjp_spec(spec)
+    raise ArgumentValueError(f"unknown derived spec {ref.derivative!r} of {ref.name}")

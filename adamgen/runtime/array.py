@@ -6,7 +6,8 @@ through ufuncs, slicing and reductions. The class adds only what Ivy's ``ivy.Arr
 NumPy lacks: the ``.adam_update`` method, Ivy's printing, and Ivy's dtype defaults in
 :func:`array` (a Python float makes a float32 array, where NumPy would make float64).
 
-This module is part of the runtime: it imports NumPy and the standard library only.
+This module is part of the runtime: it imports NumPy, the standard library, and the Ivy
+bindings its method calls.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from . import ivy
 
 if TYPE_CHECKING:
     from numpy.typing import DTypeLike
@@ -54,10 +57,8 @@ class Array(np.ndarray):
 
         Returns ``(w_new, mw, vw)`` exactly as the function does; see it for the arguments.
         """
-        from . import api  # lazily: api imports this module
-
-        return api.adam_update(self, dcdw, lr, mw_tm1, vw_tm1, step, beta1=beta1, beta2=beta2,
-                               epsilon=epsilon, stop_gradients=stop_gradients, out=out)
+        return ivy.adam_update(self, dcdw, lr, mw_tm1, vw_tm1, step, beta1=beta1, beta2=beta2,
+                                epsilon=epsilon, stop_gradients=stop_gradients, out=out)
 
 
 def _ivy_printable(a: np.ndarray) -> np.ndarray:

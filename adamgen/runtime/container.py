@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import ivy
 from .array import array
 from .tree import Path, Tree, format_path, key_mismatch
 
@@ -33,19 +34,15 @@ class Container(Tree):
                     beta1: Any = 0.9, beta2: Any = 0.999, epsilon: Any = 1e-07,
                     stop_gradients: Any = True, out: Any = None) -> Any:
         """Ivy's ``Container.adam_update``: :func:`adamgen.adam_update` with ``self`` as ``w``."""
-        from . import api  # lazily: api imports this module
-
-        return api.adam_update(self, dcdw, lr, mw_tm1, vw_tm1, step, beta1=beta1, beta2=beta2,
-                               epsilon=epsilon, stop_gradients=stop_gradients, out=out)
+        return ivy.adam_update(self, dcdw, lr, mw_tm1, vw_tm1, step, beta1=beta1, beta2=beta2,
+                                epsilon=epsilon, stop_gradients=stop_gradients, out=out)
 
     @staticmethod
     def static_adam_update(w: Any, dcdw: Any, lr: Any, mw_tm1: Any, vw_tm1: Any, step: Any, /,
                            *, beta1: Any = 0.9, beta2: Any = 0.999, epsilon: Any = 1e-07,
                            stop_gradients: Any = True, out: Any = None) -> Any:
         """Ivy's ``Container.static_adam_update``: the function itself, under the class."""
-        from . import api
-
-        return api.adam_update(w, dcdw, lr, mw_tm1, vw_tm1, step, beta1=beta1, beta2=beta2,
-                               epsilon=epsilon, stop_gradients=stop_gradients, out=out)
+        return ivy.adam_update(w, dcdw, lr, mw_tm1, vw_tm1, step, beta1=beta1, beta2=beta2,
+                                epsilon=epsilon, stop_gradients=stop_gradients, out=out)
 
 

@@ -23,14 +23,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..config import KernelConfig, current_environment
+from ..config import current_environment
+from ..errors import InexactVariantError
 from . import loader
-from .c_kernels import CKernel, c_kernel, default_threads
+from .c_kernels import CKernel, default_threads
 from .guard import ThreadGuard
-from .kernels import numpy_kernel
 from .outputs import empty_outputs
-
-C_DTYPES = ("float32", "float64")
+from .source import KernelSource
 
 
 #: Below this many elements threads cost more than they bring (OpenMP start-up; measured
@@ -39,7 +38,8 @@ THREADING_THRESHOLD = 4096
 
 
 def variants(kernel: CKernel | None, size: int) -> tuple[str, ...]:
-    """The variants that fit: NumPy always; C when it built; threaded C for large enough work."""
+    """The variants that fit: NumPy always; C when it built; threaded C for large enough work.
+    (A caller drops NumPy where it declines the rule: see :func:`exact_variants`.)"""
     if kernel is None:
         return ("numpy",)
     if kernel.openmp and default_threads() > 1 and size >= THREADING_THRESHOLD:
@@ -47,48 +47,49 @@ def variants(kernel: CKernel | None, size: int) -> tuple[str, ...]:
     return ("numpy", "c")
 
 
+def exact_variants(module: ModuleType, kernel: CKernel | None,
+                   size: int) -> tuple[str, ...]:
+    """:func:`variants`, without NumPy where its module declines the rule (it cannot compute
+    some operation exactly): the loader never picks a variant that would change a bit.
+
+    Raises:
+        InexactVariantError: no variant is exact (no C kernel here), or ``ADAMGEN_VARIANT=numpy``
+            forces one that is not.
+    """
+    found = variants(kernel, size)
+    if module.EXACT:
+        return found
+    if current_environment().variant == "numpy":
+        raise InexactVariantError(f"ADAMGEN_VARIANT=numpy cannot serve this call: "
+                                  f"{module.INEXACT}")
+    if kernel is None:
+        raise InexactVariantError(f"{module.INEXACT}; no C kernel serves this call here (no "
+                                  "C compiler, ADAMGEN_BACKEND=numpy, or arguments C cannot "
+                                  "take: every array of one shape, contiguous and aligned)")
+    return found[1:]
+
+
 def threading(variant: str) -> dict[str, int]:
     """C call options: serial, or every thread from the first element (the loader measured)."""
     return {"threads": 1} if variant == "c" else {"threads": default_threads(), "threshold": 0}
 
 
-_kernels: dict[tuple[str, str, frozenset[str]], CKernel | None] = {}
-
-
 def forget() -> None:
-    """Drop memoised C kernels (tests that switch cache directories), and the call plans that
-    hold them."""
-    _kernels.clear()
+    """Drop the loader-problem memo (tests that switch cache directories), and the call plans
+    that hold kernels."""
     _descriptions.clear()
     loader.forget_dependents()
 
 
-def c_kernel_for(dtype: str, scalar_tensors: frozenset[str]) -> CKernel | None:
-    env = current_environment()
-    if env.backend == "numpy" or dtype not in C_DTYPES:
-        return None
-    key = (dtype, env.mode, scalar_tensors)
-    if key not in _kernels:
-        _kernels[key] = c_kernel(KernelConfig(dtype=dtype, mode=env.mode,
-                                              scalar_tensors=scalar_tensors))
-    return _kernels[key]
-
-
-def scalars_for(kernel: CKernel, hyper: Mapping[str, float],
-                 scalars: tuple[float, ...]) -> tuple[float, ...]:
-    """The prelude's scalars in the C kernel's order (fast mode reorders with the signature).
-
-    The prelude comes from the NumPy module of the kernel's own configuration: the kernel's
-    ``prelude_module`` when its provider set one (a generated package), else the JIT cache's.
-    """
+def scalars_for(kernel: CKernel, source: KernelSource, hyper: Mapping[str, float],
+                scalars: tuple[float, ...]) -> tuple[float, ...]:
+    """The prelude's scalars in the C kernel's order (fast mode reorders with the signature):
+    from the NumPy module of the kernel's own configuration."""
     if kernel.config.mode == "exact":
         return scalars
-    module = getattr(kernel, "prelude_module", None) or numpy_kernel(kernel.config)
+    module = source.numpy(kernel.config)
+    assert module is not None
     return module.prelude(*(hyper[name] for name in module.HYPERPARAMETERS))
-
-
-#: Returns the C kernel for (dtype, scalar tensors), or None: the JIT cache's by default.
-CKernelProvider = Callable[[str, frozenset[str]], "CKernel | None"]
 
 
 #: The tensors as C takes them (arrays, and numbers for scalar tensors), and which are scalars.
@@ -106,8 +107,8 @@ class Route(NamedTuple):
 
 
 def route(module: ModuleType, tensors: Mapping[str, Any], scalars: tuple[float, ...],
-          hyper: Mapping[str, float], buffers: Sequence[np.ndarray], in_place: bool,
-          c_kernels: CKernelProvider | None = None) -> Route:
+          hyper: Mapping[str, float], buffers: Sequence[np.ndarray], in_place: bool, *,
+          source: KernelSource) -> Route:
     """Which variant runs a buffered update, on which C kernel, with which C arguments.
 
     Nothing is written (the loader measures on scratch arrays). :func:`run_update` follows the
@@ -118,29 +119,31 @@ def route(module: ModuleType, tensors: Mapping[str, Any], scalars: tuple[float, 
             if all(b.flags.c_contiguous and b.flags.aligned for b in buffers) else None)
     kernel = None
     if plan is not None:
-        kernel = (c_kernels or c_kernel_for)(module.DTYPE, plan[1])
-        if kernel is not None and in_place and "w" in plan[1]:
+        kernel = source.c_kernel(module.DTYPE, plan[1])
+        if kernel is not None and in_place and (_replaced(module) in plan[1]
+                                                or "inplace_parameter" not in kernel.forms):
             kernel = None
-    candidates = variants(kernel, full.size)
+    candidates = exact_variants(module, kernel, full.size)
     if full.size and (len(candidates) > 1 or current_environment().variant is not None):
         problem, context = _describe(module, kernel, plan[1] if plan else None, in_place)
         variant = loader.choose(
             problem, full.size, candidates, context,
-            lambda m: _update_timers(module, kernel, tensors, scalars, hyper, plan, m, in_place,
-                                     candidates),
+            lambda m: _update_timers(module, kernel, source, tensors, scalars, hyper, plan, m,
+                                     in_place, candidates),
             full.dtype.itemsize)
         guard = loader.guard(problem, full.size, candidates, context)
     else:
-        variant, guard = "numpy", None
+        variant, guard = candidates[0], None
     return Route(variant, kernel, plan, guard if variant in loader.THREADED else None)
 
 
 def run_update(module: ModuleType, tensors: Mapping[str, Any], scalars: tuple[float, ...],
-               hyper: Mapping[str, float], buffers: Sequence[np.ndarray], in_place: bool,
-               c_kernels: CKernelProvider | None = None) -> None:
-    """One buffered update into ``buffers`` (``buffers[0] is w`` when ``in_place``)."""
+               hyper: Mapping[str, float], buffers: Sequence[np.ndarray], in_place: bool, *,
+               source: KernelSource) -> None:
+    """One buffered update into ``buffers`` (``buffers[0]`` is the input the first output
+    replaces when ``in_place``)."""
     variant, kernel, plan, guard = route(module, tensors, scalars, hyper, buffers, in_place,
-                                         c_kernels)
+                                         source=source)
     if variant == "numpy":
         arrays = tuple(tensors.values())
         with np.errstate(all="ignore"):  # inf and NaN are values here (see api.run_numpy)
@@ -148,7 +151,7 @@ def run_update(module: ModuleType, tensors: Mapping[str, Any], scalars: tuple[fl
         return
     assert kernel is not None and plan is not None
     run = kernel.inplace_parameter if in_place else kernel.functional
-    arguments = (*plan[0], scalars_for(kernel, hyper, scalars),
+    arguments = (*plan[0], scalars_for(kernel, source, hyper, scalars),
                  *(buffers[1:] if in_place else buffers))
     if guard is None:
         run(*arguments, **threading(variant))
@@ -163,12 +166,14 @@ _descriptions: dict[tuple, tuple[str, dict[str, str]]] = {}
 def _describe(module: ModuleType, kernel: CKernel | None, scalar_names: frozenset[str] | None,
               in_place: bool) -> tuple[str, dict[str, str]]:
     """The loader's problem name and context for a call, memoised (the hot path asks often)."""
-    key = (module.DTYPE, module.MODE, id(kernel), scalar_names, in_place)
+    key = (module.SPEC_HASH, module.DTYPE, module.MODE, id(kernel), scalar_names, in_place)
     found = _descriptions.get(key)
     if found is None:
         form = "inplace" if in_place else "functional"
-        problem = (f"{form} {module.DTYPE} {module.MODE} scalar({','.join(sorted(scalar_names))})"
-                   if scalar_names is not None else f"{form} {module.DTYPE} numpy-only")
+        rule = module.INTERFACE["rule"]
+        problem = (f"{rule} {form} {module.DTYPE} {module.MODE} "
+                   f"scalar({','.join(sorted(scalar_names))})"
+                   if scalar_names is not None else f"{rule} {form} {module.DTYPE} numpy-only")
         context = {"c": kernel.cache_key if kernel else "", "threads": str(default_threads())}
         found = _descriptions[key] = (problem, context)
     return found
@@ -197,17 +202,25 @@ def _scratch_like(value: Any, m: int, dtype: np.dtype, fill: float) -> Any:
     return value if not isinstance(value, np.ndarray) else np.full(m, fill, dtype)
 
 
-def _timing_outputs(w: Any, in_place: bool, m: int, dtype: np.dtype) -> list[np.ndarray]:
+def _replaced(module: ModuleType) -> str | None:
+    """The input the rule's first output replaces in place (``w`` for ``w_new``), if any."""
+    first = module.OUTPUTS[0]
+    return next((p["input"] for p in module.INTERFACE["state"] if p["output"] == first), None)
+
+
+def _timing_outputs(replaced: Any, in_place: bool, count: int, m: int,
+                    dtype: np.dtype) -> list[np.ndarray]:
     """Outputs laid out as the real call's: the functional API's come from the aligned pool
-    (the C kernel streams into outputs that share an alignment), in place ``w`` is one."""
+    (the C kernel streams into outputs that share an alignment); in place, the replaced input
+    is the first."""
     if in_place:
-        return [w, np.empty(m, dtype), np.empty(m, dtype)]
-    return empty_outputs(3, (m,), dtype)
+        return [replaced] + [np.empty(m, dtype) for _ in range(count - 1)]
+    return empty_outputs(count, (m,), dtype)
 
 
-def _update_timers(module: ModuleType, kernel: CKernel | None, tensors: Mapping[str, Any],
-                   scalars: tuple[float, ...], hyper: Mapping[str, float],
-                   plan: CArguments | None, m: int, in_place: bool,
+def _update_timers(module: ModuleType, kernel: CKernel | None, source: KernelSource,
+                   tensors: Mapping[str, Any], scalars: tuple[float, ...],
+                   hyper: Mapping[str, float], plan: CArguments | None, m: int, in_place: bool,
                    variants: tuple[str, ...]) -> dict[str, Callable[[], None]]:
     """Timing closures on scratch arrays of ``m`` elements: copies, never the caller's arrays
     (a size-one argument is copied too: with ``out=w`` the timed in-place run writes into it)."""
@@ -215,20 +228,24 @@ def _update_timers(module: ModuleType, kernel: CKernel | None, tensors: Mapping[
     numpy_in = [value.reshape(-1).copy() if isinstance(value, np.ndarray) and value.size == 1
                 else value if not isinstance(value, np.ndarray)
                 else np.full(m, 0.5 + 0.25 * i, dtype) for i, value in enumerate(tensors.values())]
-    outputs = _timing_outputs(numpy_in[0], in_place, m, dtype)
+    names = list(tensors)
+    replaced = names.index(_replaced(module)) if in_place else 0
+    count = len(module.OUTPUTS)
+    outputs = _timing_outputs(numpy_in[replaced], in_place, count, m, dtype)
+
     def numpy_timer() -> None:
         with np.errstate(all="ignore"):  # as run_update calls it
             module.update(*numpy_in, scalars, *outputs)
 
-    timers: dict[str, Callable[[], None]] = {"numpy": numpy_timer}
+    timers: dict[str, Callable[[], None]] = {"numpy": numpy_timer} if "numpy" in variants else {}
     if kernel is not None and plan is not None:
         c_in = [a if not isinstance(a, np.ndarray) else np.full(m, 0.5 + 0.25 * i, dtype)
                 for i, a in enumerate(plan[0])]
-        c_scalars = scalars_for(kernel, hyper, scalars)
-        c_out = _timing_outputs(c_in[0], in_place, m, dtype)
+        c_scalars = scalars_for(kernel, source, hyper, scalars)
+        c_out = _timing_outputs(c_in[replaced], in_place, count, m, dtype)
         run = kernel.inplace_parameter if in_place else kernel.functional
         tail = c_out[1:] if in_place else c_out
-        for variant in variants[1:]:
+        for variant in (v for v in variants if v != "numpy"):
             options = threading(variant)
             timers[variant] = lambda options=options: run(*c_in, c_scalars, *tail, **options)
     return timers

@@ -1,29 +1,28 @@
 """The functional API's hot path: one remembered shortcut per argument signature.
 
-Why: ``adam_update`` validates Ivy's whole contract (dtypes, broadcasting, weak scalars, ``out``,
-hyperparameter ranges) and asks the dispatcher and the loader which kernel runs, on every call.
-That cost 16 us at N=16, where Ivy's NumPy expression costs 7 us; yet a training loop asks the
-same question at every step.
+Why: a functional update validates the rule's whole contract (dtypes, broadcasting, weak
+scalars, ``out``, hyperparameter ranges) and asks the dispatcher and the loader which kernel
+runs, on every call. That cost 16 us at N=16 for Ivy's ``adam_update``, where Ivy's NumPy
+expression costs 7 us; yet a training loop asks the same question at every step.
 
-How: once a call has gone the whole way (:class:`adamgen.runtime.api.Updater`) and its arguments
-have the common form below, the route it took is remembered as a :class:`Shortcut`, keyed by the
-arguments' types, dtype and shape. A later call with that key takes the shortcut when a few
-compares prove that the whole way would have passed every check and taken the same route: the
-hyperparameters' types and ranges, the step, the lr rule, each array's dtype, shape, contiguity
-and alignment, the same environment. Anything else, every error included, goes the whole way,
-which raises exactly what it always raised. So a shortcut changes what a call costs, never what
-it does: it calls the same C entry point with the same arguments, into fresh outputs.
+How: once a call has gone the whole way (:class:`adamgen.runtime.functional.Updater`) and its
+arguments have the common form below, the route it took is remembered as a :class:`Shortcut`,
+keyed by the arguments' types, dtype and shape. A later call with that key takes the shortcut
+when a few compares prove that the whole way would have passed every check and taken the same
+route: the hyperparameters' types and ranges (the rule's own, from its interface), each array's
+dtype, shape, contiguity and alignment, each scalar tensor's range, the same environment.
+Anything else, every error included, goes the whole way, which raises exactly what it always
+raised. So a shortcut changes what a call costs, never what it does: it calls the same C entry
+point with the same arguments, into fresh outputs.
 
-The common form: ``w``, ``dcdw``, ``mw_tm1``, ``vw_tm1`` NumPy arrays (or ``adamgen.Array``) of
-one float dtype with a C kernel and one shape, C-contiguous and aligned; ``lr`` a Python float or
-a 0-d array of that dtype; ``step`` an int or a float; ``beta1``, ``beta2`` and ``epsilon``
-Python floats; ``stop_gradients`` a bool; no ``out``; exact mode; a C variant picked (a NumPy
-pick, forced or measured, goes the whole way).
+The compares are generated for the rule: :func:`shortcut_source` writes, from the interface, a
+Python function with the rule's argument names and each range as a chained comparison, compiled
+once per rule (a loop over the interface per call would cost as much as the compares).
 
-What a call on a shortcut still pays: those compares, the prelude (the per-call scalars,
-computed by the kernel's own prelude), three fresh outputs, one ``ffi.from_buffer`` per array (0.14 us: the
-cheapest pointer path measured here; ``ffi.cast`` of ``arr.ctypes.data`` costs 1 us, because
-``arr.ctypes`` builds an object), and the C call.
+The common form: every tensor that may not be a scalar a NumPy array (or a subclass) of one float
+dtype with a C kernel and one shape, C-contiguous and aligned; every scalar tensor a Python float
+or a 0-d array of that dtype; hyperparameters Python floats (a step also an int); no ``out``;
+exact mode; a C variant picked (a NumPy pick, forced or measured, goes the whole way).
 
 Forgetting: a shortcut holds a loader decision and a C kernel, so :func:`loader.forget` and
 :func:`adamgen.runtime.dispatch.forget` drop every shortcut, a forked child drops them (libgomp
@@ -36,34 +35,27 @@ from __future__ import annotations
 import os
 import sys
 import weakref
-from collections.abc import Callable
-from types import ModuleType
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .. import config
-from ..config import Environment, current_environment
+from ..config import current_environment
+from ..interface import Interface, Range
 from . import loader
-from .array import Array
 from .c_kernels import CKernel, KernelFunction, resolve_threads
 from .guard import ThreadGuard
 from .outputs import empty_outputs, pooled
 
-#: ``0.0 <= x <= _MAX_FINITE`` is False for NaN, inf and negatives.
-_MAX_FINITE = sys.float_info.max
+if TYPE_CHECKING:
+    from .prepared import PreparedCall
+
 #: Integer steps beyond this go the whole way (``float(step)`` would overflow near 2**1024).
 _LARGEST_INT_STEP = 1 << 1000
 _C_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 #: NumPy's flag bits C_CONTIGUOUS | ALIGNED: one ``flags.num`` read checks both.
 _C_ALIGNED = 0x1 | 0x100
-#: The parsed environment, as :func:`current_environment` holds it (an empty list until first
-#: read; ``refresh_environment`` replaces its item): read here without a call per update.
-_environments = config._current
-#: The interface a shortcut is made for (the update's; another spec goes the whole way).
-_TENSORS = ("w", "dcdw", "lr", "mw_tm1", "vw_tm1")
-_HYPERPARAMETERS = ("beta1", "beta2", "epsilon", "step")
-_OUTPUTS = ("w_new", "mw", "vw")
 _MAX_SHORTCUTS = 4096  # shapes vary without end in some programs
 
 #: Returns (variant, C kernel, C arguments, guard) for a buffered update:
@@ -74,15 +66,14 @@ Router = Callable[..., "tuple[str, CKernel | None, Any, ThreadGuard | None]"]
 class Shortcut:
     """What a signature decided: the kernel's prelude, the C entry point and how to call it."""
 
-    __slots__ = ("array_type", "c_function", "dtype", "env", "from_buffer", "guard",
-                 "lr_is_array", "pooled", "prelude", "serial_function", "shape", "size", "tail",
-                 "wrap")
+    __slots__ = ("array_type", "c_function", "count", "dtype", "env", "from_buffer", "guard",
+                 "pooled", "prelude", "serial_function", "shape", "size", "tail", "wrap")
 
-    def __init__(self, *, dtype: np.dtype, shape: tuple[int, ...], lr_is_array: bool,
+    def __init__(self, *, dtype: np.dtype, shape: tuple[int, ...], count: int,
                  prelude: Callable[..., tuple[float, ...]], function: KernelFunction,
                  serial: KernelFunction | None, guard: ThreadGuard | None, kernel: CKernel,
-                 threads: int, wrap: tuple[bool, bool, bool], env: Environment) -> None:
-        self.dtype, self.shape, self.lr_is_array = dtype, shape, lr_is_array
+                 threads: int, wrap: tuple[type | None, ...], env: config.Environment) -> None:
+        self.dtype, self.shape, self.count = dtype, shape, count
         self.size = int(np.prod(shape))
         self.prelude = prelude
         self.c_function = function.c_function
@@ -92,129 +83,179 @@ class Shortcut:
         self.serial_function = (serial or function).c_function  # the guard's stand-in
         self.from_buffer = kernel.ffi.from_buffer
         self.array_type = kernel.ffi.typeof(f"{kernel.ctype}[]")
-        self.pooled = pooled(len(_OUTPUTS), self.size * dtype.itemsize)
+        self.pooled = pooled(count, self.size * dtype.itemsize)
         self.wrap = wrap if any(wrap) else None
         self.env = env
 
+    def call(self, arguments: tuple[Any, ...]) -> None:
+        if self.guard is None:
+            self.c_function(*arguments, *self.tail)
+        else:
+            self.guard.run(lambda: self.c_function(*arguments, *self.tail),
+                           lambda: self.serial_function(*arguments, self.size), self.size)
+
+    def outputs(self) -> list[np.ndarray]:
+        if self.pooled:
+            return empty_outputs(self.count, self.shape, self.dtype)
+        return [np.empty(self.shape, self.dtype) for _ in range(self.count)]
+
+    def wrapped(self, outputs: list[np.ndarray]) -> tuple[Any, ...]:
+        if self.wrap is None:
+            return tuple(outputs)
+        return tuple(o.view(kind) if kind is not None else o
+                     for o, kind in zip(outputs, self.wrap))
+
+
+def _range_test(name: str, valid: Range) -> str:
+    """``valid`` as a Python condition on ``name`` (false for NaN, as the range is)."""
+    parts = []
+    if valid.low is not None:
+        parts.append(f"{float(valid.low)!r} {'<' if valid.low_open else '<='} {name}")
+    if valid.high is not None:
+        parts.append(f"{name} {'<' if valid.high_open else '<='} {float(valid.high)!r}")
+    if valid.finite:
+        parts.append(f"-{sys.float_info.max!r} <= {name} <= {sys.float_info.max!r}")
+    return " and ".join(f"({p})" for p in parts) if parts else f"{name} == {name}"
+
+
+def shortcut_source(interface: Interface, constants: Mapping[str, float],
+                    prelude_order: tuple[str, ...]) -> str:
+    """The source of ``run(<tensors>, <hyperparameters>)``: the shortcut for this rule, or None
+    (see the module docstring); ``prelude_order``: the module's ``HYPERPARAMETERS``."""
+    full = [t.name for t in interface.tensors if not t.scalar]
+    scalar = [t for t in interface.tensors if t.scalar]
+    first = full[0]
+    arguments = [t.name for t in interface.tensors] + list(interface.hyperparameter_names)
+    checks = [f"{name}.dtype is dtype and {name}.shape == shape" for name in full[1:]]
+    checks += [f"{name}.flags.num & {_C_ALIGNED} == {_C_ALIGNED}" for name in full]
+    steps = []
+    for h in interface.hyperparameters:
+        if h.kind == "step":
+            steps.append(h)
+            continue
+        test = (f"{h.name} == {constants[h.name]!r}" if h.name in constants
+                else _range_test(h.name, h.range))
+        checks.append(f"type({h.name}) is float and {test}")
+    checks.append("environments and environments[0] is cut.env")
+    lines = [f"def run({', '.join(arguments)}):",
+             f"    if not isinstance({first}, ndarray):",
+             "        return None",
+             f"    cut = shortcuts.get(({', '.join(f'type({t.name})' for t in interface.tensors)},"
+             f" {first}.dtype, {first}.shape))",
+             "    if cut is None:",
+             "        return None",
+             "    dtype, shape = cut.dtype, cut.shape",
+             "    if not (" + "\n            and ".join(checks) + "):",
+             "        return None"]
+    for h in steps:
+        lines += [f"    if type({h.name}) is int:",
+                  f"        if not 0 <= {h.name} < {_LARGEST_INT_STEP}:",
+                  "            return None",
+                  f"        {h.name} = float({h.name})",
+                  f"    elif type({h.name}) is not float:",
+                  "        return None",
+                  f"    if not ({_range_test(h.name, h.range)}):",
+                  "        return None"]
+    for t in scalar:
+        lines += [f"    if type({t.name}) is not float:",
+                  f"        if {t.name}.dtype is not dtype or {t.name}.shape != ():",
+                  "            return None",
+                  f"        {t.name} = float({t.name})"]
+        if t.range is not None:
+            lines += [f"    if not ({_range_test(t.name, t.range)}):",
+                      "        return None"]
+    pointer = "from_buffer(array_type, {})"
+    passed = [t.name if t.scalar else pointer.format(t.name) for t in interface.tensors]
+    lines += ["    try:",
+              f"        scalars = cut.prelude({', '.join(prelude_order)})",
+              "    except ZeroDivisionError:  # the whole way raises it with an explanation",
+              "        return None",
+              "    outputs = cut.outputs()",
+              "    from_buffer, array_type = cut.from_buffer, cut.array_type",
+              f"    cut.call(({', '.join(passed)}, *scalars,",
+              f"              *[{pointer.format('o')} for o in outputs]))",
+              "    return cut.wrapped(outputs)"]
+    return "\n".join(lines) + "\n"
+
 
 class HotPath:
-    """The shortcuts of one :class:`adamgen.runtime.api.Updater`.
+    """The shortcuts of one :class:`adamgen.runtime.functional.Updater`.
 
     Args:
         router: the dispatcher's :func:`adamgen.runtime.dispatch.route`, bound to the Updater's
-            C kernels: asked once per signature, after the call that went the whole way.
+            kernels: asked once per signature, after the call that went the whole way.
+        interface: the rule's interface.
+        constants: hyperparameters the kernels were specialised for (a generated package).
     """
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, interface: Interface,
+                 constants: tuple[tuple[str, float], ...] = ()) -> None:
         self.router = router
+        self.interface = interface
+        self.constants = dict(constants)
         self.shortcuts: dict[tuple, Shortcut] = {}
+        self._run: Callable[..., tuple[Any, ...] | None] | None = None
         _every.add(self)
 
     def clear(self) -> None:
         self.shortcuts.clear()
 
-    def run(self, w: Any, dcdw: Any, lr: Any, mw_tm1: Any, vw_tm1: Any, step: Any, beta1: Any,
-            beta2: Any, epsilon: Any, stop_gradients: Any) -> tuple[Any, Any, Any] | None:
-        """The update by the remembered shortcut, or None when the call must go the whole way."""
-        kind = type(w)
-        if kind is not np.ndarray and kind is not Array:
-            return None
-        cut = self.shortcuts.get((kind, type(dcdw), type(lr), type(mw_tm1), type(vw_tm1),
-                                  w.dtype, w.shape))
-        if cut is None:
-            return None
-        dtype, shape = cut.dtype, cut.shape
-        # every check of the whole way, as compares that hold exactly when it would pass with
-        # the same outcome (the key already fixed the types, w's dtype and w's shape)
-        if not (type(stop_gradients) is bool
-                and type(beta1) is float and 0.0 <= beta1 < 1.0
-                and type(beta2) is float and 0.0 <= beta2 < 1.0
-                and type(epsilon) is float and 0.0 <= epsilon
-                and dcdw.dtype is dtype and mw_tm1.dtype is dtype and vw_tm1.dtype is dtype
-                and dcdw.shape == shape and mw_tm1.shape == shape and vw_tm1.shape == shape
-                and w.flags.num & _C_ALIGNED == _C_ALIGNED
-                and dcdw.flags.num & _C_ALIGNED == _C_ALIGNED
-                and mw_tm1.flags.num & _C_ALIGNED == _C_ALIGNED
-                and vw_tm1.flags.num & _C_ALIGNED == _C_ALIGNED
-                and _environments and _environments[0] is cut.env):
-            return None
-        if type(step) is int:
-            if not 0 <= step < _LARGEST_INT_STEP:
-                return None
-            t = float(step)
-        elif type(step) is float and 0.0 <= step <= _MAX_FINITE:
-            t = step
-        else:
-            return None
-        if cut.lr_is_array:
-            if lr.dtype is not dtype or lr.shape != ():
-                return None
-            rate = float(lr)
-        else:
-            rate = lr
-        if not 0.0 <= rate <= _MAX_FINITE:  # the lr rule; the whole way names the problem
-            return None
-        try:
-            scalars = cut.prelude(beta1, beta2, epsilon, t)
-        except ZeroDivisionError:  # the whole way raises it with an explanation
-            return None
-        if cut.pooled:
-            w_new, mw, vw = empty_outputs(3, shape, dtype)
-        else:
-            w_new, mw, vw = np.empty(shape, dtype), np.empty(shape, dtype), np.empty(shape, dtype)
-        pointer, array_type = cut.from_buffer, cut.array_type
-        arguments = (pointer(array_type, w), pointer(array_type, dcdw), rate,
-                     pointer(array_type, mw_tm1), pointer(array_type, vw_tm1), *scalars,
-                     pointer(array_type, w_new), pointer(array_type, mw),
-                     pointer(array_type, vw))
-        if cut.guard is None:
-            cut.c_function(*arguments, *cut.tail)
-        else:
-            cut.guard.run(lambda: cut.c_function(*arguments, *cut.tail),
-                          lambda: cut.serial_function(*arguments, cut.size), cut.size)
-        if cut.wrap is None:
-            return w_new, mw, vw
-        wrap = cut.wrap
-        return (w_new.view(Array) if wrap[0] else w_new, mw.view(Array) if wrap[1] else mw,
-                vw.view(Array) if wrap[2] else vw)
+    def run(self, *arguments: Any) -> tuple[Any, ...] | None:
+        """The update by the remembered shortcut (tensors, then hyperparameters, in the rule's
+        order), or None when the call must go the whole way."""
+        return self._run(*arguments) if self._run is not None else None
 
-    def learn(self, module: ModuleType, tensors: dict[str, Any], scalars: tuple[float, ...],
-              hyper: dict[str, float], buffered: bool, arguments: tuple[Any, ...]) -> None:
+    def _compile(self, prelude_order: tuple[str, ...]) -> None:
+        source = shortcut_source(self.interface, self.constants, prelude_order)
+        namespace: dict[str, Any] = {"shortcuts": self.shortcuts, "ndarray": np.ndarray,
+                                     "environments": config._current}
+        exec(compile(source, f"<adamgen shortcut {self.interface.rule}>", "exec"),  # noqa: S102
+             namespace)
+        self._run = namespace["run"]
+        self.source = source
+
+    def learn(self, call: PreparedCall, tensors: Mapping[str, Any],
+              hyper: Mapping[str, Any]) -> None:
         """Remember the route of a call that just went the whole way, when it has the common
-        form (module docstring). ``arguments`` are the call's own: (w, dcdw, lr, mw_tm1, vw_tm1,
-        step, beta1, beta2, epsilon, stop_gradients)."""
-        w, dcdw, lr, mw_tm1, vw_tm1, step, beta1, beta2, epsilon, stop_gradients = arguments
-        arrays = (w, dcdw, mw_tm1, vw_tm1)
-        if not (buffered and _common_form(arrays, lr, step, (beta1, beta2, epsilon),
-                                          stop_gradients)
-                and module.MODE == "exact" and tuple(module.TENSORS) == _TENSORS
-                and tuple(module.HYPERPARAMETERS) == _HYPERPARAMETERS
-                and tuple(module.OUTPUTS) == _OUTPUTS and all(
-                    tensors[name] is value for name, value in zip(_TENSORS, arguments))):
+        form (module docstring); ``tensors`` and ``hyper`` are the call's own arguments."""
+        interface, module = self.interface, call.module
+        full = [t.name for t in interface.tensors if not t.scalar]
+        if not (call.buffered and module.MODE == "exact" and module.EXACT
+                and _common_form(interface, tensors, hyper)
+                and all(call.tensors[n] is tensors[n] for n in full)):
             return
-        dtype, shape = w.dtype, w.shape
-        buffers = empty_outputs(3, shape, dtype)
-        variant, kernel, c_arguments, guard = self.router(module, tensors, scalars, hyper,
-                                                          buffers, False)
+        first = tensors[full[0]]
+        dtype, shape = first.dtype, first.shape
+        count = len(module.OUTPUTS)
+        buffers = empty_outputs(count, shape, dtype)
+        variant, kernel, c_arguments, guard = self.router(module, call.tensors, call.scalars,
+                                                          call.hyper, buffers, False)
+        scalar_names = frozenset(t.name for t in interface.tensors if t.scalar)
         if (variant not in ("c", "c-omp") or kernel is None or c_arguments is None
-                or c_arguments[1] != frozenset({"lr"}) or any(
-                    c_arguments[0][index] is not array
-                    for index, array in zip((0, 1, 3, 4), arrays))):
+                or c_arguments[1] != scalar_names or any(
+                    c_arguments[0][index] is not tensors[t.name]
+                    for index, t in enumerate(interface.tensors) if not t.scalar)):
             return  # NumPy runs it, or C takes copies or other scalars: the whole way
         threads = resolve_threads(kernel_threads(variant))
-        function = _functional_entry(kernel, threaded=threads > 1, scalars=len(scalars))
-        serial = _functional_entry(kernel, threaded=False, scalars=len(scalars))
+        function = _functional_entry(kernel, interface, threaded=threads > 1,
+                                     scalars=len(call.scalars), outputs=count)
+        serial = _functional_entry(kernel, interface, threaded=False,
+                                   scalars=len(call.scalars), outputs=count)
         if function is None:
             return
-        wrap = tuple(any(type(tensors[d]) is Array for d in module.DEPENDS[name]
-                         if d in tensors) for name in _OUTPUTS)
+        if self._run is None:
+            self._compile(tuple(module.HYPERPARAMETERS))
+        wrap = tuple(next((type(tensors[d]) for d in module.DEPENDS[name]
+                           if d in tensors and isinstance(tensors[d], np.ndarray)
+                           and type(tensors[d]) is not np.ndarray), None)
+                     for name in module.OUTPUTS)
         if len(self.shortcuts) >= _MAX_SHORTCUTS:
             self.shortcuts.clear()
-        self.shortcuts[(type(w), type(dcdw), type(lr), type(mw_tm1), type(vw_tm1), dtype, shape)] = \
-            Shortcut(dtype=dtype, shape=shape, lr_is_array=type(lr) is not float,
-                 prelude=module.prelude, function=function, serial=serial, guard=guard,
-                 kernel=kernel, threads=threads, wrap=wrap,  # type: ignore[arg-type]
-                 env=current_environment())
+        key = (*(type(tensors[t.name]) for t in interface.tensors), dtype, shape)
+        self.shortcuts[key] = Shortcut(
+            dtype=dtype, shape=shape, count=count, prelude=module.prelude, function=function,
+            serial=serial, guard=guard, kernel=kernel, threads=threads, wrap=wrap,
+            env=current_environment())
 
 
 def kernel_threads(variant: str) -> int:
@@ -224,36 +265,41 @@ def kernel_threads(variant: str) -> int:
     return threading(variant)["threads"]
 
 
-def _common_form(arrays: tuple[Any, ...], lr: Any, step: Any, hyper: tuple[Any, ...],
-                 stop_gradients: Any) -> bool:
-    """The arguments :meth:`HotPath.run` can take (the module docstring's common form)."""
-    first = arrays[0]
-    if not all(type(a) in (np.ndarray, Array) for a in arrays):
+def _common_form(interface: Interface, tensors: Mapping[str, Any],
+                 hyper: Mapping[str, Any]) -> bool:
+    """The arguments a shortcut can take (the module docstring's common form)."""
+    full = [tensors[t.name] for t in interface.tensors if not t.scalar]
+    if not all(isinstance(a, np.ndarray) for a in full):
         return False
+    first = full[0]
     dtype = first.dtype
-    return (dtype in _C_DTYPES and first.size > 0
+    if not (dtype in _C_DTYPES and first.size > 0
             and all(a.dtype is dtype and a.shape == first.shape and a.flags.c_contiguous
-                    and a.flags.aligned for a in arrays)
-            and (type(lr) is float or (type(lr) in (np.ndarray, Array) and lr.dtype is dtype
-                                       and lr.shape == ()))
-            and type(step) in (int, float) and all(type(h) is float for h in hyper)
-            and type(stop_gradients) is bool)
+                    and a.flags.aligned for a in full)):
+        return False
+    for t in interface.tensors:
+        value = tensors[t.name]
+        if t.scalar and not (type(value) is float or (isinstance(value, np.ndarray)
+                                                      and value.dtype is dtype
+                                                      and value.shape == ())):
+            return False
+    return all(type(hyper[h.name]) is float or (h.kind == "step"
+                                                and type(hyper[h.name]) is int)
+               for h in interface.hyperparameters)
 
 
-def _functional_entry(kernel: CKernel, *, threaded: bool, scalars: int) -> KernelFunction | None:
-    """The functional C entry point, when its parameters are exactly what :meth:`HotPath.run`
-    passes: w, dcdw, lr (a value), mw_tm1, vw_tm1, the scalars, w_new, mw, vw, n (and the
+def _functional_entry(kernel: CKernel, interface: Interface, *, threaded: bool, scalars: int,
+                      outputs: int) -> KernelFunction | None:
+    """The functional C entry point, when its parameters are exactly what the shortcut passes:
+    each tensor (an array, or a value for a scalar tensor), the scalars, the outputs, n (and the
     thread count and threshold when threaded)."""
-    expected = [("w", "in"), ("dcdw", "in"), ("lr", "value"), ("mw_tm1", "in"),
-                ("vw_tm1", "in"), *[(None, "scalar")] * scalars, ("w_new", "out"),
-                ("mw", "out"), ("vw", "out"), (None, "n")]
+    expected = [("value" if t.scalar else "in") for t in interface.tensors]
+    expected += ["scalar"] * scalars + ["out"] * outputs + ["n"]
     if threaded:
-        expected += [(None, "nthreads"), (None, "threshold")]
+        expected += ["nthreads", "threshold"]
     for function in kernel.functions.values():
         if function.form == "functional" and function.threaded == threaded:
-            found = [(name if want is not None else None, role)
-                     for (name, _, role), (want, _) in zip(function.parameters, expected)]
-            if len(function.parameters) == len(expected) and found == expected:
+            if [role for _, _, role in function.parameters] == expected:
                 return function
     return None
 

@@ -1,20 +1,28 @@
 """The Ivy rule's public bindings: Ivy's signatures over the generic runtime.
 
-``adamgen.Adam`` is the generic in-place :class:`~adamgen.runtime.optimizer.Optimizer` bound to
-the built-in ``ivy_adam`` rule, with Ivy's names and defaults as its signature and its state
-under ``m`` and ``v``. Nothing here computes: the rule's spec says what the kernels do, the
-generic runtime runs them.
+``adamgen.adam_update``, ``adamgen.adam_update_vjp`` and ``adamgen.Adam`` are the generic
+functional update, VJP and in-place optimizer bound to the built-in ``ivy_adam`` rule, with
+Ivy's signatures: positional-only tensors, keyword-only hyperparameters with Ivy's defaults,
+``stop_gradients`` and ``out``. Two conversions are Ivy's own and live here: a list ``lr`` takes
+the dtype of the effective gradient it multiplies (Ivy's ``promote_types_of_inputs``), and
+``stop_gradients`` must be a bool (NumPy has no autograd, so it changes nothing). Nothing here
+computes: the rule's spec says what the kernels do, the generic runtime runs them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from ..interface import SpecRef
+from . import validate
+from .functional import Updater, jit_updater
 from .optimizer import Optimizer
 from .source import KernelSource, cached_jit_source
 from .tree import Tree
+from .vjp import VJP
 
 #: The Ivy rule (a built-in: its kernels are keyed by name).
 IVY_ADAM = SpecRef("ivy_adam")
@@ -22,6 +30,115 @@ IVY_ADAM = SpecRef("ivy_adam")
 
 def ivy_source() -> KernelSource:
     return cached_jit_source(IVY_ADAM)
+
+
+class IvyUpdater(Updater):
+    """The generic functional update with Ivy's conversion of a list ``lr``."""
+
+    def tensor(self, name: str, value: Any, tensors: Mapping[str, Any]) -> Any:
+        """``lr`` as the reference's ``effective_grad * lr`` sees it: something without a dtype
+        of its own (a list, a tuple, an ``__array__`` object without ``dtype``) takes the
+        effective gradient's dtype, as Ivy's ``promote_types_of_inputs`` converts it; the
+        values as given must be finite and ``>= 0`` (adamgen's rule, not Ivy's)."""
+        if name == "lr" and (isinstance(value, (list, tuple)) or (
+                hasattr(value, "__array__") and not hasattr(value, "dtype"))):
+            gradient_dtype = np.result_type(tensors["dcdw"], tensors["mw_tm1"],
+                                            tensors["vw_tm1"], 1.0)
+            validate.check_lr(validate.as_tensor("lr", value))
+            return np.asarray(value, dtype=gradient_dtype)
+        return super().tensor(name, value, tensors)
+
+
+_JIT = jit_updater(ivy_source(), IvyUpdater)
+
+
+def check_stop_gradients(value: Any) -> None:
+    """Ivy's flag: a bool (or a Container of bools); NumPy has no autograd to stop."""
+    if isinstance(value, Tree):
+        for _, leaf in value.leaves():
+            validate.as_flag("stop_gradients", leaf)
+    else:
+        validate.as_flag("stop_gradients", value)
+
+
+def bind_adam_update(updater: Updater, defaults: Mapping[str, float] | None = None) -> Any:
+    """Ivy's ``adam_update`` signature over ``updater`` (the JIT's, or a generated package's,
+    whose ``defaults`` are its baked constants)."""
+    defaults = {"beta1": 0.9, "beta2": 0.999, "epsilon": 1e-07, **(defaults or {})}
+
+    def adam_update(w: Any, dcdw: Any, lr: Any, mw_tm1: Any, vw_tm1: Any, step: Any, /, *,
+                    beta1: Any = defaults["beta1"], beta2: Any = defaults["beta2"],
+                    epsilon: Any = defaults["epsilon"], stop_gradients: Any = True,
+                    out: Any = None) -> tuple[Any, Any, Any]:
+        if out is None and type(stop_gradients) is bool:  # a seen signature: its shortcut
+            hotpath = updater.hotpath
+            if hotpath is not None:
+                done = hotpath.run(w, dcdw, lr, mw_tm1, vw_tm1, beta1, beta2, epsilon, step)
+                if done is not None:
+                    return done  # type: ignore[return-value]
+        check_stop_gradients(stop_gradients)
+        return updater.whole_way(  # type: ignore[return-value]
+            {"w": w, "dcdw": dcdw, "lr": lr, "mw_tm1": mw_tm1, "vw_tm1": vw_tm1},
+            {"beta1": beta1, "beta2": beta2, "epsilon": epsilon, "step": step}, out)
+
+    adam_update.__doc__ = ADAM_UPDATE_DOC
+    return adam_update
+
+
+ADAM_UPDATE_DOC = """Ivy's ``adam_update``: return ``(w_new, mw, vw)``, bit-identical to Ivy's NumPy
+    backend.
+
+    ``mw = beta1*mw_tm1 + (1-beta1)*dcdw``, ``vw = beta2*vw_tm1 + (1-beta2)*dcdw**2``,
+    ``alpha = (1 - beta2**step)**0.5 / (1 - beta1**step + epsilon)`` in Python floats, and
+    ``w_new = w - ((alpha*mw) / (sqrt(where(vw >= 0, vw, 0)) + epsilon)) * lr``.
+
+    Args:
+        w, dcdw, mw_tm1, vw_tm1: arrays or array-likes (lists of Python floats become float32);
+            they broadcast together. Never modified, except ``w`` when ``out is w``.
+        lr: a Python number (rounded to the arrays' dtype, as NumPy does) or an array; finite
+            and ``>= 0`` (every element of an array, checked without copying it). torch rejects
+            a negative or NaN lr but accepts inf; adamgen rejects inf too: an infinite step
+            turns every weight into inf or NaN, which no caller means.
+        step: an int, a float or a 0-d array, used as ``float(step)``; ``step=0`` is no update.
+        beta1, beta2: in ``[0, 1)``. epsilon: ``>= 0``.
+        stop_gradients: must be a bool; NumPy has no autograd, so it changes nothing.
+        out: receives ``w_new`` (same-kind casting); ``out=w`` updates ``w`` in place.
+
+    Result dtypes follow the reference expression's promotion: float32 in gives float32 out,
+    integer arrays give float64, and a float64 0-d ``lr`` makes ``w_new`` float64.
+    """
+
+adam_update = bind_adam_update(_JIT)
+
+
+def bind_adam_update_vjp(backend: str = "auto") -> Any:
+    """Ivy's ``adam_update_vjp`` signature over the VJP on one backend (``"auto"``: C where it
+    builds, else NumPy; ``"numpy"`` and ``"c"`` force one, for tests and comparisons)."""
+    vjp = VJP(ivy_source(), backend)
+
+    def adam_update_vjp(w: Any, dcdw: Any, lr: Any, mw_tm1: Any, vw_tm1: Any, step: Any,
+                        cotangents: Sequence[Any], *, beta1: Any = 0.9, beta2: Any = 0.999,
+                        epsilon: Any = 1e-07) -> tuple[np.ndarray, ...]:
+        return vjp({"w": w, "dcdw": dcdw, "lr": lr, "mw_tm1": mw_tm1, "vw_tm1": vw_tm1},
+                   cotangents, {"beta1": beta1, "beta2": beta2, "epsilon": epsilon,
+                                "step": step})
+
+    adam_update_vjp.__doc__ = ADAM_UPDATE_VJP_DOC
+    return adam_update_vjp
+
+
+ADAM_UPDATE_VJP_DOC = """Pull ``cotangents = (d_w_new, d_mw, d_vw)`` back through one ``adam_update``.
+
+    Returns ``(d_w, d_dcdw, d_lr, d_mw_tm1, d_vw_tm1)``, each an array with its input's shape
+    (a Python-number ``lr`` gets a 0-d array), summed over broadcast dimensions in the fixed
+    order of :func:`adamgen.runtime.vjp.sum_to_shape`. Arguments are those of
+    :func:`adamgen.adam_update`; each cotangent has its output's shape or broadcasts to it
+    (``1.0`` is a cotangent of ones). Where ``v = beta2*vw_tm1 + (1-beta2)*dcdw**2 <= 0`` the
+    path through ``sqrt`` contributes 0 (see :mod:`adamgen.derivatives`). The inputs are never
+    written.
+    """
+
+adam_update_vjp = bind_adam_update_vjp()
 
 
 class Adam(Optimizer):

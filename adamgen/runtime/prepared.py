@@ -1,10 +1,12 @@
-"""A validated call of the public ``adam_update``, ready to run: nothing is written before it.
+"""A validated functional call, ready to run: nothing is written before it.
 
-:meth:`adamgen.runtime.api.Updater.prepare` makes one after every check has passed (arguments
-converted, per-call scalars computed, the kernel form chosen); :meth:`PreparedCall.run` writes
-the outputs: into fresh buffers (the buffered single-dtype form, run by the Updater's runner),
-or through NumPy's promotion (the ``mixed`` form), then into ``out`` when one was given. Split
-from :mod:`adamgen.runtime.api` to keep each module readable.
+:meth:`adamgen.runtime.functional.Updater.prepare` makes one after every check has passed
+(arguments converted, per-call scalars computed, the kernel form chosen); :meth:`PreparedCall.run`
+writes the outputs: into fresh buffers (the buffered single-dtype form, run by the Updater's
+runner), or through NumPy's promotion (the ``mixed`` form), then into ``out`` when one was given.
+
+``out`` receives the rule's first output. When ``out`` is exactly the input that output replaces
+in the rule's in-place form (``adam_update(..., out=w)``), the in-place kernel writes it directly.
 """
 
 from __future__ import annotations
@@ -14,21 +16,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .array import Array
 from .outputs import empty_outputs
 
 if TYPE_CHECKING:
-    from .api import Updater
-
-OUT_IS_W = frozenset({("w_new", "w")})
+    from .functional import Updater
 
 
-def _copy_into_out(out: np.ndarray, w_new: np.ndarray) -> None:
-    """``w_new`` into a caller's ``out`` of the same or a narrower float kind. Values beyond the
-    narrower type become inf, as the cast defines; like the update itself, this raises no
-    floating-point warning."""
+def _copy_into_out(out: np.ndarray, first: np.ndarray) -> None:
+    """The first output into a caller's ``out`` of the same or a narrower float kind. Values
+    beyond the narrower type become inf, as the cast defines; like the update itself, this
+    raises no floating-point warning."""
     with np.errstate(over="ignore"):
-        np.copyto(out, w_new, casting="same_kind")
+        np.copyto(out, first, casting="same_kind")
 
 
 class PreparedCall:
@@ -48,7 +47,7 @@ class PreparedCall:
         self.buffered = buffered
         self.out = out
 
-    def run(self) -> tuple[Any, Any, Any]:
+    def run(self) -> tuple[Any, ...]:
         arrays = tuple(self.tensors.values())
         if self.buffered:
             results = self._run_buffered(arrays)
@@ -61,17 +60,25 @@ class PreparedCall:
                 results = (self.out,) + results[1:]
         return self._wrap(results)
 
+    def _replaced_input(self) -> str | None:
+        """The input the first output replaces in place, if the rule has such a pair."""
+        interface = self.updater.interface
+        first = interface.outputs[0]
+        return next((p.input for p in interface.state if p.output == first), None)
+
     def _run_buffered(self, arrays: tuple[Any, ...]) -> tuple:
         module, out = self.module, self.out
-        w = self.tensors["w"]
-        in_place = out is not None and _same_view(out, w)
-        # out may be written directly only when no input it is not exactly (w, for out=w)
-        # shares its memory: a partial overlap would be read after being written
+        source_name = self._replaced_input() if out is not None else None
+        source = self.tensors.get(source_name) if source_name is not None else None
+        in_place = out is not None and source is not None and _same_view(out, source)
+        # out may be written directly only when no input it is not exactly (the replaced one,
+        # for out=w) shares its memory: a partial overlap would be read after being written
         direct = out is not None and out.dtype == self.dtypes[0] and out.flags.c_contiguous and \
-            not any(isinstance(a, np.ndarray) and not (in_place and a is w)
+            not any(isinstance(a, np.ndarray) and not (in_place and a is source)
                     and np.shares_memory(out, a) for a in arrays)
         if in_place and direct:
-            in_place_module = self.updater.module(module.DTYPE, OUT_IS_W)
+            aliases = frozenset({(self.updater.interface.outputs[0], source_name)})
+            in_place_module = self.updater.module(module.DTYPE, aliases)
             if in_place_module is not None:
                 module = in_place_module
             else:  # no in-place kernel: compute into a fresh buffer, then copy into out
@@ -88,15 +95,21 @@ class PreparedCall:
         return tuple(buffers)
 
     def _wrap(self, results: tuple) -> tuple:
-        """Outputs come back as ``adamgen.Array`` when an input they depend on is one."""
-        if not any(type(value) is Array for value in self.tensors.values()):
+        """Outputs come back in the class of an input they depend on (an ``adamgen.Array`` in,
+        an ``adamgen.Array`` out), except ``out``, which is the caller's own."""
+        kinds = {type(v) for v in self.tensors.values()
+                 if isinstance(v, np.ndarray) and type(v) is not np.ndarray}
+        if not kinds:
             return results
         depends = self.module.DEPENDS
         wrapped = []
         for name, result in zip(self.module.OUTPUTS, results):
-            if result is not self.out and any(
-                    isinstance(self.tensors.get(dep), Array) for dep in depends[name]):
-                result = result.view(Array)
+            if result is not self.out:
+                for dep in depends[name]:
+                    kind = type(self.tensors.get(dep))
+                    if kind in kinds:
+                        result = result.view(kind)
+                        break
             wrapped.append(result)
         return tuple(wrapped)
 

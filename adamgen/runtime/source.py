@@ -78,6 +78,11 @@ class KernelSource:
             return None
         return self.c(self.config(dtype, scalar_tensors=scalar_tensors))
 
+    def derived(self, derivative: str) -> KernelSource:
+        """The kernels of a spec derived from this rule (``"vjp"``), from the same provider."""
+        return KernelSource(self.spec.derived(derivative), self.numpy, self.c, self.constants,
+                            self.fixed_mode)
+
     @property
     def interface(self) -> Interface:
         """The rule's interface, from its mixed-dtype NumPy module (built once on a miss)."""

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArgumentTypeError, ArgumentValueError
-from ..interface import shown
+from ..interface import Range, shown
 
 #: NumPy dtype kinds an update can compute with: floating, signed and unsigned integers.
 _NUMERIC_KINDS = "fiu"
@@ -180,16 +180,17 @@ def broadcast_shape(shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
         raise ArgumentValueError(f"shapes do not broadcast together: {listed}") from None
 
 
-def check_out(out: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """``out`` must be a writable array of the result's shape that ``dtype`` casts to."""
+def check_out(out: Any, shape: tuple[int, ...], dtype: np.dtype, output: str) -> np.ndarray:
+    """``out`` must be a writable array of the shape of ``output`` (the result it receives),
+    that its dtype casts to."""
     if not isinstance(out, np.ndarray):
         raise ArgumentTypeError(f"out must be a NumPy array, got {type(out).__name__}")
     if out.shape != shape:
         raise ArgumentValueError(f"out has shape {out.shape}; expected {shape}, the shape of "
-                                 "w_new")
+                                 f"{output}")
     if not np.can_cast(dtype, out.dtype, casting="same_kind"):
-        raise ArgumentTypeError(f"out has dtype {out.dtype}; w_new is {dtype}, which cannot be "
-                                "cast to it with same_kind casting")
+        raise ArgumentTypeError(f"out has dtype {out.dtype}; {output} is {dtype}, which cannot "
+                                "be cast to it with same_kind casting")
     if not out.flags.writeable:
         raise ArgumentValueError("out is read-only")
     return out
@@ -283,3 +284,28 @@ def _check_lr_array(array: np.ndarray, name: str) -> None:
     else:
         return  # finite and >= 0 (a -0.0 made the quick test fail)
     raise ArgumentValueError(f"{name} must be finite and >= 0 everywhere, but it {problem}")
+
+
+def check_range(value: Any, valid: Range, name: str) -> Any:
+    """``value`` itself when every value it holds is in ``valid`` (a tensor the rule lets be a
+    scalar, such as Ivy's ``lr``): a Python number is checked as given, an array element by
+    element without copying it (the lr rule's range takes :func:`check_lr`'s quick path)."""
+    if valid == _LR_RANGE:
+        return check_lr(value, name)
+    if not isinstance(value, np.ndarray):
+        valid.check(name, value)
+        return value
+    if value.size and value.dtype.kind != "u":
+        with np.errstate(invalid="ignore"):
+            low, high = float(value.min()), float(value.max())
+        for bound in (low, high):
+            if not valid.contains(bound):
+                raise ArgumentValueError(f"{name} must hold values that "
+                                         f"{valid.describe(name).replace('be ', 'are ', 1)}; "
+                                         f"it holds {bound!r} (shape {value.shape}, dtype "
+                                         f"{value.dtype})")
+    return value
+
+
+#: The lr rule (finite and >= 0), as a rule's interface declares it.
+_LR_RANGE = Range(low=0.0, finite=True)

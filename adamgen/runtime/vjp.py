@@ -1,9 +1,9 @@
-"""The public ``adam_update_vjp``: the vector-Jacobian product of ``adam_update``.
+"""A rule's vector-Jacobian product: cotangents pulled back through one update.
 
-``adam_update_vjp(w, dcdw, lr, mw_tm1, vw_tm1, step, (d_w_new, d_mw, d_vw))`` returns
-``(d_w, d_dcdw, d_lr, d_mw_tm1, d_vw_tm1)``: the cotangents pulled back through one update, each
-with the shape of its input. This is what differentiable optimizers and hypergradient methods
-need (``d loss / d lr`` through the update).
+For Ivy's rule, ``adam_update_vjp(w, dcdw, lr, mw_tm1, vw_tm1, step, (d_w_new, d_mw, d_vw))``
+returns ``(d_w, d_dcdw, d_lr, d_mw_tm1, d_vw_tm1)``: one gradient per tensor, each with the shape
+of its input. This is what differentiable optimizers and hypergradient methods need
+(``d loss / d lr`` through the update). Any rule gets the same (:class:`VJP`).
 
 How a call runs, and why:
 
@@ -33,22 +33,18 @@ The rule at ``v = 0`` (where ``d sqrt(v)/dv`` is unbounded) is documented in
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from types import ModuleType
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from ..config import KernelConfig, environment
-from ..interface import SpecRef
-from ..errors import ArgumentTypeError, ArgumentValueError
+from ..config import environment
+from ..interface import DERIVATIVE_PREFIX as PREFIX
+from ..errors import ArgumentTypeError, ArgumentValueError, InexactVariantError
 from . import validate
-from .api import prelude_scalars
-from .c_kernels import CKernel, c_kernel
-from .kernels import numpy_kernel
+from .functional import prelude_scalars
+from .source import C_DTYPES, KernelSource
 
-TENSORS = ("w", "dcdw", "lr", "mw_tm1", "vw_tm1")
-VJP_SPEC = SpecRef("ivy_adam").derived("vjp")
 FLOAT_DTYPES = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32",
                 np.dtype(np.float64): "float64"}
 
@@ -90,54 +86,45 @@ def sum_to_shape(values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return pairwise_sum_rows(rows).reshape(shape)
 
 
-# --- kernels --------------------------------------------------------------------------------
-# The VJP is one more spec (``adam_vjp`` in codegen/driver.py): the same cache, loaders and
-# fallbacks as the update's kernels. Its C file holds the functional form only.
-
-def numpy_vjp_kernel(config: KernelConfig) -> ModuleType:
-    """The generated NumPy VJP module for ``config``, from the cache (built on a miss)."""
-    return numpy_kernel(config)
-
-
-def c_vjp_kernel(config: KernelConfig) -> CKernel | None:
-    """The compiled C VJP kernel for ``config``, or None when C cannot serve it."""
-    return c_kernel(config)
-
-
 # --- the call -------------------------------------------------------------------------------
 
 class VJP:
-    """``adam_update_vjp`` on one backend: ``"numpy"``, ``"c"``, or ``"auto"`` (C if it builds).
+    """A rule's vector-Jacobian product on one backend: ``"numpy"``, ``"c"``, or ``"auto"`` (C
+    if it builds). The VJP is one more spec, derived from the rule
+    (:func:`adamgen.derivatives.vjp_spec`): the same cache, loaders and fallbacks as the
+    update's kernels.
 
     Every backend runs the same IR and hands its elementwise results to :func:`sum_to_shape`,
     so their results are bit-identical.
     """
 
-    def __init__(self, backend: str = "auto") -> None:
+    def __init__(self, source: KernelSource, backend: str = "auto") -> None:
         if backend not in ("auto", "numpy", "c"):
             raise ArgumentValueError(f"backend must be auto, numpy or c, got {backend!r}")
+        self.source = source
         self.backend = backend
 
-    def __call__(self, w: Any, dcdw: Any, lr: Any, mw_tm1: Any, vw_tm1: Any, step: Any,
-                 cotangents: Sequence[Any], *, beta1: Any = 0.9, beta2: Any = 0.999,
-                 epsilon: Any = 1e-07) -> tuple[np.ndarray, ...]:
-        hyper = {"beta1": validate.as_hyperparameter("beta1", beta1, 0.0, 1.0),
-                 "beta2": validate.as_hyperparameter("beta2", beta2, 0.0, 1.0),
-                 "epsilon": validate.as_hyperparameter("epsilon", epsilon, 0.0, None),
-                 "step": validate.as_step(step)}
-        primals = {"w": validate.as_tensor("w", w), "dcdw": validate.as_tensor("dcdw", dcdw),
-                   "lr": validate.check_lr(validate.as_tensor("lr", lr, weak_scalars=True)),
-                   "mw_tm1": validate.as_tensor("mw_tm1", mw_tm1),
-                   "vw_tm1": validate.as_tensor("vw_tm1", vw_tm1)}
+    def __call__(self, tensors: Mapping[str, Any], cotangents: Sequence[Any],
+                 hyper: Mapping[str, Any]) -> tuple[np.ndarray, ...]:
+        """``(d_<tensor>, ...)`` in the rule's tensor order; ``tensors`` and ``hyper`` by name
+        (every hyperparameter given), ``cotangents`` one per output, in the rule's order."""
+        forward = self.source.interface
+        values = {h.name: h.check(hyper[h.name]) for h in forward.hyperparameters}
+        primals: dict[str, Any] = {}
+        for t in forward.tensors:
+            value = validate.as_tensor(t.name, tensors[t.name], weak_scalars=t.scalar)
+            primals[t.name] = (validate.check_range(value, t.range, t.name)
+                               if t.range is not None else value)
+        outputs = forward.outputs
         if isinstance(cotangents, (str, bytes)) or not isinstance(cotangents, Sequence):
-            raise ArgumentTypeError("cotangents must be a sequence (d_w_new, d_mw, d_vw), got "
+            raise ArgumentTypeError(f"cotangents must be a sequence "
+                                    f"({', '.join(PREFIX + o for o in outputs)}), got "
                                     f"{type(cotangents).__name__}")
-        forward = numpy_kernel(KernelConfig(dtype="float64"))  # names and dependencies
-        if len(cotangents) != len(forward.OUTPUTS):
-            raise ArgumentValueError(f"cotangents must have {len(forward.OUTPUTS)} entries "
-                                     f"(one per output {forward.OUTPUTS}), got {len(cotangents)}")
-        cots = {name: validate.as_tensor(f"cotangent d_{name}", value, weak_scalars=True)
-                for name, value in zip(forward.OUTPUTS, cotangents)}
+        if len(cotangents) != len(outputs):
+            raise ArgumentValueError(f"cotangents must have {len(outputs)} entries (one per "
+                                     f"output {list(outputs)}), got {len(cotangents)}")
+        cots = {name: validate.as_tensor(f"cotangent {PREFIX}{name}", value, weak_scalars=True)
+                for name, value in zip(outputs, cotangents)}
         dtype = _common_dtype([*primals.values(), *cots.values()])
         primals = {n: _as_dtype(v, dtype) for n, v in primals.items()}
         shapes = {n: np.shape(v) for n, v in primals.items()}
@@ -145,19 +132,27 @@ class VJP:
         inputs = dict(primals)
         for name, value in cots.items():
             out_shape = validate.broadcast_shape(
-                {d: shapes[d] for d in forward.DEPENDS[name] if d in shapes})
-            inputs[f"d_{name}"] = _place_cotangent(name, _as_dtype(value, dtype), out_shape, full,
-                                                   dtype)
-        config = KernelConfig(spec=VJP_SPEC, dtype=FLOAT_DTYPES[dtype], scalar_tensors=frozenset(
-            n for n, v in inputs.items() if not isinstance(v, np.ndarray)))
-        module = numpy_vjp_kernel(config)  # the prelude is the one definition of the scalars
-        scalars = prelude_scalars(module, hyper, step, epsilon)
+                {d: shapes[d] for d in forward.dependencies(name) if d in shapes})
+            inputs[f"{PREFIX}{name}"] = _place_cotangent(name, _as_dtype(value, dtype), out_shape,
+                                                         full, dtype)
+        source = self.source.derived("vjp")
+        module = source.numpy_module(FLOAT_DTYPES[dtype])  # names of the VJP's own tensors
+        assert module is not None
+        scalar_tensors = frozenset(n for n in module.TENSORS
+                                   if not isinstance(inputs[n], np.ndarray))
+        config = source.config(FLOAT_DTYPES[dtype], scalar_tensors=scalar_tensors)
+        module = source.numpy(config)  # the prelude is the one definition of the scalars
+        assert module is not None
+        scalars = prelude_scalars(module, values)
         buffers = [np.empty(full, dtype) for _ in module.OUTPUTS]
         operands = [inputs[n] for n in module.TENSORS]
         backend = self.backend if self.backend != "auto" else environment().backend or "auto"
-        kernel = c_vjp_kernel(config) if backend in ("auto", "c") else None
+        kernel = source.c(config) if backend in ("auto", "c") and \
+            FLOAT_DTYPES[dtype] in C_DTYPES else None
         if self.backend == "c" and kernel is None:
             raise ArgumentValueError(f"no C VJP kernel for {config.describe()}")
+        if kernel is None and not module.EXACT:
+            raise InexactVariantError(f"{module.INEXACT}; no C kernel serves this VJP here")
         if math.prod(full) == 0:
             pass  # nothing to compute (and no buffer to hand to C)
         elif kernel is not None:
@@ -175,7 +170,8 @@ class VJP:
                 module.update(*operands, scalars, *buffers)
         elementwise = dict(zip(module.OUTPUTS, buffers))
         with np.errstate(all="ignore"):  # inf + -inf in a sum is NaN, as in the update itself
-            return tuple(sum_to_shape(elementwise[f"d_{n}"], shapes[n]) for n in TENSORS)
+            return tuple(sum_to_shape(elementwise[f"{PREFIX}{n}"], shapes[n])
+                         for n in forward.tensor_names)
 
 
 def _common_dtype(values: list[Any]) -> np.dtype:
@@ -209,22 +205,3 @@ def _place_cotangent(name: str, value: Any, out_shape: tuple[int, ...],
                   for p, f in zip(padded, full))
     placed[first] = np.broadcast_to(value, padded)
     return placed
-
-
-_AUTO = VJP("auto")
-
-
-def adam_update_vjp(w: Any, dcdw: Any, lr: Any, mw_tm1: Any, vw_tm1: Any, step: Any,
-                    cotangents: Sequence[Any], *, beta1: Any = 0.9, beta2: Any = 0.999,
-                    epsilon: Any = 1e-07) -> tuple[np.ndarray, ...]:
-    """Pull ``cotangents = (d_w_new, d_mw, d_vw)`` back through one ``adam_update``.
-
-    Returns ``(d_w, d_dcdw, d_lr, d_mw_tm1, d_vw_tm1)``, each an array with its input's shape
-    (a Python-number ``lr`` gets a 0-d array), summed over broadcast dimensions in the fixed
-    order of :func:`sum_to_shape`. Arguments are those of :func:`adamgen.adam_update`; each
-    cotangent has its output's shape or broadcasts to it (``1.0`` is a cotangent of ones).
-    Where ``v = beta2*vw_tm1 + (1-beta2)*dcdw**2 <= 0`` the path through ``sqrt`` contributes
-    0 (see :mod:`adamgen.derivatives`). The inputs are never written.
-    """
-    return _AUTO(w, dcdw, lr, mw_tm1, vw_tm1, step, cotangents, beta1=beta1, beta2=beta2,
-                  epsilon=epsilon)
