@@ -1,4 +1,4 @@
-"""adamgen: Ivy's Adam update, written once in SymPy, compiled to NumPy and C kernels.
+"""adamgen: optimizer update rules, each written once in SymPy, compiled to NumPy and C kernels.
 
 Importing adamgen loads NumPy and the runtime only (never torch: :class:`Adam` recognises torch
 tensors without importing it). SymPy and Jinja are generation-time dependencies: they load on a
@@ -10,22 +10,32 @@ from __future__ import annotations
 from typing import Any
 
 from ._version import __version__
-from .errors import AdamgenError, CacheError, CompileError, ConfigError
+from .errors import AdamgenError, CacheError, CompileError, ConfigError, SpecError
 from .runtime.array import Array, array
 from .runtime.container import Container
 from .runtime.ivy import Adam, adam_update, adam_update_vjp
+from .runtime.rule import Rule, rule, rules
 
 __all__ = [
     "Adam", "AdamgenError", "Array", "CacheError", "CompileError", "ConfigError", "Container",
-    "__version__", "adam_update", "adam_update_vjp", "array", "verify",
+    "Rule", "SpecError", "UpdateSpec", "__version__", "adam_update", "adam_update_vjp", "array",
+    "rule", "rules", "verify",
 ]
 
 
-def verify(**options: Any) -> list:
-    """Prove the generated kernels equal the spec, and Adam's properties (imports SymPy).
+def __getattr__(name: str) -> Any:
+    """``adamgen.UpdateSpec`` (and the spec language through :mod:`adamgen.spec`) import SymPy:
+    only when asked for, never by ``import adamgen``."""
+    if name == "UpdateSpec":
+        from .spec import UpdateSpec
 
-    See :func:`adamgen.theorems.verify`; returns one result per theorem.
-    """
+        return UpdateSpec
+    raise AttributeError(f"module 'adamgen' has no attribute {name!r}")
+
+
+def verify(**options: Any) -> list:
+    """Prove every built-in rule's kernels equal its spec, and each rule's theorems (imports
+    SymPy). See :func:`adamgen.theorems.verify`; returns one result per theorem."""
     from .theorems import verify as run
 
     return run(**options)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 from types import ModuleType
 
@@ -84,9 +85,14 @@ def _verify(args: argparse.Namespace) -> int:
     return print_report(results, verbose=not args.quiet, strict=args.strict)
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from .codegen.package import generate
+def _rule(args: argparse.Namespace) -> Any:
+    """The rule ``--rule`` and ``--option`` name (errors list the valid names and options)."""
+    from .runtime.rule import rule
 
+    return rule(args.rule, **dict(args.option or ()))
+
+
+def _generate(args: argparse.Namespace) -> int:
     def progress(message: str) -> None:
         print(f"adamgen generate: {message}", file=sys.stderr, flush=True)
 
@@ -96,8 +102,9 @@ def _generate(args: argparse.Namespace) -> int:
                                  "the package into")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        generate(out, args.name, dtypes=args.dtype, constants=args.const, mode=args.mode,
-                 portable=args.portable, with_c=not args.numpy_only, progress=progress)
+        _rule(args).generate(out, args.name, dtypes=args.dtype, constants=args.const,
+                             mode=args.mode, portable=args.portable,
+                             with_c=not args.numpy_only, progress=progress)
     except OSError as error:
         written = Path(error.filename or "").absolute()
         if error.filename is None or not (written == out.absolute()
@@ -116,6 +123,16 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
     return value
+
+
+def _option(text: str) -> tuple[str, Any]:
+    """``amsgrad=1`` -> ``("amsgrad", True)``; ``lr_dtype=float32`` -> ``("lr_dtype", "float32")``
+    (the rule checks the name and the value)."""
+    name, equals, value = text.partition("=")
+    if not (name.strip() and equals and value.strip()):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    words = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+    return name.strip(), words.get(value.strip().lower(), value.strip())
 
 
 def _constants(text: str) -> list[tuple[str, float]]:
@@ -180,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(run=_verify)
 
     gen = commands.add_parser("generate", help="write an importable package of kernels")
+    gen.add_argument("--rule", default="ivy_adam", metavar="NAME",
+                     help="the built-in rule (default: ivy_adam; `adamgen info` lists them)")
+    gen.add_argument("--option", action="append", type=_option, metavar="NAME=VALUE",
+                     help="an option of the rule, e.g. amsgrad=1 (repeatable)")
     gen.add_argument("--out", required=True, help="directory to write the package into")
     gen.add_argument("--name", required=True, help="the package's name (a Python identifier)")
     gen.add_argument("--dtype", default="float32,float64",
@@ -187,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--const", default="",
                      help="hyperparameters to bake in, e.g. beta1=0.9,beta2=0.999,epsilon=1e-7")
     gen.add_argument("--mode", default="exact", choices=("exact", "fast"),
-                     help="exact (bit-identical to Ivy, default) or fast")
+                     help="exact (bit-identical to the rule's reference, default) or fast")
     gen.add_argument("--portable", action="store_true",
                      help="compile without -march=native, for other machines of this kind")
     gen.add_argument("--numpy-only", action="store_true", help="generate no C kernels")

@@ -45,7 +45,7 @@ class KernelConfig:
         aliases: ``(output, input)`` pairs that share memory (``out=w`` is ``("w_new", "w")``).
     """
 
-    spec: SpecRef = field(default_factory=lambda: SpecRef("ivy_adam"))
+    spec: SpecRef
     dtype: str = "float32"
     mode: str = "exact"
     constants: tuple[tuple[str, float], ...] = ()

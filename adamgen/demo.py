@@ -31,18 +31,19 @@ def _timed(label: str, work: Callable[[], object]) -> object:
 
 
 def build_kernels() -> None:
-    from .config import KernelConfig
-    from .runtime import c_kernels, dispatch, kernels
+    from .runtime import c_kernels, kernels
+    from .runtime.ivy import ivy_source
 
+    source = ivy_source()
     for dtype in ("float32", "float64"):
         for aliases, form in ((frozenset(), "functional"),
                               (frozenset({("w_new", "w")}), "in place")):
-            config = KernelConfig(dtype=dtype, aliases=aliases)
-            _timed(f"numpy {dtype} {form}", lambda config=config: kernels.numpy_kernel(config))
+            _timed(f"numpy {dtype} {form}", lambda dtype=dtype, aliases=aliases:
+                   source.numpy_module(dtype, aliases=aliases))
         for scalars in (frozenset({"lr"}), frozenset()):
             label = f"c {dtype} ({'scalar' if scalars else 'array'} lr)"
             kernel = _timed(label, lambda dtype=dtype, scalars=scalars:
-                            dispatch.c_kernel_for(dtype, scalars))
+                            source.c_kernel(dtype, scalars))
             if kernel is None:
                 print("  C is unavailable here: NumPy serves every call")
                 return

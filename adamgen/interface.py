@@ -214,6 +214,13 @@ class SpecRef:
         return {"name": self.name, "options": [list(o) for o in self.options],
                 "digest": self.digest, "derivative": self.derivative}
 
+    @classmethod
+    def from_key(cls, key: Mapping[str, Any]) -> SpecRef:
+        """The reference :meth:`key` describes (without ``source``: a generated package's
+        kernels are all there, nothing is built)."""
+        return cls(str(key["name"]), tuple((str(k), v) for k, v in key["options"]),
+                   str(key["digest"]), str(key["derivative"]))
+
     @property
     def label(self) -> str:
         """``torch_adam(amsgrad=True)``, ``ivy_adam.vjp``: for headers and tables."""

@@ -44,6 +44,7 @@ is ``x*x``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import keyword
@@ -219,7 +220,12 @@ class UpdateSpec:
         """This spec as kernels are keyed: by its hash unless it is a built-in rule (whose source
         is part of every key already)."""
         return SpecRef(self.name, self.interface.options, "" if builtin else self.spec_hash,
-                       source=lambda: self)
+                       source=functools.partial(_itself, self))
+
+
+def _itself(spec: UpdateSpec) -> UpdateSpec:
+    """A spec's own source (a module-level function, so a reference to a spec pickles)."""
+    return spec
 
 
 def _with_hash(interface: Interface, spec_hash: str) -> Interface:

@@ -21,6 +21,7 @@ import adamgen
 from adamgen import config as adamgen_config
 from adamgen.config import KernelConfig
 from adamgen.errors import ConfigError
+from adamgen.interface import SpecRef
 from adamgen.runtime import loader
 
 from .peers import BETA1, BETA2, EPSILON, LR, Counter
@@ -136,7 +137,8 @@ def _c_kernel_and_scalars(dtype: str) -> tuple[Any, tuple[float, ...]] | None:
         from adamgen.runtime.kernels import numpy_kernel
     except ImportError:
         return None
-    config = KernelConfig(dtype=dtype, scalar_tensors=frozenset({"lr"}))
+    config = KernelConfig(spec=SpecRef("ivy_adam"), dtype=dtype,
+                          scalar_tensors=frozenset({"lr"}))
     kernel = c_kernel(config)
     if kernel is None:
         return None

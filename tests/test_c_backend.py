@@ -19,6 +19,9 @@ from adamgen.codegen import build
 from adamgen.codegen.driver import c_source, kernel_ir
 from adamgen import ieee
 from adamgen.config import KernelConfig
+from adamgen.interface import SpecRef
+
+IVY = SpecRef("ivy_adam")
 
 FLAGS32 = ("-O3", "-std=c99", "-ffp-contract=off", "-march=native")
 BAKED = (("beta1", 0.9), ("beta2", 0.999), ("epsilon", 1e-7))
@@ -26,12 +29,12 @@ BAKED = (("beta1", 0.9), ("beta2", 0.999), ("epsilon", 1e-7))
 
 @pytest.fixture(scope="module")
 def f32():
-    return c_source(KernelConfig(dtype="float32"), flags=FLAGS32)
+    return c_source(KernelConfig(spec=IVY, dtype="float32"), flags=FLAGS32)
 
 
 @pytest.fixture(scope="module")
 def f64():
-    return c_source(KernelConfig(dtype="float64"), flags=FLAGS32)
+    return c_source(KernelConfig(spec=IVY, dtype="float64"), flags=FLAGS32)
 
 
 def sections(source: str) -> dict[str, str]:
@@ -42,7 +45,7 @@ def sections(source: str) -> dict[str, str]:
 
 def test_header_names_spec_mode_dtype_flags_and_variant(f32):
     header = f32.source.split("*/", 1)[0]
-    ir = kernel_ir(KernelConfig())
+    ir = kernel_ir(KernelConfig(spec=IVY))
     for expected in (f"spec:     ivy_adam (hash {ir.spec_hash})",
                      "variant:  c ivy_adam float32 exact",
                      "dtype:    float32 (C type float)", "mode:     exact",
@@ -55,7 +58,7 @@ def test_header_names_spec_mode_dtype_flags_and_variant(f32):
 def test_every_ir_step_is_one_statement_in_order(f32):
     body = sections(f32.source)["functional"]
     lines = [line.strip() for line in body.splitlines() if re.search(r"  /\* \w+ = \w+\(", line)]
-    ir = kernel_ir(KernelConfig())
+    ir = kernel_ir(KernelConfig(spec=IVY))
     assert [line.split("/* ")[1].rstrip(" */") for line in lines] == [str(s) for s in ir.body]
     assert lines[:3] == ["const float t7 = beta1*mw_tm1[i];  /* t7 = mul(beta1, mw_tm1) */",
                          "const float t9 = s8*dcdw[i];  /* t9 = mul(s8, dcdw) */",
@@ -108,7 +111,7 @@ def test_in_place_forms_take_one_pointer_per_overwritten_array(f32):
 
 
 def test_baked_constants_are_float_literals_rounded_once():
-    rendered = c_source(KernelConfig(constants=BAKED), flags=FLAGS32)
+    rendered = c_source(KernelConfig(spec=IVY, constants=BAKED), flags=FLAGS32)
     body = sections(rendered.source)["functional"]
     assert "const float t7 = 0.9f*mw_tm1[i];" in body
     # 1 - 0.9 in double is 0.09999999999999998; rounded once to float32 that is 0.1f
@@ -121,17 +124,17 @@ def test_baked_constants_are_float_literals_rounded_once():
 
 
 def test_scalar_tensors_are_values_and_uniform_steps_leave_the_loop():
-    rendered = c_source(KernelConfig(mode="fast", scalar_tensors=frozenset({"lr"})))
+    rendered = c_source(KernelConfig(spec=IVY, mode="fast", scalar_tensors=frozenset({"lr"})))
     functional = sections(rendered.source)["functional"]
     assert "float lr," in functional and "lr[i]" not in functional
     loop = functional.index("for (int64_t i")
     assert -1 < functional.index("const float t21_scale = alpha*lr;") < loop
-    state = c_source(KernelConfig(scalar_tensors=frozenset({"mw_tm1", "vw_tm1"})))
+    state = c_source(KernelConfig(spec=IVY, scalar_tensors=frozenset({"mw_tm1", "vw_tm1"})))
     assert {f.form for f in state.functions} == {"functional", "inplace_parameter"}  # no inplace_all
 
 
 def test_without_openmp_there_are_no_threaded_entry_points():
-    rendered = c_source(KernelConfig(), openmp=False)
+    rendered = c_source(KernelConfig(spec=IVY), openmp=False)
     assert not any(f.threaded for f in rendered.functions)
     assert "omp" not in rendered.cdef and "#pragma omp" not in rendered.source
     assert "ivy_adam_multi_inplace(" in rendered.source
@@ -156,8 +159,8 @@ def compile_only(tmp_path: Path, source: str, flags: list[str]) -> str:
 
 @needs_cc
 @pytest.mark.parametrize("openmp", [True, False], ids=["openmp", "serial"])
-@pytest.mark.parametrize("config", [KernelConfig(dtype="float32"), KernelConfig(dtype="float64"),
-                                    KernelConfig(mode="fast", constants=BAKED,
+@pytest.mark.parametrize("config", [KernelConfig(spec=IVY, dtype="float32"), KernelConfig(spec=IVY, dtype="float64"),
+                                    KernelConfig(spec=IVY, mode="fast", constants=BAKED,
                                                  scalar_tensors=frozenset({"lr"}))],
                          ids=["float32", "float64", "fast-baked-scalar-lr"])
 def test_compiles_with_all_warnings_as_errors(tmp_path: Path, config, openmp):
@@ -175,7 +178,7 @@ def test_every_chunk_loop_vectorises(tmp_path: Path, dtype):
     if info.family != "gcc":
         pytest.skip("-fopt-info is GCC's")
     flags = build.compile_flags("exact", openmp=info.openmp, portable=False)
-    rendered = c_source(KernelConfig(dtype=dtype), openmp=info.openmp, flags=tuple(flags))
+    rendered = c_source(KernelConfig(spec=IVY, dtype=dtype), openmp=info.openmp, flags=tuple(flags))
     report = compile_only(tmp_path, rendered.source, [*flags, "-fopt-info-vec-optimized"])
     vectorised = {int(m.group(1)) for m in re.finditer(r"kernel\.c:(\d+):\d+: optimized: loop "
                                                        r"vectorized", report)}

@@ -23,11 +23,13 @@ from adamgen.codegen.lower import lower
 from adamgen.codegen.numpy_backend import KernelNumPyPrinter, render_numpy_module
 from adamgen.codegen.steps import step_expression
 from adamgen.config import KernelConfig
-from adamgen.interface import SpecRef
 from adamgen.derivatives import SqrtOfClamp, evaluated, vjp_expressions, vjp_spec
 from adamgen.errors import LoweringError
 from adamgen.rules.ivy_adam import spec as adam_spec
 from adamgen.spec import UpdateSpec
+from adamgen.interface import SpecRef
+
+IVY = SpecRef("ivy_adam")
 
 VJP = SpecRef("ivy_adam").derived("vjp")
 
@@ -117,7 +119,7 @@ def test_renesting_handles_general_expressions(mode):
     spec = _toy_spec()
     vjp = vjp_spec(spec)
     assert all(_binary_everywhere(e) for _, e in vjp.outputs)
-    module = load(render_numpy_module(lower(vjp, KernelConfig(dtype="float64", mode=mode))))
+    module = load(render_numpy_module(lower(vjp, KernelConfig(spec=IVY, dtype="float64", mode=mode))))
     rng = np.random.default_rng(3)
     a, b, c, d_y, d_z = (rng.uniform(0.5, 2.0, 9) for _ in range(5))
     inputs = {"a": a, "b": b, "c": c, "d_y": d_y, "d_z": d_z}
@@ -147,15 +149,15 @@ def test_select_lowers_renders_and_refuses_other_forms():
     k = sympy.Symbol("h", real=True)
     select = Piecewise((a, sympy.StrictGreaterThan(c, 0, evaluate=False)), (0, True),
                        evaluate=False)
-    ir = lower(UpdateSpec("sel", (c, a), (k,), (("y", select),)), KernelConfig())
+    ir = lower(UpdateSpec("sel", (c, a), (k,), (("y", select),)), KernelConfig(spec=IVY))
     assert [(s.op, s.args) for s in ir.body] == [("select_gt", ("c", 0, "a", 0))]
     three = Piecewise((a, sympy.StrictGreaterThan(c, 0, evaluate=False)),
                       (c, sympy.StrictLessThan(a, 0, evaluate=False)), (1, True), evaluate=False)
     with pytest.raises(LoweringError, match="two-branch"):
-        lower(UpdateSpec("bad", (c, a), (k,), (("y", three),)), KernelConfig())
+        lower(UpdateSpec("bad", (c, a), (k,), (("y", three),)), KernelConfig(spec=IVY))
     both = Piecewise((a, sympy.And(c > 0, a > 0)), (1, True), evaluate=False)
     with pytest.raises(LoweringError, match="one comparison"):
-        lower(UpdateSpec("bad", (c, a), (k,), (("y", both),)), KernelConfig())
+        lower(UpdateSpec("bad", (c, a), (k,), (("y", both),)), KernelConfig(spec=IVY))
     step = Step("y", "select_gt", ("c", 0, "a", 0))
     printer = KernelNumPyPrinter()
     assert printer.expression(step) == "y = np.where(c > 0.0, a, 0.0)"

@@ -14,6 +14,9 @@ from adamgen.codegen.ir import Step
 from adamgen.codegen.numpy_backend import allocate_buffers
 from adamgen.config import KernelConfig
 from adamgen import ieee
+from adamgen.interface import SpecRef
+
+IVY = SpecRef("ivy_adam")
 
 GOLDEN = Path(__file__).parent / "golden" / "numpy_float32_exact.py.txt"
 ALIASES = {
@@ -31,11 +34,11 @@ def load(source: str) -> dict:
 
 def test_golden_float32_module():
     """A change to this text is a change to generated code: review it, then update the file."""
-    assert numpy_source(KernelConfig(dtype="float32")) == GOLDEN.read_text()
+    assert numpy_source(KernelConfig(spec=IVY, dtype="float32")) == GOLDEN.read_text()
 
 
 def test_generated_module_is_readable_and_has_a_header():
-    source = numpy_source(KernelConfig(dtype="float64"))
+    source = numpy_source(KernelConfig(spec=IVY, dtype="float64"))
     header = source.split('"""')[1]
     for expected in ("rule:      ivy_adam", "variant:   numpy ivy_adam float64 exact", "dtype:     float64",
                      "mode:      exact"):
@@ -46,7 +49,7 @@ def test_generated_module_is_readable_and_has_a_header():
 
 @pytest.mark.parametrize("aliases", ALIASES.values(), ids=ALIASES.keys())
 def test_buffer_plan_never_clobbers_an_aliased_input(aliases):
-    ir = kernel_ir(KernelConfig(aliases=aliases))
+    ir = kernel_ir(KernelConfig(spec=IVY, aliases=aliases))
     plan = allocate_buffers(ir)
     aliased = {out: src for out, src in aliases}
     last_read = ir.last_reads()
@@ -70,7 +73,7 @@ def test_buffered_module_matches_reference_bits_under_every_aliasing(dtype, alia
     arrays[3][:3] = [np.nan, -1.0, -0.0]
     w, g, m, v = arrays
     expected = reference(w, g, 0.01, m, v, 1270.0)
-    module = load(numpy_source(KernelConfig(dtype=dtype, aliases=aliases)))
+    module = load(numpy_source(KernelConfig(spec=IVY, dtype=dtype, aliases=aliases)))
     scalars = module["prelude"](0.9, 0.999, 1e-7, 1270.0)
     w_, m_, v_ = w.copy(), m.copy(), v.copy()
     aliased = {out for out, _ in aliases}
@@ -85,7 +88,7 @@ def test_buffered_module_matches_reference_bits_under_every_aliasing(dtype, alia
 
 
 def test_mixed_module_promotes_like_the_reference():
-    module = load(numpy_source(KernelConfig(dtype="mixed")))
+    module = load(numpy_source(KernelConfig(spec=IVY, dtype="mixed")))
     w = np.arange(5, dtype=np.float32)
     g = np.linspace(-1, 1, 5)
     lr = np.array(0.1)  # float64 0-d

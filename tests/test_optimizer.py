@@ -9,6 +9,9 @@ import pytest
 
 import adamgen
 from adamgen import Adam, Container
+from adamgen.interface import SpecRef
+
+IVY = SpecRef("ivy_adam")
 
 SHAPES = [(3, 4), (5,), (2, 2, 2), (1,), (0,), (17, 3)]
 
@@ -180,7 +183,7 @@ def test_fast_mode_steps_with_the_fast_kernel_and_its_own_scalars(variant, monke
     monkeypatch.setenv("ADAMGEN_VARIANT", variant)
     refresh_environment()
     dispatch.forget()
-    fast = c_kernel(KernelConfig(mode="fast", scalar_tensors=frozenset({"lr"})))
+    fast = c_kernel(KernelConfig(spec=IVY, mode="fast", scalar_tensors=frozenset({"lr"})))
     if fast is None:
         pytest.skip("no C compiler")
     rng = np.random.default_rng(8)

@@ -22,6 +22,9 @@ from adamgen.errors import LoweringError
 from adamgen.proofs import ir_expressions, symbols_of
 from adamgen.rules.ivy_adam import spec as adam_spec
 from adamgen.spec import UpdateSpec
+from adamgen.interface import SpecRef
+
+IVY = SpecRef("ivy_adam")
 
 NAMES = [name for name, _ in V.theorems(adam_spec())]
 
@@ -135,7 +138,7 @@ def test_undecided_is_unproven_and_never_proven(monkeypatch, capsys):
 
 
 def test_ir_expressions_use_exact_binary_constants():
-    config = KernelConfig(constants=(("beta1", 0.9),))
+    config = KernelConfig(spec=IVY, constants=(("beta1", 0.9),))
     ir = lower(adam_spec(), config)
     rebuilt = ir_expressions(ir, symbols_of(adam_spec()))
     import sympy

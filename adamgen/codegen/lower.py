@@ -43,15 +43,14 @@ PYTHON_SCALAR_OPS: dict[str, Callable[..., float]] = {
 }
 
 
-def scalar_op(op: str, dtype: str) -> Callable[..., float]:
+def scalar_op(op: str, dtype: str) -> Callable[..., float] | None:
     """The Python function computing a prelude op for kernels of ``dtype`` (``round_element``
-    rounds to it)."""
+    rounds to it), or None where the dtype does not say (``element()`` in the mixed form)."""
     if op.startswith("round_"):
         target = op[len("round_"):]
         target = dtype if target == "element" else target
         if target == "mixed":
-            raise LoweringError("element() needs one element dtype; the mixed-dtype form "
-                                "cannot round to it")
+            return None
         return lambda x: ieee.round_scalar(float(x), target)
     return PYTHON_SCALAR_OPS[op]
 
@@ -306,8 +305,10 @@ def fold_constants(program: Program) -> Program:
     steps: list[Step] = []
     for step in program.steps:
         args = _rename(step.args, values)
-        if step.target in program.scalar_steps and all(not isinstance(a, str) for a in args):
-            values[step.target] = float(scalar_op(step.op, program.config.dtype)(*args))
+        compute = (scalar_op(step.op, program.config.dtype)
+                   if step.target in program.scalar_steps else None)
+        if compute is not None and all(not isinstance(a, str) for a in args):
+            values[step.target] = float(compute(*args))
             continue
         steps.append(Step(step.target, step.op, args))
     outputs = tuple((name, values.get(v, v) if isinstance(v, str) else v)

@@ -75,6 +75,8 @@ class PreludePrinter(PythonCodePrinter):
     def _print_RoundToBase(self, expr: language.RoundToBase) -> str:
         target = self.dtype if expr.dtype == "element" else expr.dtype
         x = self._print(expr.args[0])
+        if target == "mixed":  # the module declines (inexact_reason); never computed
+            return f"_declined({x})"
         return x if target == "float64" else f"ieee.round_scalar({x}, {target!r})"
 
     def _print_Float(self, expr: sympy.Float) -> str:
@@ -158,6 +160,10 @@ class KernelNumPyPrinter(NumPyPrinter):
 def inexact_reason(ir: KernelIR) -> str:
     """Why NumPy cannot compute this kernel exactly, or "" when it can."""
     dtype = ir.config.dtype
+    for step in ir.prelude:
+        if step.op == "round_element" and dtype == "mixed":
+            return (f"{step}: element() rounds to the arrays' one dtype, and the mixed-dtype "
+                    "form has none")
     for step in ir.body:
         if step.op == "fma" and dtype not in EXACT_FMA:
             return (f"{step}: NumPy cannot round a {dtype} fused multiply-add once (no wider "

@@ -166,7 +166,8 @@ def _ivy_vs_paper(spec: UpdateSpec) -> tuple[str, str]:
 def _vjp_equals_derivatives(spec: UpdateSpec, factory: IRFactory, mode: str) -> tuple[str, str]:
     vjp = vjp_spec(spec)
     x = symbols_of(vjp) | symbols_of(spec)
-    rebuilt = ir_expressions(factory(vjp, KernelConfig(dtype="float64", mode=mode)), x)
+    rebuilt = ir_expressions(factory(vjp, KernelConfig(spec=vjp.ref(), dtype="float64",
+                                                       mode=mode)), x)
     outputs = [(name, exact(expr)) for name, expr in spec.outputs]
     v_expr = exact(spec.output("vw"))
     a1, b, s_, n_ = sympy.symbols("A1 B S N", positive=True)

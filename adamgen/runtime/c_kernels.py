@@ -6,7 +6,7 @@ neither SymPy nor Jinja: the key is computed from the configuration, the generat
 and :func:`adamgen.codegen.build.key_fields`; the entry points' signatures come from the
 cache manifest. Only a miss imports :mod:`adamgen.codegen.driver` to render the C file.
 
-**What the caller guarantees** (``adamgen.runtime.api`` validates before calling): every array
+**What the caller guarantees** (the functional API validates before calling): every array
 is C-contiguous (``ffi.from_buffer`` refuses anything else, so a non-contiguous input is never
 read wrongly; the API passes a contiguous copy instead), has the kernel's dtype and the size of
 the first output; in-place forms get arrays that are either the same array or disjoint
@@ -25,7 +25,6 @@ compiler error line, and ``None``; with ``ADAMGEN_STRICT=1``, :class:`CompileErr
 from __future__ import annotations
 
 import functools
-import hashlib
 import keyword
 import logging
 import os
@@ -37,9 +36,8 @@ from types import ModuleType
 from typing import Any
 
 from .. import cache as artifact_cache
-from .._resources import generator_fingerprint
 from .._warnings import warn
-from ..codegen import build
+from ..codegen import artifact, build
 from ..config import KernelConfig, environment
 from ..errors import CacheError, CacheMissError, CompileError
 from .forksafe import ForkSafeLock
@@ -47,7 +45,7 @@ from .kernels import load_entry
 
 log = logging.getLogger("adamgen.c_kernels")
 
-KIND = "c-kernel"
+KIND = artifact.KIND
 DTYPES = ("float32", "float64")
 #: Elements below which the threaded entry points run serially. Measured at 2 threads (float32,
 #: in place): 0.76x at 8e3 elements, 1.22x at 1.6e4, 1.47x at 3.2e4. The loader may tune
@@ -386,23 +384,11 @@ def warn_unavailable(exc: Exception) -> None:
              f"ADAMGEN_STRICT=1 to make this an error): {str(exc).splitlines()[0]}")
 
 
-def c_cache_key(config: KernelConfig, portable: bool) -> tuple[str, list[str],
-                                                                              bool]:
-    """(key, flags, openmp) for ``config``: everything that changes the binary, no SymPy."""
-    info = build.probe_compiler()
-    if not info.available:
-        raise CompileError(f"no usable C compiler: {info.reason}", argv=info.argv)
-    flags = build.compile_flags(config.mode, openmp=info.openmp, portable=portable)
-    variant = {"kind": "c", "config": config.key()}  # not repr: hash seed
-    key = artifact_cache.cache_key(build.key_fields(generator_fingerprint(), flags, variant))
-    return key, flags, info.openmp
-
-
 def _load(config: KernelConfig, portable: bool) -> CKernel:
     start = time.perf_counter()
-    key, flags, openmp = c_cache_key(config, portable)
+    key, flags, openmp = artifact.c_key(config, portable)
     module_name = build.extension_module_name(key)
-    builder = functools.partial(_build, config, openmp, portable, flags, module_name)
+    builder = functools.partial(_build, config, key, flags, openmp, portable)
 
     def load(entry: artifact_cache.Entry) -> CKernel:
         module = build.load_extension(
@@ -419,25 +405,13 @@ def _load(config: KernelConfig, portable: bool) -> CKernel:
     return kernel
 
 
-def _build(config: KernelConfig, openmp: bool, portable: bool, flags: list[str],
-           module_name: str, directory: Path) -> dict[str, object]:
-    """Render (SymPy and Jinja load here, on a miss only), compile, describe for the manifest."""
-    from ..codegen.driver import c_source
-
-    rendered = c_source(config, openmp=openmp, flags=tuple(flags))
-    (directory / "kernel.c").write_text(rendered.source, encoding="utf-8")
-    (directory / "kernel_cdef.h").write_text(rendered.cdef, encoding="utf-8")
+def _build(config: KernelConfig, key: str, flags: list[str], openmp: bool, portable: bool,
+           directory: Path) -> dict[str, object]:
+    """Build into the cache's private directory (SymPy and Jinja load here, on a miss only)."""
     try:
-        build.compile_extension(module_name, rendered.source, rendered.cdef, directory, flags)
+        return artifact.build_c(config, directory, key, flags, openmp, portable)
     except CompileError as exc:  # the cache deletes ``directory``: keep the sources beside it
         kept = artifact_cache.keep_failed_build(directory)
         c_path = kept / (exc.c_path.name if exc.c_path else "kernel.c")
         raise CompileError(str(exc).splitlines()[0], argv=exc.argv, stderr=exc.stderr,
                            c_path=c_path) from exc
-    return {
-        "variant": f"{rendered.variant} [{'portable' if portable else 'native'}"
-                   f"{', openmp' if openmp else ''}]",
-        "source_sha256": hashlib.sha256(rendered.source.encode()).hexdigest(),
-        "functions": [f.describe() for f in rendered.functions],
-        "openmp": openmp, "flags": flags, "module": module_name,
-    }

@@ -22,15 +22,18 @@ import hashlib
 import json
 import platform
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from .. import cache as artifact_cache
 from .._warnings import warn
-from ..codegen import build
+from ..codegen import artifact, build
 from ..config import KernelConfig
+from ..interface import SpecRef
 from .c_kernels import CKernel
+from .source import KernelSource
 
 MANIFEST = "manifest.json"
 _UNKNOWN_FLAGS = "no flags or Features line in /proc/cpuinfo, or not Linux"
@@ -40,21 +43,33 @@ class UnusableKernels(Exception):
     """Why a package's C kernels cannot serve here (internal: becomes the one warning)."""
 
 
+def package_source(package: str, directory: Path, spec: SpecRef,
+                   modules: Mapping[tuple[str, frozenset, frozenset], ModuleType],
+                   constants: Mapping[str, float], mode: str) -> KernelSource:
+    """A generated package's kernels as a :class:`KernelSource`: its NumPy modules by
+    (dtype, aliases, scalar tensors), its C kernels (:class:`PackagedKernels`), its constants
+    and the mode it was generated in."""
+    def numpy(config: KernelConfig) -> ModuleType | None:
+        return modules.get((config.dtype, config.aliases, config.scalar_tensors))
+
+    return KernelSource(spec, numpy, PackagedKernels(package, directory),
+                        tuple(sorted((str(k), float(v)) for k, v in constants.items())), mode)
+
+
 class PackagedKernels:
     """The C kernels of one generated package, by (dtype, scalar tensors); None where absent."""
 
-    def __init__(self, package: str, directory: Path, preludes: dict[str, ModuleType]) -> None:
+    def __init__(self, package: str, directory: Path) -> None:
         self.package = package
         self.directory = Path(directory)
-        self.preludes = preludes
         self._kernels: dict[tuple[str, frozenset[str]], CKernel] | None = None
         self._lock = threading.Lock()
         #: why the C kernels are not used ("" when they are)
         self.reason = ""
 
-    def __call__(self, dtype: str, scalar_tensors: frozenset[str]) -> CKernel | None:
+    def __call__(self, config: KernelConfig) -> CKernel | None:
         kernels = self._kernels if self._kernels is not None else self._load()
-        return kernels.get((dtype, scalar_tensors))
+        return kernels.get((config.dtype, config.scalar_tensors))
 
     def _load(self) -> dict[tuple[str, frozenset[str]], CKernel]:
         with self._lock:
@@ -124,14 +139,10 @@ class PackagedKernels:
         return ""
 
     def _kernel(self, directory: Path, manifest: dict[str, Any]) -> CKernel:
-        config = KernelConfig(dtype=manifest["dtype"], mode=manifest["mode"],
-                              constants=tuple(manifest["constants"]),
-                              scalar_tensors=frozenset(manifest["scalar_tensors"]))
+        config = artifact.config_from_fields(manifest["config"])
         module = build.load_extension(
             directory / manifest["so_file"],
             f"{self.package}.{directory.name}.{manifest['module']}")
         entry = artifact_cache.Entry(path=directory, manifest=manifest, built=False,
                                      build_seconds=0.0)
-        kernel = CKernel(config, module, entry, manifest["module"], 0.0)
-        kernel.prelude_module = self.preludes.get(directory.name)  # type: ignore[attr-defined]
-        return kernel
+        return CKernel(config, module, entry, manifest["module"], 0.0)
