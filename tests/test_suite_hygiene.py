@@ -14,7 +14,7 @@ from pathlib import Path
 
 from conftest import SESSION_CACHE_VARIABLES
 
-from adamgen.cache import default_cache_dir
+from adamgen.cache_location import default_cache_dir
 from adamgen.runtime.kernels import kernel_cache
 
 
