@@ -38,23 +38,6 @@ def test_as_learning_rate_names_what_it_refuses(value, error, message):
         validate.as_learning_rate("lr", value)
 
 
-@pytest.mark.parametrize("array", [np.array([0.0, 1e-3, 5.0]), np.arange(4), np.zeros((2, 0)),
-                                   np.array([[1e-3]], np.float16)])
-def test_check_learning_rates_passes_good_arrays(array):
-    validate.check_learning_rates("lr", array)
-
-
-@pytest.mark.parametrize("bad", [-1.0, math.nan, math.inf])
-def test_check_learning_rates_names_a_bad_element(bad):
-    array = np.full((3, 4), 0.1, np.float32)
-    array[2, 1] = bad
-    with pytest.raises(ArgumentValueError, match=rf"lr must hold finite numbers >= 0; it holds "
-                                                 rf".*{bad}.*shape \(3, 4\), dtype float32"):
-        validate.check_learning_rates("lr", array)
-    with pytest.raises(ArgumentValueError, match="-3"):
-        validate.check_learning_rates("lr", np.array([1, -3]))
-
-
 def test_shown_abbreviates_only_long_integers():
     assert validate.shown(12345) == "12345"
     assert validate.shown(0.1) == "0.1"
