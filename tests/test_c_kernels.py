@@ -388,6 +388,8 @@ def test_second_process_hits_the_cache_without_sympy_or_jinja(hermetic: Path):
     script = textwrap.dedent("""
         import sys
         from adamgen.config import KernelConfig
+        from adamgen.interface import SpecRef
+        IVY = SpecRef('ivy_adam')
         from adamgen.runtime.c_kernels import EVENTS, c_kernel
         k = c_kernel(KernelConfig(spec=IVY, dtype="float32", scalar_tensors=frozenset({"lr"})))
         assert k is not None and not k.built, k
@@ -459,6 +461,8 @@ def test_forked_child_runs_threaded_kernels_serially(hermetic: Path):
     script = textwrap.dedent("""
         import os, numpy as np
         from adamgen.config import KernelConfig
+        from adamgen.interface import SpecRef
+        IVY = SpecRef('ivy_adam')
         from adamgen.runtime.c_kernels import c_kernel
         k = c_kernel(KernelConfig(spec=IVY, dtype="float32", scalar_tensors=frozenset({"lr"})))
         f = k.function("ivy_adam_inplace_all_omp")
@@ -621,6 +625,8 @@ ASAN_SCRIPT = """
 import json, sys, numpy as np
 from adamgen.codegen import build
 from adamgen.config import KernelConfig
+from adamgen.interface import SpecRef
+IVY = SpecRef('ivy_adam')
 from adamgen.runtime.c_kernels import KernelFunction
 from adamgen.runtime.kernels import numpy_kernel
 from adamgen.interface import SpecRef
@@ -705,7 +711,7 @@ def test_built_chunk_loops_use_vector_sqrt_and_div(dtype):
                           text=True, check=True).stdout
     suffix = "ps" if dtype == "float32" else "pd"
     for form in FORMS:
-        body = text.split(f"<adam_{form}_chunk>:", 1)[1].split("\n\n", 1)[0]
+        body = text.split(f"<ivy_adam_{form}_chunk>:", 1)[1].split("\n\n", 1)[0]
         for op in ("vsqrt", "vdiv"):
             assert any(f"{op}{suffix}" in line and ("%zmm" in line or "%ymm" in line)
                        for line in body.splitlines()), (form, op)

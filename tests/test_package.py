@@ -16,8 +16,16 @@ import numpy as np
 import pytest
 
 import adamgen
-from adamgen.codegen.package import generate, parse_constants
+from adamgen.codegen.package import parse_constants
+from adamgen.runtime.rule import rule
 from adamgen.errors import ArgumentValueError
+
+IVY_RULE = rule("ivy_adam")
+
+
+def generate(out, name, **options):
+    """``adamgen generate`` of the Ivy rule (the CLI's default rule)."""
+    return IVY_RULE.generate(out, name, **options)
 
 CONSTS = "beta1=0.9,beta2=0.999,epsilon=1e-7"
 REPO = Path(__file__).resolve().parents[1]
@@ -113,11 +121,11 @@ def test_generated_package_serves_containers(packages):
 
 def test_generate_rejects_bad_options(tmp_path):
     with pytest.raises(ArgumentValueError, match="gamma"):
-        parse_constants("gamma=1")
+        parse_constants("gamma=1", IVY_RULE.spec)
     with pytest.raises(ArgumentValueError, match="beta1"):
-        parse_constants("beta1=1.5")
+        parse_constants("beta1=1.5", IVY_RULE.spec)
     with pytest.raises(ArgumentValueError, match="not a number"):
-        parse_constants("beta1=abc")
+        parse_constants("beta1=abc", IVY_RULE.spec)
     with pytest.raises(ArgumentValueError, match="float8"):
         generate(tmp_path, "pkg", dtypes="float8")
     with pytest.raises(ArgumentValueError, match="identifier|package name"):
@@ -153,7 +161,7 @@ def test_cli_generate_end_to_end(tmp_path):
 
 def test_generated_package_carries_and_uses_its_c_kernels(packages):
     directory = packages / "adam_general"
-    for name in ("c_float32", "c_float32_scalar_lr", "c_float64", "c_float64_scalar_lr"):
+    for name in ("c_float32", "c_float32_scalars", "c_float64", "c_float64_scalars"):
         manifest = json.loads((directory / name / "manifest.json").read_text())
         assert manifest["portable"] is False and "-march=native" in manifest["flags"]
         assert (directory / name / "kernel.c").read_text().startswith("/*")
@@ -164,7 +172,7 @@ def test_generated_package_carries_and_uses_its_c_kernels(packages):
         import adam_general
         x = np.linspace(-1, 1, 50_000, dtype=np.float32)
         adam_general.adam_update(x, x, 0.1, x, np.abs(x), 3)
-        kernel = adam_general.C_KERNELS("float32", frozenset({"lr"}))
+        kernel = adam_general.C_KERNELS.kernel("float32", frozenset({"lr"}))
         print(json.dumps({"kernel": repr(kernel), "reason": adam_general.C_KERNELS.reason,
                           "loaded": [m for m in ("sympy", "jinja2") if m in sys.modules]}))
     """)
@@ -192,7 +200,7 @@ def test_package_built_for_other_cpu_features_warns_once_and_serves_numpy(tmp_pa
         print(json.dumps({
             "warnings": [str(w.message) for w in caught if "adam_elsewhere" in str(w.message)],
             "same": all(a.tobytes() == b.tobytes() for a, b in zip(first, expected)),
-            "kernel": repr(adam_elsewhere.C_KERNELS("float32", frozenset({"lr"})))}))
+            "kernel": repr(adam_elsewhere.C_KERNELS.kernel("float32", frozenset({"lr"})))}))
     """)
     assert len(result["warnings"]) == 1 and "avx9000_imaginary" in result["warnings"][0]
     assert result["same"] and result["kernel"] == "None"
@@ -223,7 +231,7 @@ CHECK_SCRIPT = """
     print(json.dumps({{
         "warnings": [str(w.message) for w in caught if "{name}" in str(w.message)],
         "same": all(a.tobytes() == b.tobytes() for got in calls for a, b in zip(got, expected)),
-        "kernels": [type(package.C_KERNELS("float32", s)).__name__
+        "kernels": [type(package.C_KERNELS.kernel("float32", s)).__name__
                     for s in (frozenset(), frozenset({{"lr"}}))],
         "reason": package.C_KERNELS.reason}}))
 """
@@ -267,7 +275,7 @@ def test_an_intact_package_loads_every_c_kernel_without_a_warning(pristine, tmp_
 
 def test_a_truncated_shared_object_is_caught_before_it_is_mapped(pristine, tmp_path):
     """Mapping a truncated .so and calling into it killed the process with SIGBUS."""
-    so = _so(copy_package(pristine, tmp_path), "c_float32_scalar_lr")
+    so = _so(copy_package(pristine, tmp_path), "c_float32_scalars")
     so.write_bytes(so.read_bytes()[: so.stat().st_size // 3])
     served_by_numpy_after_one_warning(check(tmp_path, "adam_checked"),
                                       "not the file the package was built with")
@@ -275,10 +283,10 @@ def test_a_truncated_shared_object_is_caught_before_it_is_mapped(pristine, tmp_p
 
 def _unloadable(package: Path) -> None:
     """Garbage whose hash the manifest agrees with: only ``dlopen`` can tell."""
-    so = _so(package, "c_float32_scalar_lr")
+    so = _so(package, "c_float32_scalars")
     garbage = b"\x7fELF garbage" * 100
     so.write_bytes(garbage)
-    manifest_path = package / "c_float32_scalar_lr" / "manifest.json"
+    manifest_path = package / "c_float32_scalars" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["files"][so.name] = {"sha256": hashlib.sha256(garbage).hexdigest(),
                                   "size": len(garbage)}

@@ -28,6 +28,6 @@ def test_every_cache_points_into_the_session_temporary_directory(tmp_path_factor
 
 def test_processes_started_by_a_test_inherit_the_session_cache(tmp_path_factory):
     run = subprocess.run(
-        [sys.executable, "-c", "from adamgen.cache import default_cache_dir as d; print(d())"],
+        [sys.executable, "-c", "from adamgen.cache_location import default_cache_dir as d; print(d())"],
         capture_output=True, text=True, timeout=120, check=True)
     assert Path(run.stdout.strip()).is_relative_to(tmp_path_factory.getbasetemp())

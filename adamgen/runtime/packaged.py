@@ -68,8 +68,12 @@ class PackagedKernels:
         self.reason = ""
 
     def __call__(self, config: KernelConfig) -> CKernel | None:
+        return self.kernel(config.dtype, config.scalar_tensors)
+
+    def kernel(self, dtype: str, scalar_tensors: frozenset[str]) -> CKernel | None:
+        """The kernel for ``dtype`` with these scalar tensors (all checked on first use)."""
         kernels = self._kernels if self._kernels is not None else self._load()
-        return kernels.get((config.dtype, config.scalar_tensors))
+        return kernels.get((dtype, scalar_tensors))
 
     def _load(self) -> dict[tuple[str, frozenset[str]], CKernel]:
         with self._lock:
