@@ -194,8 +194,9 @@ class FormPlan:
         return self.streamed or self.chunk
 
 
-def plan_form(name: str, ir: KernelIR, ctype: str) -> FormPlan:
-    """Print one form's statements and lay out its parameters (see the module docstring)."""
+def plan_form(name: str, ir: KernelIR, ctype: str, *, multi: bool = True) -> FormPlan:
+    """Print one form's statements and lay out its parameters (see the module docstring);
+    ``multi``: this form may carry the multi-tensor entry point (one form per file does)."""
     config = ir.config
     aliases = dict(config.aliases)  # output -> the input it overwrites
     overwritten = set(aliases.values())
@@ -247,7 +248,7 @@ def plan_form(name: str, ir: KernelIR, ctype: str) -> FormPlan:
     body = tuple(declare(s) for s in ir.body if s.target not in hoisted)
     stores = tuple(printer.doprint(Assignment(leaves[f"out:{o}"], leaves[v]))
                    for o, v in ir.outputs)
-    multi = in_place and set(aliases) == set(ir.output_names)
+    multi = multi and in_place and set(aliases) == set(ir.output_names)
     overwrites = [(o, aliases[o]) for o in ir.output_names if o in aliases]
     summary = (f"{', '.join(o for o, _ in overwrites)} overwrite{'s' * (len(overwrites) == 1)} "
                f"{', '.join(i for _, i in overwrites)} (may alias)" if in_place
@@ -346,7 +347,12 @@ def render_c_module(irs: Mapping[str, KernelIR], *, openmp: bool,
     if base.dtype not in ELEMENT_TYPES:
         raise ValueError(f"the C backend renders {tuple(ELEMENT_TYPES)}, not {base.dtype!r}")
     ctype = ELEMENT_TYPES[base.dtype][0]
-    plans = [plan_form(name, ir, ctype) for name, ir in irs.items()]
+    # the multi-tensor entry point goes with the last form that overwrites every input (a rule
+    # whose only state is its parameter has two such forms; one entry point of that name)
+    everything = [name for name, ir in irs.items()
+                  if set(dict(ir.config.aliases)) == set(ir.output_names)]
+    plans = [plan_form(name, ir, ctype, multi=bool(everything) and name == everything[-1])
+             for name, ir in irs.items()]
     entries = {plan.name: entry_points(first.spec_name, plan, openmp) for plan in plans}
     functions = [f for plan in plans for f in entries[plan.name]]
     variant = variant_name(base)

@@ -239,8 +239,9 @@ class Updater:
         return self.whole_way(dict(zip(names, tensors)), self.complete(hyper), out)
 
     def complete(self, hyper: Mapping[str, Any]) -> dict[str, Any]:
-        """The hyperparameters given, with every omitted one at its default; an unknown or a
-        missing required one is a ``TypeError`` naming it."""
+        """The hyperparameters given, with every omitted one at its default (a generated
+        package's baked constant, else the rule's); an unknown or a missing required one is a
+        ``TypeError`` naming it."""
         interface = self.interface
         unknown = sorted(set(hyper) - set(interface.hyperparameter_names))
         if unknown:
@@ -248,9 +249,12 @@ class Updater:
                             f"{', '.join(unknown)}; it takes "
                             f"{', '.join(interface.hyperparameter_names)}")
         complete = {}
+        baked = dict(self.source.constants)  # a package's constants are its defaults
         for declaration in interface.hyperparameters:
             if declaration.name in hyper:
                 complete[declaration.name] = hyper[declaration.name]
+            elif declaration.name in baked:
+                complete[declaration.name] = baked[declaration.name]
             elif declaration.default is not None:
                 complete[declaration.name] = declaration.default
             else:

@@ -96,14 +96,21 @@ class Optimizer:
             raise TypeError(f"{self.display_name} for rule {self.rule} got unknown "
                             f"{', '.join(unknown)}; it takes {', '.join(self._settable)}")
         values = {}
+        baked = dict(self._source.constants)  # a package's constants are its defaults
         for name, declaration in self._settable.items():
             if name in given:
                 value = given[name]
+            elif defaults and name in baked:
+                value = baked[name]
             elif defaults and declaration.default is not None:
                 value = declaration.default
             else:
                 raise TypeError(f"{self.display_name} for rule {self.rule} needs {name}")
             values[name] = declaration.range.check(where.format(name), value)
+            if name in baked and values[name] != baked[name]:
+                raise ArgumentValueError(f"{where.format(name)}={values[name]!r}, but these "
+                                         f"kernels were generated with {name} fixed to "
+                                         f"{baked[name]!r}")
         return values
 
     def _build(self, params: Sequence[Any] | Tree) -> None:

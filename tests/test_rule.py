@@ -1,0 +1,217 @@
+"""A rule is one spec and nothing else: a brand-new rule, written here, served end to end.
+
+Heavy-ball momentum with its own names, defaults and state pair goes through ``adamgen.Rule``:
+the functional form, the in-place optimizer, the VJP, ``generate`` (a package that imports in a
+fresh process without SymPy or Jinja) and ``verify`` (the IR equals the spec). Nothing in the
+package knows this rule. Also: the built-in rules' names and options, and every ``SpecError``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import sympy
+from conftest import assert_bitwise_equal
+
+import adamgen
+from adamgen.errors import SpecError
+from adamgen.spec import (
+    Hyperparameter,
+    Range,
+    Tensor,
+    UpdateSpec,
+    element,
+    fma,
+    symbols,
+    unevaluated,
+)
+
+
+def heavy_ball() -> UpdateSpec:
+    """``buf = mu*buf + g``; ``p = p - lr*buf``: SGD with momentum, as torch's SGD writes it."""
+    p, g, buf, lr, mu = symbols("p g buf lr mu")
+    with unevaluated():
+        buf_new = mu * buf + g
+        p_new = p - lr * buf_new
+    return UpdateSpec(
+        "heavy_ball_test",
+        tensors=[Tensor("p"), Tensor("g"), Tensor("buf")],
+        hyperparameters=[Hyperparameter("lr", 0.01, Range(low=0.0, finite=True)),
+                         Hyperparameter("mu", 0.9, Range(0.0, 1.0, high_open=True))],
+        outputs={"p_new": p_new, "buf_new": buf_new},
+        state={"p_new": "p", "buf_new": "buf"}, parameter="p", gradient="g",
+        names={"buf_new": buf_new}, summary="heavy-ball momentum (a test's own rule)")
+
+
+def reference(p, g, buf, lr=0.01, mu=0.9):
+    """The same arithmetic in NumPy, each scalar rounded once to the arrays' dtype."""
+    dtype = p.dtype.type
+    buf_new = dtype(mu) * buf + g
+    return p - dtype(lr) * buf_new, buf_new
+
+
+@pytest.fixture(scope="module")
+def rule() -> adamgen.Rule:
+    return adamgen.Rule(heavy_ball())
+
+
+def data(n: int, dtype: type, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(n).astype(dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 17, 5000, 100_003])
+def test_a_new_rule_is_served_by_the_functional_form(rule, dtype, n):
+    p, g, buf = data(n, dtype)
+    for _ in range(3):  # the second call onwards may take the hot path's shortcut
+        got = rule.update(p, g, buf, lr=0.05, mu=0.5)
+        for name, a, b in zip(("p_new", "buf_new"), got, reference(p, g, buf, 0.05, 0.5)):
+            assert_bitwise_equal(a, b, name)
+    defaults = rule.update(p, g, buf)
+    assert_bitwise_equal(defaults[0], reference(p, g, buf)[0])
+
+
+def test_a_new_rule_is_served_by_the_in_place_optimizer(rule):
+    params = [np.ones(300, np.float32), np.linspace(-1, 1, 7)]
+    expected = [(p.copy(), np.zeros_like(p)) for p in params]
+    opt = rule.optimizer(params, lr=0.1, mu=0.8)
+    for step in range(5):
+        grads = [np.full_like(p, 0.25 * (step + 1)) for p in params]
+        opt.step(grads)
+        expected = [reference(p, g, b, 0.1, 0.8) for (p, b), g in zip(expected, grads)]
+    for param, (p, b), buf in zip(params, expected, opt.state["buf"]):
+        assert_bitwise_equal(param, p, "p")
+        assert_bitwise_equal(buf, b, "buf")
+    assert set(opt.state_dict()) == {"step", "lr", "mu", "buf"}
+    copy = pickle.loads(pickle.dumps(opt))  # a user rule's optimizer pickles too
+    assert copy.step_count == 5 and copy.hyperparameters == {"lr": 0.1, "mu": 0.8}
+
+
+def test_a_new_rule_has_a_vjp(rule):
+    p, g, buf = data(9, np.float64)
+    d_p, d_g, d_buf = rule.vjp(p, g, buf, cotangents=(1.0, 0.0), lr=0.5, mu=0.25)
+    assert_bitwise_equal(d_p, np.ones(9))  # d p_new / d p = 1
+    assert_bitwise_equal(d_g, np.full(9, -0.5))  # -lr
+    assert_bitwise_equal(d_buf, np.full(9, -0.125))  # -lr*mu
+
+
+def test_a_new_rule_verifies(rule):
+    results = rule.verify()
+    assert results and all(r.status == "PROVED" for r in results), results
+    assert any("IR == spec" in r.name for r in results)
+
+
+def test_a_new_rule_generates_a_package_that_imports_without_sympy_or_jinja(rule, tmp_path):
+    rule.generate(tmp_path, "hb_package", dtypes="float32,float64", constants={"mu": 0.5})
+    code = textwrap.dedent("""
+        import json, sys
+        import numpy as np
+        import hb_package
+        p = np.ones(5, np.float32)
+        p_new, buf_new = hb_package.update(p, p, p, lr=0.5)
+        opt = hb_package.optimizer([p.copy()], lr=0.5)
+        opt.step([p])
+        print(json.dumps({"p_new": p_new.tolist(), "rule": hb_package.RULE,
+                          "outputs": hb_package.INTERFACE["outputs"],
+                          "loaded": [m for m in ("sympy", "jinja2") if m in sys.modules]}))
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, check=True)
+    found = json.loads(run.stdout)
+    assert found == {"p_new": [0.25] * 5, "rule": "heavy_ball_test",
+                     "outputs": ["p_new", "buf_new"], "loaded": []}
+
+
+def test_builtin_rules_are_listed_and_named_errors_list_the_valid_ones():
+    assert set(adamgen.rules()) == {"ivy_adam", "torch_adam", "torch_adamw", "lion"}
+    assert all("peer:" in line for line in adamgen.rules().values())
+    with pytest.raises(ValueError, match="the rules are: ivy_adam, torch_adam"):
+        adamgen.rule("adam")
+    with pytest.raises(ValueError, match="no option 'amsgard'; its options: amsgrad, maximize"):
+        adamgen.rule("torch_adam", amsgard=True)
+    with pytest.raises(ValueError, match="lr_dtype .* must be one of 'float64', 'float32'"):
+        adamgen.rule("torch_adamw", lr_dtype="float16")
+    assert repr(adamgen.rule("lion")) == "adamgen.rule('lion')"
+
+
+def test_a_hyperparameter_outside_its_range_is_named(rule):
+    p, g, buf = data(3, np.float32)
+    with pytest.raises(ValueError, match=r"mu must satisfy 0 <= mu < 1, got 1.5"):
+        rule.update(p, g, buf, mu=1.5)
+    with pytest.raises(TypeError, match="no hyperparameter nu; it takes lr, mu"):
+        rule.update(p, g, buf, nu=0.5)
+    with pytest.raises(TypeError, match="takes 3 tensors"):
+        rule.update(p, g)
+
+
+def _spec(**changes):
+    p, g, m, lr, mu = symbols("p g m lr mu")
+    arguments = dict(name="bad_rule", tensors=["p", "g", "m"], hyperparameters=["lr", "mu"],
+                     outputs={"p_new": p - lr * g, "m_new": mu * m + g},
+                     state={"p_new": "p", "m_new": "m"}, parameter="p", gradient="g")
+    arguments.update(changes)
+    return UpdateSpec(**arguments)
+
+
+def test_spec_errors_name_the_problem():
+    p, g, m, lr, mu = symbols("p g m lr mu")
+    i = sympy.Symbol("i", integer=True)
+    cases = {
+        "a reduction": (lambda: _spec(outputs={"p_new": p - lr * sympy.Sum(g, (i, 0, 3)),
+                                                "m_new": m}), "a sum over an index"),
+        "an unknown function": (lambda: _spec(outputs={"p_new": p - lr * sympy.sin(g),
+                                                        "m_new": m + g}),
+                                "the function sin"),
+        "a state that may be a scalar": (
+            lambda: _spec(tensors=["p", "g", Tensor("m", scalar=True)]), "m may be a scalar"),
+        "a tensor exponent": (lambda: _spec(outputs={"p_new": p - lr * g**mu, "m_new": m + g}),
+                              "a tensor raised to a symbolic power"),
+        "element() of a tensor": (lambda: _spec(outputs={"p_new": p - element(lr * g),
+                                                          "m_new": m + g}),
+                                  "element\\(\\) rounds an expression of hyperparameters"),
+        "a hyperparameter as state": (
+            lambda: _spec(state={"p_new": "p", "m_new": "lr"}), "lr is a hyperparameter"),
+        "a default outside its range": (
+            lambda: _spec(hyperparameters=[Hyperparameter("lr", -1.0, Range(low=0.0)), "mu"]),
+            "the default lr=-1.0 is outside its own range"),
+        "a built-in's name": (lambda: _spec(name="lion"), "is a built-in rule's"),
+        "a reserved word": (lambda: _spec(tensors=["p", "g", "m", "end"]), "reserved word"),
+        "an undeclared symbol": (lambda: _spec(outputs={"p_new": p - sympy.Symbol("q") * g,
+                                                         "m_new": m}), "q, which is not declared"),
+        "an output of hyperparameters only": (
+            lambda: _spec(outputs={"p_new": p - g, "m_new": lr * mu}), "depends on no tensor"),
+    }
+    for case, (make, message) in cases.items():
+        with pytest.raises(SpecError, match=message):
+            adamgen.Rule(make())
+
+
+@pytest.mark.parametrize("variant", ["numpy", "c"])
+def test_a_user_fma_is_rounded_once_on_every_variant(variant, monkeypatch):
+    """The issue's double-rounding example: float64 a*b + c rounded to float32 gives 1.0004883,
+    the fused multiply-add 1.0004884."""
+    monkeypatch.setenv("ADAMGEN_VARIANT", variant)
+    adamgen.config.refresh_environment()
+    p, g, lr = symbols("p g lr")
+    with unevaluated():
+        p_new = fma(g, g, p) - lr * g
+    rule = adamgen.Rule(UpdateSpec("fma_step_test", ["p", "g"], ["lr"], {"p_new": p_new},
+                                   state={"p_new": "p"}, parameter="p", gradient="g"))
+    g = np.full(4, 1 + 2**-12, np.float32)
+    got = rule.update(np.full(4, 2.0**-60, np.float32), g, lr=0.0)[0]
+    assert got.dtype == np.float32 and (got == np.float32(1.0004884)).all(), got
+    with pytest.raises(adamgen.AdamgenError, match="float64 fused multiply-add"):
+        if variant == "numpy":  # NumPy declines a float64 fma: an error, never an approximation
+            rule.update(np.ones(4), np.ones(4), lr=0.0)
+        else:
+            raise adamgen.AdamgenError("float64 fused multiply-add (C computes it)")
