@@ -51,7 +51,8 @@ def test_quick_run_uses_the_installed_suite(quick_run, installed_wheel):
     assert "(not run from a git checkout)" in (out / "report.md").read_text()
     where = subprocess.run([str(installed_wheel.python), "-c",
                             "import adamgen.benchmarks.run as r; print(r.__file__)"],
-                           cwd=out, capture_output=True, text=True, check=True, timeout=120)
+                           cwd=out, capture_output=True, text=True, check=True, timeout=120,
+                           env=env)
     assert Path(where.stdout.strip()).is_relative_to(installed_wheel.python.parents[1])
 
 
