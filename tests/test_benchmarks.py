@@ -52,7 +52,7 @@ def test_quick_run_uses_the_installed_suite(quick_run, installed_wheel):
     where = subprocess.run([str(installed_wheel.python), "-c",
                             "import adamgen.benchmarks.run as r; print(r.__file__)"],
                            cwd=out, capture_output=True, text=True, check=True, timeout=120,
-                           env=env)
+                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert Path(where.stdout.strip()).is_relative_to(installed_wheel.python.parents[1])
 
 
