@@ -87,23 +87,11 @@ class Shortcut:
         self.wrap = wrap if any(wrap) else None
         self.env = env
 
-    def call(self, arguments: tuple[Any, ...]) -> None:
-        if self.guard is None:
-            self.c_function(*arguments, *self.tail)
-        else:
-            self.guard.run(lambda: self.c_function(*arguments, *self.tail),
-                           lambda: self.serial_function(*arguments, self.size), self.size)
-
-    def outputs(self) -> list[np.ndarray]:
-        if self.pooled:
-            return empty_outputs(self.count, self.shape, self.dtype)
-        return [np.empty(self.shape, self.dtype) for _ in range(self.count)]
-
-    def wrapped(self, outputs: list[np.ndarray]) -> tuple[Any, ...]:
-        if self.wrap is None:
-            return tuple(outputs)
-        return tuple(o.view(kind) if kind is not None else o
-                     for o, kind in zip(outputs, self.wrap))
+    def guarded(self, arguments: tuple[Any, ...]) -> None:
+        """The threaded call, watched: serial C stands in while threads run slow."""
+        assert self.guard is not None
+        self.guard.run(lambda: self.c_function(*arguments, *self.tail),
+                       lambda: self.serial_function(*arguments, self.size), self.size)
 
 
 def _range_test(name: str, valid: Range) -> str:
@@ -166,15 +154,28 @@ def shortcut_source(interface: Interface, constants: Mapping[str, float],
                       "        return None"]
     pointer = "from_buffer(array_type, {})"
     passed = [t.name if t.scalar else pointer.format(t.name) for t in interface.tensors]
+    outputs = [f"o{i}" for i in range(len(interface.outputs))]
+    listed = ", ".join(outputs) + ("," if len(outputs) == 1 else "")
     lines += ["    try:",
               f"        scalars = cut.prelude({', '.join(prelude_order)})",
               "    except ZeroDivisionError:  # the whole way raises it with an explanation",
               "        return None",
-              "    outputs = cut.outputs()",
+              "    if cut.pooled:",
+              f"        {listed} = empty_outputs({len(outputs)}, shape, dtype)",
+              "    else:",
+              *[f"        {o} = empty(shape, dtype)" for o in outputs],
               "    from_buffer, array_type = cut.from_buffer, cut.array_type",
-              f"    cut.call(({', '.join(passed)}, *scalars,",
-              f"              *[{pointer.format('o')} for o in outputs]))",
-              "    return cut.wrapped(outputs)"]
+              f"    arguments = ({', '.join(passed)}, *scalars,",
+              f"                 {', '.join(pointer.format(o) for o in outputs)})",
+              "    if cut.guard is None:",
+              "        cut.c_function(*arguments, *cut.tail)",
+              "    else:",
+              "        cut.guarded(arguments)",
+              "    wrap = cut.wrap",
+              "    if wrap is None:",
+              f"        return ({listed})",
+              "    return tuple(o if kind is None else o.view(kind)",
+              f"                 for o, kind in zip(({listed}), wrap))"]
     return "\n".join(lines) + "\n"
 
 
@@ -208,11 +209,18 @@ class HotPath:
     def _compile(self, prelude_order: tuple[str, ...]) -> None:
         source = shortcut_source(self.interface, self.constants, prelude_order)
         namespace: dict[str, Any] = {"shortcuts": self.shortcuts, "ndarray": np.ndarray,
-                                     "environments": config._current}
+                                     "environments": config._current, "empty": np.empty,
+                                     "empty_outputs": empty_outputs}
         exec(compile(source, f"<adamgen shortcut {self.interface.rule}>", "exec"),  # noqa: S102
              namespace)
         self._run = namespace["run"]
         self.source = source
+
+    @property
+    def shortcut(self) -> Callable[..., tuple[Any, ...] | None] | None:
+        """The generated shortcut function itself (None until a first shortcut is learned): a
+        binding calls it directly, saving the frames of :meth:`run`."""
+        return self._run
 
     def learn(self, call: PreparedCall, tensors: Mapping[str, Any],
               hyper: Mapping[str, Any]) -> None:

@@ -65,21 +65,24 @@ def bind_adam_update(updater: Updater, defaults: Mapping[str, float] | None = No
     """Ivy's ``adam_update`` signature over ``updater`` (the JIT's, or a generated package's,
     whose ``defaults`` are its baked constants)."""
     defaults = {"beta1": 0.9, "beta2": 0.999, "epsilon": 1e-07, **(defaults or {})}
+    shortcut: list[Any] = [None]  # the hot path's generated function, once it exists
 
     def adam_update(w: Any, dcdw: Any, lr: Any, mw_tm1: Any, vw_tm1: Any, step: Any, /, *,
                     beta1: Any = defaults["beta1"], beta2: Any = defaults["beta2"],
                     epsilon: Any = defaults["epsilon"], stop_gradients: Any = True,
                     out: Any = None) -> tuple[Any, Any, Any]:
-        if out is None and type(stop_gradients) is bool:  # a seen signature: its shortcut
-            hotpath = updater.hotpath
-            if hotpath is not None:
-                done = hotpath.run(w, dcdw, lr, mw_tm1, vw_tm1, beta1, beta2, epsilon, step)
-                if done is not None:
-                    return done  # type: ignore[return-value]
+        run = shortcut[0]
+        if run is not None and out is None and type(stop_gradients) is bool:
+            done = run(w, dcdw, lr, mw_tm1, vw_tm1, beta1, beta2, epsilon, step)
+            if done is not None:  # a seen signature took its shortcut
+                return done  # type: ignore[no-any-return]
         check_stop_gradients(stop_gradients)
-        return updater.whole_way(  # type: ignore[return-value]
+        result = updater.whole_way(
             {"w": w, "dcdw": dcdw, "lr": lr, "mw_tm1": mw_tm1, "vw_tm1": vw_tm1},
             {"beta1": beta1, "beta2": beta2, "epsilon": epsilon, "step": step}, out)
+        if run is None and updater.hotpath is not None:
+            shortcut[0] = updater.hotpath.shortcut
+        return result  # type: ignore[return-value]
 
     adam_update.__doc__ = ADAM_UPDATE_DOC
     return adam_update

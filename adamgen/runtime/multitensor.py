@@ -78,11 +78,15 @@ class MultiTensorGroup:
         dtype: the group's dtype.
         arrays: per tensor name of the rule (parameter, gradient, state), the group's arrays.
         indices: each member's position among all the optimizer's parameters.
+        step_name: the rule's step counter hyperparameter, if it has one.
     """
 
     def __init__(self, source: KernelSource, roles: Roles, dtype: np.dtype,
-                 arrays: Mapping[str, Sequence[np.ndarray]], indices: Sequence[int]) -> None:
+                 arrays: Mapping[str, Sequence[np.ndarray]], indices: Sequence[int],
+                 step_name: str | None = None) -> None:
         self.roles = roles
+        self._step_name = step_name
+        self._values: Mapping[str, float] | None = None
         self.dtype = np.dtype(dtype)
         self.arrays = {name: list(found) for name, found in arrays.items()}
         self.indices = list(indices)
@@ -121,6 +125,12 @@ class MultiTensorGroup:
             self._serial = self.kernel.function(symbol).c_function
             threaded = self.kernel.functions.get(f"{symbol}_omp")
             self._threaded = threaded.c_function if threaded else None
+            #: where the scalar tensors' values and the gradients' table go among the C
+            #: arguments
+            self._value_slots = [(slot, name) for slot, name in enumerate(roles.order)
+                                 if name in roles.scalars]
+            self._gradient_slot = roles.order.index(roles.gradient)
+            self._template: list[Any] | None = None
         variants = dispatch.variants(self.kernel, self.size)
         self.variants = variants if self.numpy_module.EXACT else variants[1:]
         if not self.variants:
@@ -155,20 +165,30 @@ class MultiTensorGroup:
         if self.kernel is not None:
             self.pointers[self.roles.parameter] = self.kernel.pointers(flat(self.params),
                                                                        writable=True)
+            self._template = None
+            self._values = None  # the C arguments are rebuilt at the next step
 
-    def run(self, values: Mapping[str, float], scalars: tuple[float, ...],
+    def run(self, values: Mapping[str, float], step: float | None,
             external_grads: Sequence[np.ndarray] | None,
             written: memory.WrittenMemory | None = None) -> None:
         """Update every parameter of the group once.
 
         Args:
-            values: the scalar tensors' values (Ivy's ``lr``).
-            scalars: the kernel scalars, from this group's NumPy module's prelude.
+            values: the checked hyperparameters and scalar tensors (Ivy's ``lr``); a new
+                mapping whenever one changed (what derives from it is cached until then).
+            step: the step counter's value (None for a rule without one).
             external_grads: ``step(grads)``'s gradients (all the optimizer's), else None.
             written: memory the step writes; an external gradient overlapping it is read from a
                 copy (each variant reads it at a different moment relative to those writes, so
                 reading it in place would make the bits depend on the variant).
         """
+        if values is not self._values:
+            self._adopt(values)
+        arguments = self._prelude_arguments
+        if self._step_slot is not None:
+            arguments = arguments.copy()
+            arguments[self._step_slot] = step
+        scalars = self.numpy_module.prelude(*arguments)
         variant = self._variant or self.variant(values, scalars)
         roles = self.roles
         if variant == "numpy":
@@ -180,34 +200,56 @@ class MultiTensorGroup:
                     grads[position] = np.array(grads[position], order="K")
             self._run_numpy({**self.arrays, roles.gradient: grads}, values, scalars)
             return
+        buffers = None
+        if external_grads is None:  # the owned buffers: the pointer tables gathered once
+            leading = self._c_arguments
+        else:
+            buffers = self._fill_external(external_grads, written)
+            leading = self._c_arguments.copy()
+            leading[self._gradient_slot] = self._external.cdata
+        if variant == "c" or self._threaded is None:
+            self._serial(*leading, *scalars, *self._tail)
+        else:  # as dispatch.threading("c-omp"): every thread from the first element
+            self._threaded(*leading, *scalars, *self._tail, resolve_threads(None), 0)
+        del buffers  # the C call is over: the gradients' buffers may be released
+
+    def _adopt(self, values: Mapping[str, float]) -> None:
+        """What a step derives from the hyperparameters: the prelude's arguments (the step's
+        slot left to fill) and the C arguments before the kernel scalars."""
+        self._values = values
+        names = list(self.numpy_module.HYPERPARAMETERS)
+        self._step_slot = names.index(self._step_name) if self._step_name in names else None
+        self._prelude_arguments = [values.get(name) for name in names]
+        if self.kernel is not None:
+            if self._template is None:
+                self._template = [self.pointers[t].cdata if t in self.pointers else 0.0
+                                  for t in self.roles.order]
+                first = self.pointers[self.roles.parameter]
+                self._tail = (first.sizes_cdata, first.count)
+            self._c_arguments = self._template.copy()
+            for slot, name in self._value_slots:
+                self._c_arguments[slot] = values[name]
+
+    def _fill_external(self, external_grads: Sequence[np.ndarray],
+                       written: memory.WrittenMemory | None) -> list[Any]:
+        """The external gradients' pointers, refilled into one table; a gradient overlapping
+        memory the step writes is replaced by a copy. Returns the buffers to keep alive."""
         kernel = self.kernel
         assert kernel is not None
-        tables = dict(self.pointers)
-        buffers = None
-        if external_grads is not None:
-            table = self._external
-            from_buffer, array_type = self._from_buffer, self._array_type
-            buffers = [from_buffer(array_type, external_grads[i].ravel(order="K") if fortran
-                                   else external_grads[i])
-                       for i, fortran in zip(self.indices, self._fortran)]
-            slots = table.cdata
-            for slot, buffer in enumerate(buffers):
-                slots[slot] = buffer
-            if written is not None:  # the addresses, read back from the table just filled
-                starts = memoryview(kernel.ffi.buffer(slots)).cast(_POINTER_FORMAT)
-                for slot in written.overlapping(starts, self._nbytes):
-                    copy = np.array(external_grads[self.indices[slot]], order="K")
-                    buffers[slot] = from_buffer(array_type, copy.ravel(order="K"))
-                    slots[slot] = buffers[slot]
-            tables[roles.gradient] = table
-        first = tables[roles.parameter]
-        arguments = (*(tables[t].cdata if t in tables else values[t] for t in roles.order),
-                     *scalars, first.sizes_cdata, first.count)
-        if variant == "c" or self._threaded is None:
-            self._serial(*arguments)
-        else:  # as dispatch.threading("c-omp"): every thread from the first element
-            self._threaded(*arguments, resolve_threads(None), 0)
-        del buffers  # the C call is over: the gradients' buffers may be released
+        from_buffer, array_type = self._from_buffer, self._array_type
+        buffers = [from_buffer(array_type, external_grads[i].ravel(order="K") if fortran
+                               else external_grads[i])
+                   for i, fortran in zip(self.indices, self._fortran)]
+        slots = self._external.cdata
+        for slot, buffer in enumerate(buffers):
+            slots[slot] = buffer
+        if written is not None:  # the addresses, read back from the table just filled
+            starts = memoryview(kernel.ffi.buffer(slots)).cast(_POINTER_FORMAT)
+            for slot in written.overlapping(starts, self._nbytes):
+                copy = np.array(external_grads[self.indices[slot]], order="K")
+                buffers[slot] = from_buffer(array_type, copy.ravel(order="K"))
+                slots[slot] = buffers[slot]
+        return buffers
 
     def _run_numpy(self, arrays: Mapping[str, Sequence[np.ndarray]], values: Mapping[str, float],
                    scalars: tuple[float, ...]) -> None:

@@ -78,6 +78,7 @@ class Optimizer:
         self._step_name = next((h.name for h in interface.hyperparameters if h.kind == "step"),
                                None)
         self.hyperparameters = self._checked_values(hyperparameters, defaults=True)
+        self._checked, self._checked_source = dict(self.hyperparameters), {}
         self.step_count = 0
         self._build(params)
 
@@ -162,7 +163,8 @@ class Optimizer:
                     offset += p.size
             arrays = {name: [self._owned[name][i] for i in members] for name in owned}
             arrays[roles.parameter] = [self.params[i] for i in members]
-            self._groups.append(MultiTensorGroup(self._source, roles, dtype, arrays, members))
+            self._groups.append(MultiTensorGroup(self._source, roles, dtype, arrays, members,
+                                                 self._step_name))
         self._written = self._written_memory()
         self._watched = [i for i, p in enumerate(raw) if torch_of(p) is not None]
         self._watch = StorageWatch([raw[i] for i in self._watched]) if self._watched else None
@@ -204,22 +206,28 @@ class Optimizer:
         torch parameter lives now (see the module docstring), and every gradient (count, shape,
         dtype). A gradient overlapping memory the step writes is read from a copy.
         """
-        values = self._checked_values(self.hyperparameters, defaults=False)
+        values = self._step_values()
         watch = self._watch
         if watch is not None:
             moved = watch.moved()
             if moved:
                 self._follow(moved)
         external = None if grads is None else self._checked_grads(grads)
-        if self._step_name is not None:
-            values[self._step_name] = float(self.step_count + 1)
+        step = float(self.step_count + 1)
         for group in self._groups:
-            module = group.numpy_module
-            scalars = module.prelude(*(values[h] for h in module.HYPERPARAMETERS))
-            group.run(values, scalars, external, self._written)
+            group.run(values, step, external, self._written)
         self.step_count += 1
         if self._watch is not None:
             self._watch.bump_versions()
+
+    def _step_values(self) -> dict[str, float]:
+        """The hyperparameters, checked: again only when one changed since the last step (a
+        training loop changes them rarely; checking is most of a small step's cost)."""
+        current = self.hyperparameters
+        if current != self._checked_source:
+            self._checked = self._checked_values(current, defaults=False)
+            self._checked_source = dict(current)
+        return self._checked
 
     def _follow(self, positions: list[int]) -> None:
         """Re-gather the pointers of the torch parameters at ``positions`` of the watch, which
