@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from ._version import __version__
 from .errors import AdamgenError, ArgumentValueError
@@ -23,7 +23,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from .runtime.kernels import kernel_cache
+    from .runtime.kernel_store import kernel_cache
 
     cache = kernel_cache()
     if args.action == "clear":

@@ -21,6 +21,8 @@ from .errors import ConfigError
 from .interface import SpecRef
 
 DTYPES = ("float16", "float32", "float64")
+#: Element types the C backend compiles (float16 runs on NumPy).
+C_DTYPES = ("float32", "float64")
 MODES = ("exact", "fast")
 BACKENDS = ("numpy", "c")
 #: Kernel variants the loader chooses between (``ADAMGEN_VARIANT`` forces one).

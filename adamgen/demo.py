@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 import time
@@ -31,23 +32,22 @@ def _timed(label: str, work: Callable[[], object]) -> object:
 
 
 def build_kernels() -> None:
-    from .runtime import c_kernels, kernels
+    from .runtime import c_kernels, numpy_kernels
     from .runtime.ivy import ivy_source
 
     source = ivy_source()
     for dtype in ("float32", "float64"):
         for aliases, form in ((frozenset(), "functional"),
                               (frozenset({("w_new", "w")}), "in place")):
-            _timed(f"numpy {dtype} {form}", lambda dtype=dtype, aliases=aliases:
-                   source.numpy_module(dtype, aliases=aliases))
+            _timed(f"numpy {dtype} {form}",
+                   functools.partial(source.numpy_module, dtype, aliases=aliases))
         for scalars in (frozenset({"lr"}), frozenset()):
             label = f"c {dtype} ({'scalar' if scalars else 'array'} lr)"
-            kernel = _timed(label, lambda dtype=dtype, scalars=scalars:
-                            source.c_kernel(dtype, scalars))
+            kernel = _timed(label, functools.partial(source.c_kernel, dtype, scalars))
             if kernel is None:
                 print("  C is unavailable here: NumPy serves every call")
                 return
-    for event in kernels.EVENTS + c_kernels.EVENTS:
+    for event in numpy_kernels.EVENTS + c_kernels.EVENTS:
         how = "compiled" if event.get("built") else "fetched from the cache"
         print(f"  {event.get('kernel')}: {how}")
 
@@ -55,18 +55,18 @@ def build_kernels() -> None:
 def measure_variants() -> None:
     import adamgen
 
-    from .runtime import loader
+    from .runtime import variant_choice
 
     rng = np.random.default_rng(0)
     for n in (1_000, 100_000, 3_000_000):
         w, g, m = (rng.standard_normal(n).astype(np.float32) for _ in range(3))
         _timed(f"adam_update on {n:>9,} float32 elements (first call measures)",
-               lambda w=w, g=g, m=m: adamgen.adam_update(w, g, 1e-3, m, np.abs(g), 1))
+               functools.partial(adamgen.adam_update, w, g, 1e-3, m, np.abs(g), 1))
     params = [rng.standard_normal(4096).astype(np.float32) for _ in range(500)]
     opt = adamgen.Adam(params)
     _timed("Adam.step over 500 tensors x 4096 (first step measures)", opt.step)
     print(f"\n  {'problem':<44} {'size':>9} {'winner':>7}  median per variant")
-    for d in loader.decisions():
+    for d in variant_choice.decisions():
         times = ", ".join(f"{k} {v * 1e6:,.0f} us" for k, v in sorted(d.seconds.items()))
         print(f"  {d.problem:<44} {'<2^' + str(d.bucket):>9} {d.winner:>7}  {times}")
 

@@ -74,13 +74,13 @@ def sign(x: Any, out: np.ndarray | None = None) -> np.ndarray:
 def maximum(a: Any, b: Any, out: np.ndarray | None = None) -> np.ndarray:
     """NaN if either is NaN, else ``a if a >= b else b``."""
     a, b = np.asarray(a), np.asarray(b)
-    return _store(np.where((a >= b) | (a != a), a, b), out)
+    return _store(np.where((a >= b) | np.isnan(a), a, b), out)
 
 
 def minimum(a: Any, b: Any, out: np.ndarray | None = None) -> np.ndarray:
     """NaN if either is NaN, else ``a if a <= b else b``."""
     a, b = np.asarray(a), np.asarray(b)
-    return _store(np.where((a <= b) | (a != a), a, b), out)
+    return _store(np.where((a <= b) | np.isnan(a), a, b), out)
 
 
 def round_bfloat16(x: Any, out: np.ndarray | None = None) -> np.ndarray:

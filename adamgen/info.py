@@ -17,13 +17,18 @@ from .errors import CacheError
 
 
 class Choice(Protocol):
-    """What :mod:`adamgen.runtime.loader` remembers of one choice (its ``Decision``)."""
+    """What :mod:`adamgen.runtime.variant_choice` remembers of one choice (its ``Decision``)."""
 
-    problem: str
-    bucket: int
-    winner: str
-    seconds: dict[str, float]
-    source: str
+    @property
+    def problem(self) -> str: ...
+    @property
+    def bucket(self) -> int: ...
+    @property
+    def winner(self) -> str: ...
+    @property
+    def seconds(self) -> dict[str, float]: ...
+    @property
+    def source(self) -> str: ...
 
 
 #: How a choice's ``source`` reads in the summary line.
@@ -105,8 +110,8 @@ def main(*, build: bool = False, every: bool = False) -> int:
 
     from .codegen import build as c_build
     from .config import current_environment
-    from .runtime import c_kernels, kernels, loader
     from .rules import BUILTINS  # info is not the hot path; the spec hash needs SymPy
+    from .runtime import c_kernels, kernel_store, numpy_kernels, variant_choice
 
     env = current_environment()
     compiler = c_build.probe_compiler()
@@ -128,7 +133,7 @@ def main(*, build: bool = False, every: bool = False) -> int:
     else:
         print(f"  c        unavailable: {compiler.reason}; numpy serves every call")
     try:
-        cache = kernels.kernel_cache()
+        cache = kernel_store.kernel_cache()
     except CacheError as error:
         print(f"cache:     none: {error}")
     else:
@@ -140,15 +145,15 @@ def main(*, build: bool = False, every: bool = False) -> int:
         for dtype in ("float32", "float64"):
             x = np.ones(1024, dtype)
             adam_update(x, x, 0.1, x, x, 1)
-    events = kernels.EVENTS + c_kernels.EVENTS
+    events = numpy_kernels.EVENTS + c_kernels.EVENTS
     if events:
         print("kernels this process:")
         for event in events:
             how = "compiled" if event.get("built") else "fetched from cache"
             print(f"  {event.get('kernel', event.get('variant', '?'))}: {how} in "
                   f"{float(event.get('seconds', 0.0)):.3f} s")
-    choices = {(d.problem, d.bucket): d for d in loader.persisted_decisions()}
-    choices.update({(d.problem, d.bucket): d for d in loader.decisions()})
+    choices = {(d.problem, d.bucket): d for d in variant_choice.persisted_decisions()}
+    choices.update({(d.problem, d.bucket): d for d in variant_choice.decisions()})
     for line in choice_lines(choices.values(), every=every):
         print(line)
     return 0

@@ -70,19 +70,29 @@ from .language import (
     where,
 )
 
-__all__ = ["Hyperparameter", "Range", "RESERVED_NAMES", "StatePair", "Tensor", "UpdateSpec",
-           "element", "exact", "fma", "maximum", "minimum", "round_to", "sign", "sqrt", "symbols",
-           "unevaluated", "where"]
+__all__ = [
+    "RESERVED_NAMES",
+    "Hyperparameter",
+    "Range",
+    "StatePair",
+    "Tensor",
+    "UpdateSpec",
+    "element",
+    "exact",
+    "fma",
+    "maximum",
+    "minimum",
+    "round_to",
+    "sign",
+    "sqrt",
+    "symbols",
+    "unevaluated",
+    "where",
+]
 
 #: Names no spec may use: Python's and C's keywords, and the names generated code uses itself
 #: (loop indices and bounds, sizes, threading, the modules' own helpers).
-RESERVED_NAMES = frozenset(keyword.kwlist) | frozenset("""
-    auto break case char const continue default do double else enum extern float for goto if
-    inline int long register restrict return short signed sizeof static struct switch typedef
-    union unsigned void volatile while _Bool _Complex _Imaginary
-    i n k begin end lo hi offset total sizes count nthreads threshold part skip misalignment
-    bytes np math ieee scalars prelude update fma fmaf sqrt sqrtf NAN INFINITY
-    """.split())
+RESERVED_NAMES = frozenset(keyword.kwlist) | frozenset(["auto", "break", "case", "char", "const", "continue", "default", "do", "double", "else", "enum", "extern", "float", "for", "goto", "if", "inline", "int", "long", "register", "restrict", "return", "short", "signed", "sizeof", "static", "struct", "switch", "typedef", "union", "unsigned", "void", "volatile", "while", "_Bool", "_Complex", "_Imaginary", "i", "n", "k", "begin", "end", "lo", "hi", "offset", "total", "sizes", "count", "nthreads", "threshold", "part", "skip", "misalignment", "bytes", "np", "math", "ieee", "scalars", "prelude", "update", "fma", "fmaf", "sqrt", "sqrtf", "NAN", "INFINITY"])
 
 
 def symbols(names: str) -> tuple[Symbol, ...]:

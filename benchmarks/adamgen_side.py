@@ -3,7 +3,7 @@
 The variants are not listed here: they are enumerated from the runtime, so the benchmark follows
 the runtime as variants are added or renamed. :func:`variants_of` asks the loader: it runs one
 call and reads the candidate names of the decisions that call made
-(:func:`adamgen.runtime.loader.decisions`; every decision records the seconds of each candidate
+(:func:`adamgen.runtime.variant_choice.decisions`; every decision records the seconds of each candidate
 it measured). A forced contender sets ``ADAMGEN_VARIANT=<name>`` around its bursts (outside the
 timed region) and has adamgen re-read its environment; :func:`forcing_works` checks once that
 this takes effect (a name no candidate has must raise :class:`adamgen.ConfigError`).
@@ -22,7 +22,7 @@ from adamgen import config as adamgen_config
 from adamgen.config import KernelConfig
 from adamgen.errors import ConfigError
 from adamgen.interface import SpecRef
-from adamgen.runtime import loader
+from adamgen.runtime import variant_choice
 
 from .peers import BETA1, BETA2, EPSILON, LR, Counter
 from .timing import Contender
@@ -48,15 +48,15 @@ def _set_variant(name: str | None) -> None:
 def variants_of(run_once: Callable[[], object]) -> list[str]:
     """The variant names the loader chooses between for the call ``run_once`` makes.
 
-    In-memory decisions are dropped first (:func:`adamgen.runtime.loader.forget`), so the call
+    In-memory decisions are dropped first (:func:`adamgen.runtime.variant_choice.forget`), so the call
     decides again (from the cache dir, or by measuring) and its decisions can be read back.
     An empty list means the loader had nothing to choose (one candidate, or no loader call).
     """
     _set_variant(None)
-    loader.forget()
+    variant_choice.forget()
     run_once()
     names: list[str] = []
-    for decision in loader.decisions():
+    for decision in variant_choice.decisions():
         for name in decision.seconds:
             if name not in names:
                 names.append(name)
@@ -134,7 +134,7 @@ def _c_kernel_and_scalars(dtype: str) -> tuple[Any, tuple[float, ...]] | None:
     """adamgen's compiled kernels for ``dtype`` (``lr`` a scalar) and step-1 scalars, or None."""
     try:
         from adamgen.runtime.c_kernels import c_kernel
-        from adamgen.runtime.kernels import numpy_kernel
+        from adamgen.runtime.numpy_kernels import numpy_kernel
     except ImportError:
         return None
     config = KernelConfig(spec=SpecRef("ivy_adam"), dtype=dtype,
@@ -149,7 +149,7 @@ def _c_kernel_and_scalars(dtype: str) -> tuple[Any, tuple[float, ...]] | None:
 
 def kernel_contenders(w: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, *,
                       functional: bool, threads: int) -> list[Contender]:
-    """adamgen's C kernels called directly (no validation, no loader): what dispatch costs.
+    """adamgen's C kernels called directly (no validation, no variant choice): what dispatch costs.
 
     ``C kernel serial`` always; ``C kernel OpenMP`` at more than one thread when built with
     OpenMP. Empty when the runtime has no C kernels.

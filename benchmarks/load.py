@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from adamgen.runtime.loader import process_run_delay
+from adamgen.runtime.variant_choice import process_run_delay
 
 #: Seconds this process's threads have spent waiting on a run queue (NaN if unknown): the
 #: reading adamgen's loader takes per sample, so the benchmark judges disturbance the same way.

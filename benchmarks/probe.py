@@ -127,7 +127,7 @@ def build_probe() -> Probe:
     Raises:
         adamgen.CompileError: there is no usable C compiler, or the probe does not compile.
     """
-    from adamgen.runtime.kernels import kernel_cache
+    from adamgen.runtime.kernel_store import kernel_cache
 
     info = build.probe_compiler()
     source, cdef = probe_source(info.openmp)

@@ -237,7 +237,7 @@ def gil_case(plan: Plan, probe: Probe | None, n: int,
 # -- the worker ----------------------------------------------------------------------------------
 
 def environment_report(probe: Probe | None, probe_error: str) -> dict[str, Any]:
-    from adamgen.runtime import loader
+    from adamgen.runtime import variant_choice
 
     info: dict[str, Any] = {
         "python": platform.python_version(), "numpy": np.__version__,
@@ -245,7 +245,7 @@ def environment_report(probe: Probe | None, probe_error: str) -> dict[str, Any]:
         "probe_error": probe_error,
         "decisions": [{"problem": d.problem, "bucket": d.bucket, "winner": d.winner,
                        "seconds": d.seconds, "source": d.source}
-                      for d in loader.decisions()],
+                      for d in variant_choice.decisions()],
     }
     try:
         from adamgen.runtime import c_kernels

@@ -122,17 +122,17 @@ def _session_cache_dir(tmp_path_factory: pytest.TempPathFactory):
     ``.ci/run`` proves the whole suite leaves a throwaway ``HOME`` empty.
     """
     from adamgen.config import refresh_environment
-    from adamgen.runtime.kernels import kernel_cache
+    from adamgen.runtime.kernel_store import forget_cache
 
     root = tmp_path_factory.mktemp("session-caches")
     with pytest.MonkeyPatch.context() as patch:
         for variable, name in SESSION_CACHE_VARIABLES.items():
             patch.setenv(variable, str(root / name))
         refresh_environment()
-        kernel_cache.cache_clear()
+        forget_cache()
         yield root
     refresh_environment()
-    kernel_cache.cache_clear()
+    forget_cache()
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Helpers for the hostile-environment tests (``test_hostile_env.py``, ``test_kernels.py``).
+"""Helpers for the hostile-environment tests (``test_hostile_env.py``, ``test_kernel_store.py``).
 
 A hostile process runs :data:`SCRIPT` in a fresh interpreter and reports as JSON what it
 computed, which warnings adamgen raised (every ``warn`` call is recorded: the filter is "always",
@@ -31,7 +31,7 @@ from reference import adam_update_ref
 
 import adamgen
 from adamgen.config import refresh_environment
-from adamgen.runtime import c_kernels, dispatch, ivy, kernels, loader
+from adamgen.runtime import c_kernels, dispatch, ivy, kernel_store, numpy_kernels, variant_choice
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,10 +47,10 @@ SCRIPT = textwrap.dedent("""
     import numpy as np
     import adamgen
     from adamgen.codegen import build
-    from adamgen.runtime import c_kernels, kernels, loader
+    from adamgen.runtime import c_kernels, kernel_store, numpy_kernels, variant_choice
     if os.environ.get("HOSTILE_CPU"):  # another CPU feature set
         build.cpu_features = lambda: os.environ["HOSTILE_CPU"]
-    loader.run_delay = lambda: 0.0  # a busy machine must not stop a choice being persisted
+    variant_choice.run_delay = lambda: 0.0  # a busy machine must not stop a choice being persisted
 
     report = {"warnings": [], "results": {}, "error": None}
     with warnings.catch_warnings(record=True) as seen:
@@ -74,14 +74,14 @@ SCRIPT = textwrap.dedent("""
     report["warnings"] = [[w.category.__name__, str(w.message)] for w in seen
                           if "adamgen" in str(w.message)]
     try:
-        report["cache_root"] = str(kernels.kernel_cache().root)
+        report["cache_root"] = str(kernel_store.kernel_cache().root)
     except Exception as error:
         report["cache_root"] = None
     report["c_events"] = [[str(e.get("kernel")), e.get("built"), e.get("error")]
                           for e in c_kernels.EVENTS]
-    report["numpy_events"] = [[str(e["kernel"]), e["built"]] for e in kernels.EVENTS]
-    report["paths"] = [str(e.get("path")) for e in kernels.EVENTS + c_kernels.EVENTS]
-    report["decisions"] = [[d.problem, d.bucket, d.source] for d in loader.decisions()]
+    report["numpy_events"] = [[str(e["kernel"]), e["built"]] for e in numpy_kernels.EVENTS]
+    report["paths"] = [str(e.get("path")) for e in numpy_kernels.EVENTS + c_kernels.EVENTS]
+    report["decisions"] = [[d.problem, d.bucket, d.source] for d in variant_choice.decisions()]
     print(json.dumps(report))
 """)
 
@@ -236,12 +236,12 @@ def fresh_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator
     """A fresh cache dir, nothing memoised, ADAMGEN_STRICT unset (the fallback is what is
     tested); everything forgotten again afterwards (a fixture's body)."""
     def forget() -> None:
-        loader.forget()
+        variant_choice.forget()
         dispatch.forget()
         c_kernels.clear_memo()
-        kernels.kernel_cache.cache_clear()
+        kernel_store.forget_cache()
         # the in-process memos of loaded modules too, so kernels really load from the new cache
-        for memo in (getattr(kernels, "_modules", None),
+        for memo in (getattr(numpy_kernels, "_modules", None),
                      getattr(getattr(adamgen.runtime.ivy, "_JIT", None), "_modules", None)):
             if hasattr(memo, "clear"):
                 memo.clear()

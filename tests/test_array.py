@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
 from adamgen.runtime.array import Array, array
-
-
-
 
 # -- dtype defaults -------------------------------------------------------------------------
 

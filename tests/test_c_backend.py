@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from conftest import assert_bitwise_equal, make_ir
 
+from adamgen import ieee
 from adamgen.codegen import build
 from adamgen.codegen.driver import c_source, kernel_ir
-from adamgen import ieee
 from adamgen.config import KernelConfig
 from adamgen.interface import SpecRef
 

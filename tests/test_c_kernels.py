@@ -32,10 +32,10 @@ from reference import adam_update_ref
 from adamgen.codegen import build
 from adamgen.config import KernelConfig
 from adamgen.errors import CacheError, CompileError
-from adamgen.runtime import c_kernels
-from adamgen.runtime.c_kernels import CKernel, c_kernel
-from adamgen.runtime.kernels import kernel_cache, numpy_kernel
 from adamgen.interface import SpecRef
+from adamgen.runtime import c_kernels, kernel_store
+from adamgen.runtime.c_kernels import CKernel, c_kernel
+from adamgen.runtime.numpy_kernels import numpy_kernel
 
 IVY = SpecRef("ivy_adam")
 
@@ -52,7 +52,7 @@ pytestmark = pytest.mark.skipif(not build.probe_compiler().available, reason="no
 
 def forget() -> None:
     c_kernels.clear_memo()
-    kernel_cache.cache_clear()
+    kernel_store.forget_cache()
     build.probe_compiler.cache_clear()
     build.cpu_features.cache_clear()
 
@@ -628,7 +628,7 @@ from adamgen.config import KernelConfig
 from adamgen.interface import SpecRef
 IVY = SpecRef('ivy_adam')
 from adamgen.runtime.c_kernels import KernelFunction
-from adamgen.runtime.kernels import numpy_kernel
+from adamgen.runtime.numpy_kernels import numpy_kernel
 from adamgen.interface import SpecRef
 
 IVY = SpecRef("ivy_adam")

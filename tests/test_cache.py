@@ -380,7 +380,7 @@ def test_a_symlinked_lock_is_unsafe_and_its_target_untouched(cache: ArtifactCach
 @pytest.fixture
 def read_only(cache: ArtifactCache, cache_dir: Path, monkeypatch: pytest.MonkeyPatch):
     """A cache holding one entry, reopened as if on a read-only mount. Simulated at the one
-    boundary the cache asks (``why_not_writable``); ``test_kernels.py`` mounts a real one. The
+    boundary the cache asks (``why_not_writable``); ``test_kernel_store.py`` mounts a real one. The
     locks and tmp directories are removed: a shipped read-only image need not have them."""
     cache.get_or_build("kernel", KEY, write_artifact())
     shutil.rmtree(cache_dir / "locks")

@@ -34,7 +34,7 @@ from reference import adam_update_ref
 
 import adamgen
 from adamgen.config import refresh_environment
-from adamgen.runtime import c_kernels, dispatch, ivy, kernels, loader
+from adamgen.runtime import c_kernels, dispatch, ivy, kernel_store, variant_choice
 
 REPO = Path(__file__).resolve().parents[1]
 THREADS = 8
@@ -44,10 +44,10 @@ SIZES = (33, 20_000)
 
 
 def forget_everything() -> None:
-    loader.forget()
+    variant_choice.forget()
     dispatch.forget()
     c_kernels.clear_memo()
-    kernels.kernel_cache.cache_clear()
+    kernel_store.forget_cache()
 
 
 def inputs(n: int, dtype, seed: int):
@@ -237,17 +237,17 @@ def test_8_threads_hitting_a_new_bucket_measure_once(fresh_loader, monkeypatch):
     if ivy.ivy_source().c_kernel("float32", frozenset({"lr"})) is None:
         pytest.skip("no C compiler: NumPy is the only candidate, nothing is measured")
     measured: Counter[str] = Counter()
-    real_measure = loader.measure
+    real_measure = variant_choice.measure
 
     def counting_measure(timers, *args, **kwargs):
         measured[threading.current_thread().name] += 1
         time.sleep(0.05)  # widen the window in which the other 7 threads arrive
         return real_measure(timers, *args, **kwargs)
 
-    monkeypatch.setattr(loader, "measure", counting_measure)
+    monkeypatch.setattr(variant_choice, "measure", counting_measure)
     # the 7 waiting threads must not make the measurement look disturbed (it would be repeated
-    # and not persisted: tested in test_loader.py); here only the locking is under test
-    monkeypatch.setattr(loader, "run_delay", lambda: 0.0)
+    # and not persisted: tested in test_variant_choice.py); here only the locking is under test
+    monkeypatch.setattr(variant_choice, "run_delay", lambda: 0.0)
     n = 3 * 2**13 + 5  # bucket 15
     case = inputs(n, np.float32, seed=11)
     expected = adam_update_ref(*case[:2], 0.001, *case[2:], 4)
@@ -260,7 +260,7 @@ def test_8_threads_hitting_a_new_bucket_measure_once(fresh_loader, monkeypatch):
 
     run_threads(work)
     assert sum(measured.values()) == 1, measured
-    decisions = [d for d in loader.decisions() if d.bucket == n.bit_length()]
+    decisions = [d for d in variant_choice.decisions() if d.bucket == n.bit_length()]
     assert len(decisions) == 1 and decisions[0].source == "measured"
     choices = list((fresh_loader / "choices").glob("*.json"))
     assert len(choices) == 1
@@ -272,7 +272,7 @@ COLD_PROCESS = textwrap.dedent("""
     import json, sys, threading
     import numpy as np
     import adamgen
-    from adamgen.runtime import c_kernels, kernels, loader
+    from adamgen.runtime import c_kernels, kernel_store, numpy_kernels, variant_choice
 
     n, threads = 3 * 2**13 + 5, 8
     rng = np.random.default_rng(0)
@@ -296,9 +296,9 @@ COLD_PROCESS = textwrap.dedent("""
     print(json.dumps({
         "errors": errors,
         "same": all(r == results[0] for r in results),
-        "numpy_events": [[e["kernel"], e["built"]] for e in kernels.EVENTS],
+        "numpy_events": [[e["kernel"], e["built"]] for e in numpy_kernels.EVENTS],
         "c_events": [[e["kernel"], e.get("built")] for e in c_kernels.EVENTS],
-        "decisions": [[d.problem, d.bucket, d.source] for d in loader.decisions()],
+        "decisions": [[d.problem, d.bucket, d.source] for d in variant_choice.decisions()],
         "result": results[0] and [b.hex() for b in results[0]],
     }))
 """)
@@ -328,7 +328,7 @@ def test_cold_process_8_threads_build_each_kernel_once(tmp_path):
     problems = Counter((p, b) for p, b, _ in report["decisions"])
     assert all(count == 1 for count in problems.values()), report["decisions"]
     # measured here, never read from a cache dir (a measurement disturbed by the 7 other
-    # threads is measured again and kept in memory only: see test_loader.py)
+    # threads is measured again and kept in memory only: see test_variant_choice.py)
     assert {s for _, _, s in report["decisions"]} <= {"measured",
                                                       "measured, disturbed: not remembered"}
     rng = np.random.default_rng(0)
@@ -489,13 +489,13 @@ def test_fork_while_another_thread_holds_an_adamgen_lock(held, monkeypatch, tmp_
             release.wait(30)
 
     if held == "loader measurement":
-        real = loader.measure
+        real = variant_choice.measure
 
         def slow(*args, **kwargs):
             hold()
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(loader, "measure", slow)
+        monkeypatch.setattr(variant_choice, "measure", slow)
         y = np.ones(2**14 + 1, np.float32)
         background = threading.Thread(target=adamgen.adam_update, args=(y, y, 0.1, y, y, 1))
         child_target = _child_new_bucket

@@ -13,8 +13,6 @@ from adamgen.runtime.array import Array, array
 from adamgen.runtime.container import Container, format_path, key_mismatch
 
 
-
-
 def nested() -> Container:
     return Container({"a": array([1.0, 2.0, 3.0]), "b": {"c": array([4.0, 5.0])}})
 

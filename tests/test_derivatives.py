@@ -25,9 +25,9 @@ from adamgen.codegen.steps import step_expression
 from adamgen.config import KernelConfig
 from adamgen.derivatives import SqrtOfClamp, evaluated, vjp_expressions, vjp_spec
 from adamgen.errors import LoweringError
+from adamgen.interface import SpecRef
 from adamgen.rules.ivy_adam import spec as adam_spec
 from adamgen.spec import UpdateSpec
-from adamgen.interface import SpecRef
 
 IVY = SpecRef("ivy_adam")
 

@@ -50,8 +50,8 @@ from hypothesis.extra import numpy as hnp
 from reference import adam_update_ref
 
 import adamgen
-from adamgen.config import KernelConfig, refresh_environment
-from adamgen.runtime import dispatch, ivy, loader
+from adamgen.config import refresh_environment
+from adamgen.runtime import ivy, variant_choice
 
 EXAMPLES = int(os.environ.get("ADAMGEN_FUZZ_EXAMPLES", "0") or 0)
 LONG = EXAMPLES > 0
@@ -111,7 +111,7 @@ def variant_tally():
     """Count the variants the loader actually picked (a forced one may not fit: float16 and
     partial broadcasts run on NumPy), to prove the fuzzer reached C and threaded C."""
     tally: Counter[str] = Counter()
-    original = loader.choose
+    original = variant_choice.choose
 
     def spy(*args: Any, **kwargs: Any) -> str:
         chosen = original(*args, **kwargs)
@@ -119,7 +119,7 @@ def variant_tally():
         return chosen
 
     patch = pytest.MonkeyPatch()
-    patch.setattr(loader, "choose", spy)
+    patch.setattr(variant_choice, "choose", spy)
     try:
         yield tally
     finally:

@@ -62,7 +62,7 @@ from reference import adam_update_ref
 import adamgen
 from adamgen.config import refresh_environment
 from adamgen.errors import CacheError, ConfigError
-from adamgen.runtime import c_kernels, dispatch, kernels
+from adamgen.runtime import c_kernels, dispatch, numpy_kernels
 
 
 @pytest.fixture
@@ -289,18 +289,18 @@ def test_a_load_that_always_fails_falls_back_to_numpy(fresh_cache, monkeypatch):
 
 @needs_c
 def test_a_build_that_fails_with_a_full_disk_falls_back_to_numpy(fresh_cache, monkeypatch):
-    """In process, where no file system can be filled (``test_kernels.py`` fills a real one):
+    """In process, where no file system can be filled (``test_kernel_store.py`` fills a real one):
     every kernel's write fails, NumPy's too; they are rendered in memory, C falls back."""
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(c_kernels, "_build", disk_full)  # the update's and the VJP's kernels
-    monkeypatch.setattr(kernels, "_write_numpy_module", disk_full)
-    first_event = len(kernels.EVENTS)
+    monkeypatch.setattr(numpy_kernels, "_write_numpy_module", disk_full)
+    first_event = len(numpy_kernels.EVENTS)
     seen = all_entry_points_match_the_reference()
     assert len(seen) == 1, [str(w.message) for w in seen]  # one warning, as for no compiler
     assert "No space left on device" in str(seen[0].message)
-    in_memory = kernels.EVENTS[first_event:]
+    in_memory = numpy_kernels.EVENTS[first_event:]
     assert in_memory and all(e["path"] == "(memory: [Errno 28] No space left on device)"
                              for e in in_memory), in_memory
 

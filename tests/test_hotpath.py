@@ -17,7 +17,7 @@ from reference import adam_update_ref
 
 import adamgen
 from adamgen.config import refresh_environment
-from adamgen.runtime import dispatch, functional, hotpath, ivy, loader
+from adamgen.runtime import dispatch, functional, hotpath, ivy, variant_choice
 
 needs_c = pytest.mark.skipif("ivy.ivy_source().c_kernel('float32', frozenset({'lr'})) is None",
                              reason="no C compiler: shortcuts serve C variants only")
@@ -190,7 +190,7 @@ def test_shortcuts_follow_the_environment_and_are_forgotten_with_the_decisions(
     refresh_environment()
     adamgen.adam_update(w, g, 0.1, m, v, 2)  # a new environment: learned again
     assert len(counted_whole_way) == 4
-    for forget in (loader.forget, dispatch.forget):
+    for forget in (variant_choice.forget, dispatch.forget):
         adamgen.adam_update(w, g, 0.1, m, v, 2)
         assert ivy._JIT.hotpath.shortcuts
         forget()

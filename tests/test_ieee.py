@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from conftest import assert_bitwise_equal
 
-from adamgen.errors import InexactVariantError
 from adamgen import ieee
+from adamgen.errors import InexactVariantError
 
 
 def rounded_once(value: Fraction, dtype: type) -> float:

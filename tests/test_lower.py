@@ -16,9 +16,9 @@ from adamgen.codegen.lower import (
 )
 from adamgen.config import KernelConfig
 from adamgen.errors import LoweringError
+from adamgen.interface import SpecRef
 from adamgen.rules.ivy_adam import spec as adam_spec
 from adamgen.spec import UpdateSpec
-from adamgen.interface import SpecRef
 
 IVY = SpecRef("ivy_adam")
 

@@ -9,11 +9,11 @@ import pytest
 from conftest import assert_bitwise_equal, make_ir
 from reference import adam_update_ref
 
+from adamgen import ieee
 from adamgen.codegen.driver import kernel_ir, numpy_source
 from adamgen.codegen.ir import Step
 from adamgen.codegen.numpy_backend import allocate_buffers
 from adamgen.config import KernelConfig
-from adamgen import ieee
 from adamgen.interface import SpecRef
 
 IVY = SpecRef("ivy_adam")

@@ -177,7 +177,7 @@ def test_fast_mode_steps_with_the_fast_kernel_and_its_own_scalars(variant, monke
     from adamgen.config import KernelConfig, refresh_environment
     from adamgen.runtime import dispatch
     from adamgen.runtime.c_kernels import c_kernel
-    from adamgen.runtime.kernels import numpy_kernel
+    from adamgen.runtime.numpy_kernels import numpy_kernel
 
     monkeypatch.setenv("ADAMGEN_MODE", "fast")
     monkeypatch.setenv("ADAMGEN_VARIANT", variant)

@@ -17,8 +17,8 @@ import pytest
 
 import adamgen
 from adamgen.codegen.package import parse_constants
-from adamgen.runtime.rule import rule
 from adamgen.errors import ArgumentValueError
+from adamgen.runtime.rule import rule
 
 IVY_RULE = rule("ivy_adam")
 

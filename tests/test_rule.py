@@ -215,3 +215,20 @@ def test_a_user_fma_is_rounded_once_on_every_variant(variant, monkeypatch):
             rule.update(np.ones(4), np.ones(4), lr=0.0)
         else:
             raise adamgen.AdamgenError("float64 fused multiply-add (C computes it)")
+
+
+def test_the_ivy_bindings_defaults_are_the_specs():
+    """The one fact a binding restates (Python needs signature defaults at import time) is
+    checked against the spec: every Ivy entry point's defaults are the rule's."""
+    import inspect
+
+    from adamgen.runtime.array import Array
+    from adamgen.runtime.container import Container
+
+    defaults = adamgen.rule("ivy_adam").interface.defaults
+    entries = [adamgen.adam_update, adamgen.adam_update_vjp, adamgen.Adam.__init__,
+               Array.adam_update, Container.adam_update, Container.static_adam_update]
+    for entry in entries:
+        parameters = inspect.signature(entry).parameters
+        for name in ("beta1", "beta2", "epsilon"):
+            assert parameters[name].default == defaults[name], (entry, name)

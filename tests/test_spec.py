@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import sympy
 
 from adamgen.rules.ivy_adam import spec as adam_spec

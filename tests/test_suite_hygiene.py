@@ -15,7 +15,7 @@ from pathlib import Path
 from conftest import SESSION_CACHE_VARIABLES
 
 from adamgen.cache_location import default_cache_dir
-from adamgen.runtime.kernels import kernel_cache
+from adamgen.runtime.kernel_store import kernel_cache
 
 
 def test_every_cache_points_into_the_session_temporary_directory(tmp_path_factory):

@@ -19,10 +19,10 @@ from adamgen.codegen.ir import KernelIR, Step
 from adamgen.codegen.lower import lower
 from adamgen.config import KernelConfig
 from adamgen.errors import LoweringError
+from adamgen.interface import SpecRef
 from adamgen.proofs import ir_expressions, symbols_of
 from adamgen.rules.ivy_adam import spec as adam_spec
 from adamgen.spec import UpdateSpec
-from adamgen.interface import SpecRef
 
 IVY = SpecRef("ivy_adam")
 

@@ -16,7 +16,6 @@ import pytest
 from conftest import Snapshot, assert_bitwise_equal
 from reference import adam_update_ref
 
-from adamgen.config import KernelConfig
 from adamgen.errors import ArgumentTypeError, ArgumentValueError, StepZeroDivisionError
 from adamgen.runtime import ivy
 from adamgen.runtime.ivy import adam_update_vjp

@@ -30,8 +30,8 @@ from sympy.printing.c import C99CodePrinter
 from .. import language
 from .._version import __version__
 from ..config import KernelConfig
-from .c_literals import c_literal
 from ..spec import RESERVED_NAMES
+from .c_literals import c_literal
 from .ir import KernelIR, Step, rounding
 from .steps import step_expression
 from .templating import render
@@ -317,12 +317,12 @@ def wrap_call(symbol: str, parameters: Sequence[CParameter], extra: Sequence[str
 
     words = [word(p) for p in parameters] + list(extra)
     lines, line = [], f"{symbol}("
-    for position, word in enumerate(words):
-        word += ");" if position == len(words) - 1 else ","
-        if len(line) + 1 + len(word) + indent > width:
+    for position, text in enumerate(words):
+        text += ");" if position == len(words) - 1 else ","
+        if len(line) + 1 + len(text) + indent > width:
             lines.append(line.rstrip())
             line = " " * (indent + 4)
-        line += ("" if line.endswith("(") or not line.strip() else " ") + word
+        line += ("" if line.endswith("(") or not line.strip() else " ") + text
     lines.append(line)
     return "\n".join(lines)
 

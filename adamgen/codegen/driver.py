@@ -50,7 +50,7 @@ def alias_forms(interface: Interface) -> dict[str, frozenset[tuple[str, str]]]:
     """The forms a C file holds, each as its ``(output, input it overwrites)`` pairs: the
     functional form; the parameter's output written over the parameter (``out=w``); every state
     pair in place (an optimizer's step, also over many tensors at once)."""
-    forms = {"functional": frozenset()}
+    forms: dict[str, frozenset[tuple[str, str]]] = {"functional": frozenset()}
     parameter = [p for p in interface.state if p.input == interface.parameter]
     if parameter:
         forms["inplace_parameter"] = frozenset({(parameter[0].output, parameter[0].input)})

@@ -26,18 +26,23 @@ from dataclasses import dataclass, replace
 
 import sympy
 
+from .. import ieee, language
 from ..config import KernelConfig
 from ..errors import LoweringError
-from .. import language
-from .. import ieee
 from ..spec import UpdateSpec
 from .ir import COMMUTATIVE, PRELUDE_OPS, KernelIR, Operand, Step
+
+
+def _select(test: Callable[[float, float], bool]) -> Callable[..., float]:
+    """``x if test(a, b) else y``: a select step on Python floats."""
+    return lambda a, b, x, y: x if test(a, b) else y
+
 
 #: Python's float semantics for prelude steps: the generated prelude prints these same operators.
 PYTHON_SCALAR_OPS: dict[str, Callable[..., float]] = {
     "add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv,
     "pow": operator.pow, "neg": operator.neg, "sqrt": math.sqrt,
-    **{f"select_{name}": (lambda test: lambda a, b, x, y: x if test(a, b) else y)(test)
+    **{f"select_{name}": _select(test)
        for name, test in (("gt", operator.gt), ("ge", operator.ge), ("lt", operator.lt),
                           ("le", operator.le), ("eq", operator.eq), ("ne", operator.ne))},
 }
@@ -349,7 +354,8 @@ def fast_rewrites(program: Program) -> Program:
             quotient = by_target.get(quotient_name) if isinstance(quotient_name, str) else None
             if quotient is None or quotient.op != "div" or not is_scalar(outer):
                 continue
-            numerator = by_target.get(quotient.args[0])
+            numerator = (by_target.get(quotient.args[0]) if isinstance(quotient.args[0], str)
+                         else None)
             if numerator is None or numerator.op != "mul" or uses.get(numerator.target) != 1 \
                     or uses.get(quotient.target) != 1:
                 continue

@@ -56,7 +56,7 @@ _IEEE = {"fma": "ieee.fma", "sign": "ieee.sign", "maximum": "ieee.maximum",
 EXACT_FMA = ("float16", "float32")
 
 
-def python_literal(value: float | int) -> str:
+def python_literal(value: float) -> str:
     """A constant as Python source that round-trips exactly (``repr`` of a float does)."""
     if isinstance(value, int):
         return str(value)
@@ -257,7 +257,7 @@ def render_numpy_module(ir: KernelIR) -> str:
     reason = inexact_reason(ir)
     printer = KernelNumPyPrinter()
     plan = None if mixed else allocate_buffers(ir)
-    body = ([printer.expression(s) for s in ir.body] if mixed
+    body = ([printer.expression(s) for s in ir.body] if plan is None
             else [printer.buffered(s, plan.buffers) for s in ir.body])
     return render(
         "numpy_kernel.py.j2",

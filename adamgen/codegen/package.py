@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
-from ..config import DTYPES, MODES, KernelConfig
+from ..config import C_DTYPES, DTYPES, MODES, KernelConfig
 from ..errors import ArgumentValueError
 from ..interface import SpecRef
 from ..spec import UpdateSpec
@@ -39,7 +39,6 @@ from .numpy_backend import render_numpy_module
 from .templating import render
 
 MARKER = ".adamgen-package"
-C_DTYPES = ("float32", "float64")
 
 
 @dataclass(frozen=True)
@@ -183,7 +182,7 @@ def build_c_kernels(staging: Path, spec: UpdateSpec, ref: SpecRef, dtypes: tuple
     if cpu_flags is None and not portable:
         say("this CPU's feature flags are unknown (no flags or Features line in /proc/cpuinfo): "
             "the native kernels will be refused wherever the package runs; use --portable")
-    scalar_sets = [frozenset()]
+    scalar_sets: list[frozenset[str]] = [frozenset()]
     scalars = frozenset(t.name for t in spec.interface.tensors if t.scalar)
     if scalars:
         scalar_sets.append(scalars)

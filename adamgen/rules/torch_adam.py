@@ -150,7 +150,8 @@ def _max_never_decreases(spec: UpdateSpec) -> tuple[str, str]:
 
 def theorems(spec: UpdateSpec, factory: IRFactory
              ) -> list[tuple[str, Callable[[], tuple[str, str]]]]:
-    table = [("first step = -lr*sign(...)", functools.partial(_first_step, spec))]
+    table: list[tuple[str, Callable[[], tuple[str, str]]]] = [
+        ("first step = -lr*sign(...)", functools.partial(_first_step, spec))]
     if "max_exp_avg_sq" in spec.interface.tensor_names:
         table.append(("amsgrad: max_exp_avg_sq never decreases",
                       functools.partial(_max_never_decreases, spec)))

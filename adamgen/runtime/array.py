@@ -51,7 +51,7 @@ class Array(np.ndarray):
     __str__ = __repr__
 
     def adam_update(self, dcdw: Any, lr: Any, mw_tm1: Any, vw_tm1: Any, step: Any, /, *,
-                    beta1: Any = 0.9, beta2: Any = 0.999, epsilon: Any = 1e-07,
+                    beta1: Any = ivy.BETA1, beta2: Any = ivy.BETA2, epsilon: Any = ivy.EPSILON,
                     stop_gradients: Any = True, out: Any = None) -> Any:
         """Ivy's ``Array.adam_update``: :func:`adamgen.adam_update` with ``self`` as ``w``.
 

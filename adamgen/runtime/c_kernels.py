@@ -1,7 +1,7 @@
 """C kernels for the runtime: built once through the artifact cache, called with NumPy arrays.
 
 :func:`c_kernel` returns a :class:`CKernel` for a configuration, or ``None`` when C cannot serve
-it (then the NumPy backend does). Like :mod:`adamgen.runtime.kernels`, a cache hit imports
+it (then the NumPy backend does). Like :mod:`adamgen.runtime.kernel_store`, a cache hit imports
 neither SymPy nor Jinja: the key is computed from the configuration, the generator fingerprint
 and :func:`adamgen.codegen.build.key_fields`; the entry points' signatures come from the
 cache manifest. Only a miss imports :mod:`adamgen.codegen.driver` to render the C file.
@@ -38,15 +38,14 @@ from typing import Any
 from .. import cache as artifact_cache
 from .._warnings import warn
 from ..codegen import artifact, build
-from ..config import KernelConfig, environment
+from ..config import C_DTYPES, KernelConfig, environment
 from ..errors import CacheError, CacheMissError, CompileError
 from .forksafe import ForkSafeLock
-from .kernels import load_entry
+from .kernel_store import load_entry
 
 log = logging.getLogger("adamgen.c_kernels")
 
 KIND = artifact.KIND
-DTYPES = ("float32", "float64")
 #: Elements below which the threaded entry points run serially. Measured at 2 threads (float32,
 #: in place): 0.76x at 8e3 elements, 1.22x at 1.6e4, 1.47x at 3.2e4. The loader may tune
 #: ``CKernel.threshold`` per machine.
@@ -58,7 +57,7 @@ _kernels: dict[tuple[KernelConfig, bool], CKernel | None] = {}
 _warned = False
 _forked_child = False
 #: What happened to each C kernel this process asked for (built, fetched, failed): for ``info``.
-EVENTS: list[dict[str, object]] = []
+EVENTS: list[dict[str, Any]] = []
 
 
 def _after_fork_in_child() -> None:
@@ -341,7 +340,7 @@ def c_kernel(config: KernelConfig, *, portable: bool = False) -> CKernel | None:
 
     Memoised per process; :func:`clear_memo` forgets (tests).
     """
-    if config.dtype not in DTYPES:
+    if config.dtype not in C_DTYPES:
         return None
     base = replace(config, aliases=frozenset())
     memo_key = (base, portable)

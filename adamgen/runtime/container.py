@@ -31,7 +31,7 @@ class Container(Tree):
     # -- Ivy's methods ----------------------------------------------------------------------
 
     def adam_update(self, dcdw: Any, lr: Any, mw_tm1: Any, vw_tm1: Any, step: Any, /, *,
-                    beta1: Any = 0.9, beta2: Any = 0.999, epsilon: Any = 1e-07,
+                    beta1: Any = ivy.BETA1, beta2: Any = ivy.BETA2, epsilon: Any = ivy.EPSILON,
                     stop_gradients: Any = True, out: Any = None) -> Any:
         """Ivy's ``Container.adam_update``: :func:`adamgen.adam_update` with ``self`` as ``w``."""
         return ivy.adam_update(self, dcdw, lr, mw_tm1, vw_tm1, step, beta1=beta1, beta2=beta2,
@@ -39,8 +39,8 @@ class Container(Tree):
 
     @staticmethod
     def static_adam_update(w: Any, dcdw: Any, lr: Any, mw_tm1: Any, vw_tm1: Any, step: Any, /,
-                           *, beta1: Any = 0.9, beta2: Any = 0.999, epsilon: Any = 1e-07,
-                           stop_gradients: Any = True, out: Any = None) -> Any:
+                           *, beta1: Any = ivy.BETA1, beta2: Any = ivy.BETA2,
+                           epsilon: Any = ivy.EPSILON, stop_gradients: Any = True, out: Any = None) -> Any:
         """Ivy's ``Container.static_adam_update``: the function itself, under the class."""
         return ivy.adam_update(w, dcdw, lr, mw_tm1, vw_tm1, step, beta1=beta1, beta2=beta2,
                                 epsilon=epsilon, stop_gradients=stop_gradients, out=out)

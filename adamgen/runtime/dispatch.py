@@ -10,13 +10,14 @@ C needs every array argument either of the full shape (copied to C order when it
 documented copy, one extra pass) or of size one (then passed as a scalar, never materialised), and
 the outputs C-contiguous; every array element-aligned (a misaligned typed pointer is undefined
 behaviour in C). Anything else runs on NumPy, which broadcasts and strides natively.
-:func:`adamgen.runtime.loader.choose` times the candidates once per size bucket on scratch arrays
+:func:`adamgen.runtime.variant_choice.choose` times the candidates once per size bucket on scratch arrays
 and remembers the winner; because every exact variant gives the same bits, the choice only
 changes speed.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 from typing import Any, NamedTuple
@@ -25,12 +26,11 @@ import numpy as np
 
 from ..config import current_environment
 from ..errors import InexactVariantError
-from . import loader
+from . import variant_choice
 from .c_kernels import CKernel, default_threads
 from .guard import ThreadGuard
 from .outputs import empty_outputs
 from .source import KernelSource
-
 
 #: Below this many elements threads cost more than they bring (OpenMP start-up; measured
 #: 1.41 us against 0.78 us at 1e3 in PERFORMANCE-NOTES), so ``c-omp`` is not even a candidate.
@@ -78,7 +78,7 @@ def forget() -> None:
     """Drop the loader-problem memo (tests that switch cache directories), and the call plans
     that hold kernels."""
     _descriptions.clear()
-    loader.forget_dependents()
+    variant_choice.forget_dependents()
 
 
 def scalars_for(kernel: CKernel, source: KernelSource, hyper: Mapping[str, float],
@@ -126,15 +126,15 @@ def route(module: ModuleType, tensors: Mapping[str, Any], scalars: tuple[float, 
     candidates = exact_variants(module, kernel, full.size)
     if full.size and (len(candidates) > 1 or current_environment().variant is not None):
         problem, context = _describe(module, kernel, plan[1] if plan else None, in_place)
-        variant = loader.choose(
+        variant = variant_choice.choose(
             problem, full.size, candidates, context,
             lambda m: _update_timers(module, kernel, source, tensors, scalars, hyper, plan, m,
                                      in_place, candidates),
             full.dtype.itemsize)
-        guard = loader.guard(problem, full.size, candidates, context)
+        guard = variant_choice.guard(problem, full.size, candidates, context)
     else:
         variant, guard = candidates[0], None
-    return Route(variant, kernel, plan, guard if variant in loader.THREADED else None)
+    return Route(variant, kernel, plan, guard if variant in variant_choice.THREADED else None)
 
 
 def run_update(module: ModuleType, tensors: Mapping[str, Any], scalars: tuple[float, ...],
@@ -208,6 +208,11 @@ def _replaced(module: ModuleType) -> str | None:
     return next((p["input"] for p in module.INTERFACE["state"] if p["output"] == first), None)
 
 
+def _run_kernel(run: Callable[..., None], inputs: list[Any], scalars: Any, outputs: list[Any],
+                options: dict[str, Any]) -> None:
+    run(*inputs, scalars, *outputs, **options)
+
+
 def _timing_outputs(replaced: Any, in_place: bool, count: int, m: int,
                     dtype: np.dtype) -> list[np.ndarray]:
     """Outputs laid out as the real call's: the functional API's come from the aligned pool
@@ -229,7 +234,8 @@ def _update_timers(module: ModuleType, kernel: CKernel | None, source: KernelSou
                 else value if not isinstance(value, np.ndarray)
                 else np.full(m, 0.5 + 0.25 * i, dtype) for i, value in enumerate(tensors.values())]
     names = list(tensors)
-    replaced = names.index(_replaced(module)) if in_place else 0
+    replaced_name = _replaced(module) if in_place else None
+    replaced = names.index(replaced_name) if replaced_name is not None else 0
     count = len(module.OUTPUTS)
     outputs = _timing_outputs(numpy_in[replaced], in_place, count, m, dtype)
 
@@ -247,5 +253,5 @@ def _update_timers(module: ModuleType, kernel: CKernel | None, source: KernelSou
         tail = c_out[1:] if in_place else c_out
         for variant in (v for v in variants if v != "numpy"):
             options = threading(variant)
-            timers[variant] = lambda options=options: run(*c_in, c_scalars, *tail, **options)
+            timers[variant] = functools.partial(_run_kernel, run, c_in, c_scalars, tail, options)
     return timers

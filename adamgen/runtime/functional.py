@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import current_environment
+from ..config import DTYPES, current_environment
 from ..errors import ArgumentTypeError, ArgumentValueError, StepZeroDivisionError
 from ..interface import Interface
 from . import validate
@@ -43,8 +43,8 @@ from .tree import Tree, key_mismatch
 
 #: Argument types that are never Containers (the common case skips the isinstance walk).
 _PLAIN_TYPES = frozenset({np.ndarray, float, int, bool, type(None)})
-FLOAT_DTYPES = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32",
-                np.dtype(np.float64): "float64"}
+#: The floating dtypes kernels are generated for, by NumPy dtype.
+FLOAT_DTYPES = {np.dtype(name): name for name in DTYPES}
 
 #: Runs one buffered update: (module, tensors, scalars, hyperparameters, buffers, in_place).
 BufferedRunner = Callable[..., None]
@@ -119,6 +119,13 @@ class Updater:
             found = self._modules[key] = self.source.numpy_module(dtype, aliases=aliases)
             return found
 
+    def _mixed_module(self) -> ModuleType:
+        """The dtype-generic module (arrays of different dtypes or shapes), built on first need."""
+        module = self.module("mixed")
+        if module is None:
+            raise LookupError(f"rule {self.interface.rule} has no mixed-dtype NumPy module")
+        return module
+
     # -- validation ---------------------------------------------------------------------------
 
     def hyperparameters(self, given: Mapping[str, Any]) -> dict[str, float]:
@@ -181,13 +188,11 @@ class Updater:
                   for name, value in tensors.items()}
         dtype = _common_float_dtype(tensors)
         buffered_module = self.module(dtype) if dtype else None
-        module = buffered_module or self.module("mixed")
-        if module is None:
-            raise LookupError(f"rule {self.interface.rule} has no mixed-dtype NumPy module")
+        module = buffered_module or self._mixed_module()
         full_shape, output_shapes = self.output_shapes(module, shapes)
         buffered = buffered_module is not None and all(s == full_shape for s in output_shapes)
         if not buffered:
-            module = self.module("mixed")
+            module = self._mixed_module()
             if not module.EXACT:
                 listed = ", ".join(f"{n} {v.dtype}" if isinstance(v, np.ndarray) else
                                    f"{n} {type(v).__name__}" for n, v in tensors.items())

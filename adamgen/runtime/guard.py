@@ -16,7 +16,7 @@ are back). While a neighbour stays, threads cost one slow probe per back-off: at
 milliseconds a second. Serial and threaded C give the same bits, so this changes speed only.
 
 The rule is :class:`ThreadGuard`, fed with times and clock readings, so it is tested with
-injected timings; :func:`adamgen.runtime.loader.pick` makes one per threaded decision.
+injected timings; :func:`adamgen.runtime.variant_choice.pick` makes one per threaded decision.
 """
 
 from __future__ import annotations

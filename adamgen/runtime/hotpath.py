@@ -24,7 +24,7 @@ dtype with a C kernel and one shape, C-contiguous and aligned; every scalar tens
 or a 0-d array of that dtype; hyperparameters Python floats (a step also an int); no ``out``;
 exact mode; a C variant picked (a NumPy pick, forced or measured, goes the whole way).
 
-Forgetting: a shortcut holds a loader decision and a C kernel, so :func:`loader.forget` and
+Forgetting: a shortcut holds a loader decision and a C kernel, so :func:`variant_choice.forget` and
 :func:`adamgen.runtime.dispatch.forget` drop every shortcut, a forked child drops them (libgomp
 is not fork-safe: the child runs serially, see :func:`adamgen.runtime.c_kernels.resolve_threads`),
 and a shortcut made under another environment (``refresh_environment``) is not taken.
@@ -41,9 +41,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import config
-from ..config import current_environment
+from ..config import C_DTYPES, current_environment
 from ..interface import Interface, Range
-from . import loader
+from . import variant_choice
 from .c_kernels import CKernel, KernelFunction, resolve_threads
 from .guard import ThreadGuard
 from .outputs import empty_outputs, pooled
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 #: Integer steps beyond this go the whole way (``float(step)`` would overflow near 2**1024).
 _LARGEST_INT_STEP = 1 << 1000
-_C_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_C_DTYPES = tuple(np.dtype(name) for name in C_DTYPES)
 #: NumPy's flag bits C_CONTIGUOUS | ALIGNED: one ``flags.num`` read checks both.
 _C_ALIGNED = 0x1 | 0x100
 _MAX_SHORTCUTS = 4096  # shapes vary without end in some programs
@@ -128,8 +128,8 @@ def shortcut_source(interface: Interface, constants: Mapping[str, float],
     lines = [f"def run({', '.join(arguments)}):",
              f"    if not isinstance({first}, ndarray):",
              "        return None",
-             f"    cut = shortcuts.get(({', '.join(f'type({t.name})' for t in interface.tensors)},"
-             f" {first}.dtype, {first}.shape))",
+             (f"    cut = shortcuts.get(({', '.join(f'type({t.name})' for t in interface.tensors)},"
+              f" {first}.dtype, {first}.shape))"),
              "    if cut is None:",
              "        return None",
              "    dtype, shape = cut.dtype, cut.shape",
@@ -306,9 +306,9 @@ def _functional_entry(kernel: CKernel, interface: Interface, *, threaded: bool, 
     if threaded:
         expected += ["nthreads", "threshold"]
     for function in kernel.functions.values():
-        if function.form == "functional" and function.threaded == threaded:
-            if [role for _, _, role in function.parameters] == expected:
-                return function
+        if (function.form == "functional" and function.threaded == threaded
+                and [role for _, _, role in function.parameters] == expected):
+            return function
     return None
 
 
@@ -321,6 +321,6 @@ def forget() -> None:
         hotpath.clear()
 
 
-loader.on_forget(forget)
+variant_choice.on_forget(forget)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=forget)

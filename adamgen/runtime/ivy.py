@@ -27,6 +27,10 @@ from .vjp import VJP
 #: The Ivy rule (a built-in: its kernels are keyed by name).
 IVY_ADAM = SpecRef("ivy_adam")
 
+#: Ivy's signature defaults. A Python signature needs them at import time, before any kernel
+#: (and so the spec's interface) is loaded; ``tests/test_rule.py`` checks they are the spec's.
+BETA1, BETA2, EPSILON = 0.9, 0.999, 1e-07
+
 
 def ivy_source() -> KernelSource:
     return cached_jit_source(IVY_ADAM)
@@ -64,7 +68,7 @@ def check_stop_gradients(value: Any) -> None:
 def bind_adam_update(updater: Updater, defaults: Mapping[str, float] | None = None) -> Any:
     """Ivy's ``adam_update`` signature over ``updater`` (the JIT's, or a generated package's,
     whose ``defaults`` are its baked constants)."""
-    defaults = {"beta1": 0.9, "beta2": 0.999, "epsilon": 1e-07, **(defaults or {})}
+    defaults = {"beta1": BETA1, "beta2": BETA2, "epsilon": EPSILON, **(defaults or {})}
     shortcut: list[Any] = [None]  # the hot path's generated function, once it exists
 
     def adam_update(w: Any, dcdw: Any, lr: Any, mw_tm1: Any, vw_tm1: Any, step: Any, /, *,
@@ -75,14 +79,14 @@ def bind_adam_update(updater: Updater, defaults: Mapping[str, float] | None = No
         if run is not None and out is None and type(stop_gradients) is bool:
             done = run(w, dcdw, lr, mw_tm1, vw_tm1, beta1, beta2, epsilon, step)
             if done is not None:  # a seen signature took its shortcut
-                return done  # type: ignore[no-any-return]
+                return done
         check_stop_gradients(stop_gradients)
         result = updater.whole_way(
             {"w": w, "dcdw": dcdw, "lr": lr, "mw_tm1": mw_tm1, "vw_tm1": vw_tm1},
             {"beta1": beta1, "beta2": beta2, "epsilon": epsilon, "step": step}, out)
         if run is None and updater.hotpath is not None:
             shortcut[0] = updater.hotpath.shortcut
-        return result  # type: ignore[return-value]
+        return result
 
     adam_update.__doc__ = ADAM_UPDATE_DOC
     return adam_update
@@ -120,8 +124,8 @@ def bind_adam_update_vjp(backend: str = "auto") -> Any:
     vjp = VJP(ivy_source(), backend)
 
     def adam_update_vjp(w: Any, dcdw: Any, lr: Any, mw_tm1: Any, vw_tm1: Any, step: Any,
-                        cotangents: Sequence[Any], *, beta1: Any = 0.9, beta2: Any = 0.999,
-                        epsilon: Any = 1e-07) -> tuple[np.ndarray, ...]:
+                        cotangents: Sequence[Any], *, beta1: Any = BETA1, beta2: Any = BETA2,
+                        epsilon: Any = EPSILON) -> tuple[np.ndarray, ...]:
         return vjp({"w": w, "dcdw": dcdw, "lr": lr, "mw_tm1": mw_tm1, "vw_tm1": vw_tm1},
                    cotangents, {"beta1": beta1, "beta2": beta2, "epsilon": epsilon,
                                 "step": step})
@@ -157,8 +161,8 @@ class Adam(Optimizer):
 
     display_name = "Adam"
 
-    def __init__(self, params: Sequence[Any] | Tree, lr: float = 1e-3, beta1: float = 0.9,
-                 beta2: float = 0.999, epsilon: float = 1e-7) -> None:
+    def __init__(self, params: Sequence[Any] | Tree, lr: float = 1e-3, beta1: float = BETA1,
+                 beta2: float = BETA2, epsilon: float = EPSILON) -> None:
         super().__init__(ivy_source(), params, lr=lr, beta1=beta1, beta2=beta2,
                          epsilon=epsilon)
 

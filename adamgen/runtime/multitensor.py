@@ -20,13 +20,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from ..errors import InexactVariantError
 from ..interface import Interface
-from . import dispatch, loader, memory
+from . import dispatch, memory, variant_choice
 from .c_kernels import resolve_threads
 from .source import KernelSource
 
@@ -97,12 +98,13 @@ class MultiTensorGroup:
         name = DTYPE_NAMES[self.dtype]
         interface = source.interface
         scalars = frozenset(roles.scalars)
-        self.numpy_module = source.numpy_module(name, aliases=interface.in_place,
-                                                scalar_tensors=scalars)
-        if self.numpy_module is None:
+        numpy_module = source.numpy_module(name, aliases=interface.in_place,
+                                           scalar_tensors=scalars)
+        if numpy_module is None:
             raise LookupError(f"{source.name} has no {name} NumPy module here")
+        self.numpy_module: ModuleType = numpy_module
         #: outputs in the module's order, each the tensor it overwrites
-        self._outputs = tuple(dict((p.output, p.input) for p in interface.state)[o]
+        self._outputs = tuple({p.output: p.input for p in interface.state}[o]
                               for o in self.numpy_module.OUTPUTS)
         self.kernel = source.c_kernel(name, scalars)
         if self.kernel is not None and "multi_inplace" not in self.kernel.forms:
@@ -146,10 +148,10 @@ class MultiTensorGroup:
     def variant(self, values: Mapping[str, float], scalars: tuple[float, ...]) -> str:
         """The loader's pick for this group (its sizes never change, so it is asked once)."""
         if self._variant is None:
-            self._variant = loader.choose(
+            self._variant = variant_choice.choose(
                 f"multi-tensor {self.roles.parameter}:{self.numpy_module.SPEC_HASH} "
                 f"{self.dtype} {self.numpy_module.MODE} "
-                f"x2^{loader.bucket_of(len(self.params))}",
+                f"x2^{variant_choice.bucket_of(len(self.params))}",
                 self.size, self.variants,
                 {"c": self.kernel.cache_key if self.kernel else "",
                  "threads": str(dispatch.default_threads())},

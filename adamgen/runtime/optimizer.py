@@ -78,7 +78,8 @@ class Optimizer:
         self._step_name = next((h.name for h in interface.hyperparameters if h.kind == "step"),
                                None)
         self.hyperparameters = self._checked_values(hyperparameters, defaults=True)
-        self._checked, self._checked_source = dict(self.hyperparameters), {}
+        self._checked = dict(self.hyperparameters)
+        self._checked_source: dict[str, Any] = {}
         self.step_count = 0
         self._build(params)
 

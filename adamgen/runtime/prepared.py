@@ -86,7 +86,7 @@ class PreparedCall:
         # the buffered form's outputs share one shape and dtype: one recycled block holds them
         fresh = empty_outputs(len(self.output_shapes) - direct, self.output_shapes[0],
                               self.dtypes[0])
-        buffers = [out] + fresh if direct else fresh
+        buffers = [out, *fresh] if out is not None and direct else fresh
         self.updater.runner(module, self.tensors, self.scalars, self.hyper, buffers,
                             in_place and direct)
         if out is not None and not direct:

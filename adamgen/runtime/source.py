@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from ..config import KernelConfig, current_environment
+from ..config import C_DTYPES, KernelConfig, current_environment
 from ..interface import Interface, SpecRef
 
 if TYPE_CHECKING:
@@ -29,7 +29,6 @@ NumpyProvider = Callable[[KernelConfig], "ModuleType | None"]
 #: configuration -> the C kernel, or None when C cannot serve it.
 CProvider = Callable[[KernelConfig], "CKernel | None"]
 #: dtypes the C backend renders.
-C_DTYPES = ("float32", "float64")
 
 
 @dataclass
@@ -97,7 +96,7 @@ class KernelSource:
 def jit_source(spec: SpecRef) -> KernelSource:
     """The rule's kernels from the process's JIT cache (generated and compiled on a miss)."""
     from .c_kernels import c_kernel
-    from .kernels import numpy_kernel
+    from .numpy_kernels import numpy_kernel
 
     return KernelSource(spec, numpy_kernel, c_kernel)
 

@@ -38,16 +38,12 @@ from typing import Any
 
 import numpy as np
 
-from ..config import environment
-from ..interface import DERIVATIVE_PREFIX as PREFIX
+from ..config import C_DTYPES, environment
 from ..errors import ArgumentTypeError, ArgumentValueError, InexactVariantError
+from ..interface import DERIVATIVE_PREFIX as PREFIX
 from . import validate
-from .functional import prelude_scalars
-from .source import C_DTYPES, KernelSource
-
-FLOAT_DTYPES = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32",
-                np.dtype(np.float64): "float64"}
-
+from .functional import FLOAT_DTYPES, prelude_scalars
+from .source import KernelSource
 
 # --- the fixed summation order --------------------------------------------------------------
 

@@ -1,11 +1,8 @@
-"""Kernel modules for the runtime: fetched from the cache, generated only on a miss.
+"""Where the runtime's kernels are kept: the kernel cache, and what happens when it cannot serve.
 
 A call served from the cache imports neither SymPy nor Jinja: the key is computed from the
 configuration and :func:`adamgen._resources.generator_fingerprint` (a hash of the generation
 files, read as bytes), and only a miss imports :mod:`adamgen.codegen.driver` to render.
-
-Loaded modules are memoised per process by configuration, so the cache is touched once per
-kernel per process.
 
 **Which cache serves, and what happens when it cannot** (the same for NumPy and C kernels, see
 :func:`fetch`):
@@ -22,36 +19,24 @@ kernel per process.
   (:func:`adamgen.runtime.c_kernels.c_kernel`);
 * no writable directory at all: the same as a failed write.
 
-A NumPy kernel runs the bytes the manifest hashed: the source is read once, checked against the
-manifest and executed with ``compile``/``exec``, never imported through a ``__pycache__``
-(a planted ``.pyc`` would otherwise run instead of the hashed source).
+The NumPy and C kernel loaders (:mod:`adamgen.runtime.numpy_kernels`,
+:mod:`adamgen.runtime.c_kernels`) both fetch through :func:`load_entry`, so the policy lives here
+once.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import logging
-import sys
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import ModuleType
 from typing import Any, TypeVar
 
 from .. import cache as artifact_cache
 from .. import cache_location
-from .._resources import generator_fingerprint
-from ..config import KernelConfig
 from ..errors import CacheError, CacheMissError, CacheReadOnlyError, CacheUnsafeError
 from .forksafe import ForkSafeLock
 
-log = logging.getLogger("adamgen.kernels")
-
-_lock = ForkSafeLock()
-_modules: dict[tuple[str, KernelConfig], ModuleType] = {}
-#: What happened to each kernel this process asked for: shown by ``adamgen info``.
-EVENTS: list[dict[str, object]] = []
+log = logging.getLogger("adamgen.kernel_store")
 
 _open_lock = ForkSafeLock()
 _cache: artifact_cache.ArtifactCache | None = None
@@ -82,13 +67,12 @@ def kernel_cache() -> artifact_cache.ArtifactCache:
     return _cache
 
 
-def _forget_cache() -> None:
+def forget_cache() -> None:
+    """Drop the cache handle: the next :func:`kernel_cache` reads ``ADAMGEN_CACHE_DIR`` again
+    (tests and ``adamgen clear`` point the process at another cache)."""
     global _cache, _opened
     with _open_lock:
         _cache, _opened = None, False
-
-
-kernel_cache.cache_clear = _forget_cache  # type: ignore[attr-defined]
 
 
 def _fall_back(cache: artifact_cache.ArtifactCache,
@@ -145,86 +129,3 @@ def load_entry(kind: str, key: str, builder: Callable[[Path], Mapping[str, Any]]
             except CacheUnsafeError as unsafe:
                 _fall_back(cache, unsafe)
     raise AssertionError("unreachable")
-
-
-def numpy_cache_key(config: KernelConfig) -> str:
-    return artifact_cache.cache_key({
-        "kind": "numpy", "generator": generator_fingerprint(),
-        "config": config.key(), "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
-    })
-
-
-def _variant(config: KernelConfig) -> str:
-    """How ``adamgen info`` names a NumPy kernel."""
-    return f"numpy {config.describe()}"
-
-
-def _write_numpy_module(config: KernelConfig, directory: Path) -> dict[str, str]:
-    from ..codegen.driver import numpy_source  # generation time: SymPy and Jinja load here
-
-    source = numpy_source(config)
-    (directory / "kernel.py").write_text(source)
-    return {"source_sha256": hashlib.sha256(source.encode()).hexdigest(),
-            "variant": _variant(config)}
-
-
-def _exec_verified(entry: artifact_cache.Entry, name: str, module_name: str) -> ModuleType:
-    """Execute the entry's source file ``name`` as a new module: the bytes read are the bytes
-    checked against the manifest and the bytes run (no bytecode cache is read or written)."""
-    path = entry.path / name
-    source = path.read_bytes()
-    if hashlib.sha256(source).hexdigest() != entry.manifest["files"][name]["sha256"]:
-        raise CacheError(f"{path} changed after it was validated: its sha256 is not the one "
-                         "in the manifest")
-    module = ModuleType(module_name)
-    module.__file__ = str(path)
-    exec(compile(source, str(path), "exec"), module.__dict__)  # noqa: S102 (verified above)
-    return module
-
-
-def numpy_kernel(config: KernelConfig) -> ModuleType:
-    """The generated NumPy module for ``config`` (``prelude``, ``update``, ``DEPENDS``, ...)."""
-    memo_key = config
-    module = _modules.get(memo_key)
-    if module is not None:
-        return module
-    with _lock:
-        module = _modules.get(memo_key)
-        if module is None:
-            module = _load_numpy_kernel(config)
-            _modules[memo_key] = module
-    return module
-
-
-def _in_memory(config: KernelConfig, reason: str) -> ModuleType:
-    """Render and execute a kernel without any file: the path of last resort."""
-    from ..codegen.driver import numpy_source
-
-    log.info("numpy kernel %s is rendered in memory: %s", config.describe(), reason)
-    module = ModuleType(f"adamgen_numpy_in_memory_{config.spec.name}")
-    exec(compile(numpy_source(config), module.__name__, "exec"),  # noqa: S102
-         module.__dict__)
-    EVENTS.append({"kernel": _variant(config), "built": True, "seconds": 0.0,
-                   "path": f"(memory: {reason})"})
-    return module
-
-
-def _load_numpy_kernel(config: KernelConfig) -> ModuleType:
-    key = numpy_cache_key(config)
-    start = time.perf_counter()
-    builder = functools.partial(_write_numpy_module, config)
-    try:
-        entry, module = load_entry(
-            "numpy", key, builder,
-            lambda entry: _exec_verified(entry, "kernel.py", f"adamgen_numpy_{key[:16]}"),
-            (Exception,))
-    except CacheMissError:
-        raise
-    except (CacheError, OSError) as exc:  # no directory, or a failed write (EFBIG, ENOSPC)
-        return _in_memory(config, str(exc).splitlines()[0])
-    seconds = time.perf_counter() - start
-    EVENTS.append({"kernel": _variant(config), "built": entry.built,
-                   "seconds": seconds, "path": str(entry.path)})
-    log.debug("numpy kernel %s %s in %.3f s (%s)", config.describe(),
-              "built" if entry.built else "fetched from cache", seconds, entry.path)
-    return module

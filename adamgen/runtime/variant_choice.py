@@ -134,7 +134,7 @@ def _decision_key(problem: str, bucket: int, context: Mapping[str, str]) -> str:
 
 
 def _choices_dir() -> Path | None:
-    from .kernels import kernel_cache
+    from .kernel_store import kernel_cache
 
     try:
         return kernel_cache().root / "choices"

@@ -1,4 +1,4 @@
-"""The loader: measured choices apply an update exactly once, persist, and never change bits."""
+"""Variant choice: measured choices apply an update exactly once, persist, and never change bits.
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from reference import adam_update_ref
 import adamgen
 from adamgen.config import refresh_environment
 from adamgen.errors import ConfigError
-from adamgen.runtime import functional, guard, ivy, loader
+from adamgen.runtime import guard, ivy, variant_choice
 
 VARIANTS = [None, "numpy", "c", "c-omp"]  # None: measured
 
@@ -31,12 +31,12 @@ def one_step(n, dtype, seed=0):
 
 
 def forget_everything():
-    from adamgen.runtime import c_kernels, dispatch, kernels
+    from adamgen.runtime import c_kernels, dispatch, kernel_store
 
-    loader.forget()
+    variant_choice.forget()
     dispatch.forget()
     c_kernels.clear_memo()
-    kernels.kernel_cache.cache_clear()
+    kernel_store.forget_cache()
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def test_out_is_w_applies_exactly_one_update(variant, n, monkeypatch):
     if variant:
         monkeypatch.setenv("ADAMGEN_VARIANT", variant)
     refresh_environment()
-    loader.forget()  # a new bucket decision: the measurement runs during this very call
+    variant_choice.forget()  # a new bucket decision: the measurement runs during this very call
     w, g, m, v = one_step(n, np.float32, seed=n)
     expected = adam_update_ref(w, g, 0.01, m, v, 3)
     result = adamgen.adam_update(w, g, 0.01, m, v, 3, out=w)
@@ -70,7 +70,7 @@ def test_optimizer_step_applies_exactly_one_update(variant, monkeypatch):
     if variant:
         monkeypatch.setenv("ADAMGEN_VARIANT", variant)
     refresh_environment()
-    loader.forget()
+    variant_choice.forget()
     params = [one_step(n, np.float64, seed=n)[0] for n in (3, 4096, 20_000)]
     before = [p.copy() for p in params]
     opt = adamgen.Adam(params, lr=0.05)
@@ -104,7 +104,7 @@ def test_a_forced_variant_that_does_not_fit_yields_to_the_nearest_that_does(
     monkeypatch.setenv("ADAMGEN_VARIANT", forced)
     refresh_environment()
     never = {"numpy": None}  # forcing measures nothing
-    assert loader.choose("p", 100, candidates, {}, lambda m: never, 4) == expected
+    assert variant_choice.choose("p", 100, candidates, {}, lambda m: never, 4) == expected
 
 
 def test_unknown_variant_is_an_error_naming_the_accepted_ones(monkeypatch):
@@ -114,10 +114,10 @@ def test_unknown_variant_is_an_error_naming_the_accepted_ones(monkeypatch):
 
 
 def test_measurement_stays_within_its_budget_and_is_remembered(fresh_loader, monkeypatch):
-    monkeypatch.setattr(loader, "run_delay", lambda: 0.0)  # a busy machine: tested below
+    monkeypatch.setattr(variant_choice, "run_delay", lambda: 0.0)  # a busy machine: tested below
     w, g, m, v = one_step(1 << 22, np.float32)  # beyond the timed slice: a slice is timed
     adamgen.adam_update(w, g, 0.01, m, v, 2)
-    decisions = [d for d in loader.decisions() if d.bucket == (1 << 22).bit_length()]
+    decisions = [d for d in variant_choice.decisions() if d.bucket == (1 << 22).bit_length()]
     assert decisions and decisions[0].source == "measured"
     assert decisions[0].timed_elements < (1 << 22)
     assert sum(decisions[0].seconds.values()) < 0.5
@@ -131,16 +131,16 @@ def test_a_disturbed_measurement_is_repeated_and_never_persisted(fresh_loader, m
     """A measurement during which this thread waited for a CPU (a neighbour, or another
     library's spinning threads) is taken again; only an undisturbed one is remembered."""
     delays = iter(waits)  # run_delay() before and after each attempt: 1 s of waiting = disturbed
-    monkeypatch.setattr(loader, "run_delay", lambda: next(delays))
+    monkeypatch.setattr(variant_choice, "run_delay", lambda: next(delays))
     made = []
 
     def timers(m):
         made.append(m)
         return {"numpy": lambda: None, "c": lambda: None}
 
-    winner = loader.choose("p", 5000, ("numpy", "c"), {}, timers, 4)
+    winner = variant_choice.choose("p", 5000, ("numpy", "c"), {}, timers, 4)
     assert winner in ("numpy", "c") and len(made) == 2
-    (decision,) = loader.decisions()
+    (decision,) = variant_choice.decisions()
     persisted = list((tmp_path / "cache").rglob("choices/*.json"))
     if waits[-1] > waits[-2]:
         assert decision.source == "measured, disturbed: not remembered" and persisted == []
@@ -155,11 +155,11 @@ def test_a_later_process_reuses_the_persisted_choice(tmp_path):
         import json
         import numpy as np
         import adamgen
-        from adamgen.runtime import loader
-        loader.run_delay = lambda: 0.0  # a busy machine must not stop the choice being persisted
+        from adamgen.runtime import variant_choice
+        variant_choice.run_delay = lambda: 0.0  # a busy machine must not stop the choice being persisted
         x = np.ones(50_000, np.float32)
         adamgen.adam_update(x, x, 0.1, x, x, 1)
-        print(json.dumps([[d.problem, d.bucket, d.winner, d.source] for d in loader.decisions()]))
+        print(json.dumps([[d.problem, d.bucket, d.winner, d.source] for d in variant_choice.decisions()]))
     """)
     runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                            timeout=300) for _ in range(2)]
@@ -197,7 +197,7 @@ def samples(*seconds, waited=0.0):
     """Samples of the given seconds (microseconds here, for readability), each having waited
     ``waited`` for a CPU (a number, or one per sample)."""
     waits = waited if isinstance(waited, (list, tuple)) else [waited] * len(seconds)
-    return [loader.Sample(s, w) for s, w in zip(seconds, waits)]
+    return [variant_choice.Sample(s, w) for s, w in zip(seconds, waits)]
 
 
 CLEAN_SERIAL = samples(97, 99, 96, 98, 100, 97, 99, 98, 97)
@@ -205,7 +205,7 @@ THREE = ("numpy", "c", "c-omp")
 
 
 def test_the_fastest_clean_candidate_wins_beyond_the_tie_margin():
-    verdict = loader.decide({"numpy": samples(400, 410, 405), "c": CLEAN_SERIAL,
+    verdict = variant_choice.decide({"numpy": samples(400, 410, 405), "c": CLEAN_SERIAL,
                              "c-omp": samples(50, 52, 51, 49, 60, 50, 51, 50, 52)}, THREE)
     assert verdict.winner == "c-omp" and verdict.reason == "fastest"
     assert verdict.seconds["c-omp"] == 51 and verdict.seconds["c"] == 98
@@ -215,7 +215,7 @@ def test_the_fastest_clean_candidate_wins_beyond_the_tie_margin():
 def test_a_tie_goes_to_serial_c(threaded, expected):
     """At most TIE_MARGIN (10 %) slower than the fastest, the safest candidate wins: serial C
     (median 98) beats a threaded median of 92 or 90 (98 <= 99), not one of 88 (98 > 96.8)."""
-    verdict = loader.decide({"numpy": samples(400, 410, 405), "c": CLEAN_SERIAL,
+    verdict = variant_choice.decide({"numpy": samples(400, 410, 405), "c": CLEAN_SERIAL,
                              "c-omp": samples(*[threaded] * 9)}, THREE)
     assert verdict.winner == expected
     if expected == "c":
@@ -227,7 +227,7 @@ def test_a_threaded_timing_that_waited_for_a_cpu_is_disqualified():
     for a CPU too (a worker descheduled), so none of it counts."""
     disturbed = samples(6474, 40, 5900, 41, 7000, 42, 6100, 39, 6300,
                         waited=[3000, 30, 2500, 30, 3500, 30, 3000, 30, 3100])
-    verdict = loader.decide({"numpy": samples(400, 410, 405), "c": CLEAN_SERIAL,
+    verdict = variant_choice.decide({"numpy": samples(400, 410, 405), "c": CLEAN_SERIAL,
                              "c-omp": disturbed}, THREE)
     assert verdict.winner == "c"
     assert "c-omp: too few undisturbed samples" in verdict.reason
@@ -236,7 +236,7 @@ def test_a_threaded_timing_that_waited_for_a_cpu_is_disqualified():
 def test_disturbed_samples_are_set_aside_and_the_clean_ones_decide():
     """Three clean threaded samples are enough; the disturbed ones do not enter the median."""
     threaded = samples(50, 9000, 51, 8000, 49, 9500, waited=[0, 4000, 0, 3000, 0, 5000])
-    verdict = loader.decide({"c": CLEAN_SERIAL, "c-omp": threaded}, ("c", "c-omp"))
+    verdict = variant_choice.decide({"c": CLEAN_SERIAL, "c-omp": threaded}, ("c", "c-omp"))
     assert verdict.winner == "c-omp" and verdict.seconds["c-omp"] == 50
 
 
@@ -244,7 +244,7 @@ def test_a_disturbed_serial_c_gives_the_safe_choice_not_numpy():
     """The benchmark's 105 % case: serial C timed at 4x its cost beside spinning OpenMP workers,
     and NumPy crowned. With C's samples known to be disturbed, nothing can be compared against
     the safe choice, so it stands."""
-    verdict = loader.decide({"numpy": samples(38, 37, 39, 38, 38, 37, 38, 39, 38),
+    verdict = variant_choice.decide({"numpy": samples(38, 37, 39, 38, 38, 37, 38, 39, 38),
                              "c": samples(*[30] * 9, waited=[20] * 9),
                              "c-omp": samples(*[8] * 9, waited=[6] * 9)}, THREE)
     assert verdict.winner == "c"
@@ -253,21 +253,21 @@ def test_a_disturbed_serial_c_gives_the_safe_choice_not_numpy():
 
 def test_unknown_waits_count_as_clean():
     nan = float("nan")
-    verdict = loader.decide({"numpy": samples(10, 11, 12, waited=nan),
+    verdict = variant_choice.decide({"numpy": samples(10, 11, 12, waited=nan),
                              "c": samples(5, 5, 6, waited=nan)}, ("numpy", "c"))
     assert verdict.winner == "c"
 
 
 def test_numpy_must_beat_c_by_the_margin_too():
-    verdict = loader.decide({"numpy": samples(95, 94, 96), "c": CLEAN_SERIAL}, ("numpy", "c"))
+    verdict = variant_choice.decide({"numpy": samples(95, 94, 96), "c": CLEAN_SERIAL}, ("numpy", "c"))
     assert verdict.winner == "c"
 
 
 def test_without_c_the_first_candidate_is_the_safe_choice():
-    assert loader.safe_choice(("numpy",)) == "numpy"
-    assert loader.safe_choice(("numpy", "c", "c-omp")) == "c"
-    assert loader.safe_choice(("x", "y")) == "x"
-    verdict = loader.decide({"numpy": samples(1, 2, 3)}, ("numpy",))
+    assert variant_choice.safe_choice(("numpy",)) == "numpy"
+    assert variant_choice.safe_choice(("numpy", "c", "c-omp")) == "c"
+    assert variant_choice.safe_choice(("x", "y")) == "x"
+    verdict = variant_choice.decide({"numpy": samples(1, 2, 3)}, ("numpy",))
     assert verdict.winner == "numpy"
 
 
@@ -278,11 +278,11 @@ def test_choose_applies_the_rule_and_falls_back_to_serial_c_when_disturbed_twice
     clean (it is more than 10 % faster). A measurement in which this thread waited twice gives
     serial C, the safe choice, and is not remembered."""
     waits = iter([0.0, 1.0] * disturbed_attempts + [0.0, 0.0] * (2 - disturbed_attempts))
-    monkeypatch.setattr(loader, "run_delay", lambda: next(waits))
-    monkeypatch.setattr(loader, "measure", lambda timers: {
+    monkeypatch.setattr(variant_choice, "run_delay", lambda: next(waits))
+    monkeypatch.setattr(variant_choice, "measure", lambda timers: {
         "numpy": samples(10, 10, 10), "c": samples(30, 30, 30), "c-omp": samples(40, 40, 40)})
-    winner = loader.choose("p", 50_000, THREE, {}, lambda m: {}, 4)
-    (decision,) = loader.decisions()
+    winner = variant_choice.choose("p", 50_000, THREE, {}, lambda m: {}, 4)
+    (decision,) = variant_choice.decisions()
     persisted = list((tmp_path / "cache").rglob("choices/*.json"))
     if disturbed_attempts == 2:
         assert winner == "c" and decision.source == "measured, disturbed: not remembered"
@@ -294,20 +294,20 @@ def test_choose_applies_the_rule_and_falls_back_to_serial_c_when_disturbed_twice
 
 def test_measure_records_how_long_each_sample_waited(monkeypatch):
     delays = iter(float(k) for k in range(100))  # each read 1 s later than the one before
-    monkeypatch.setattr(loader, "process_run_delay", lambda: next(delays))
-    measured = loader.measure({"a": lambda: None, "b": lambda: None})
-    assert len(measured["a"]) == loader.MAX_ROUNDS
+    monkeypatch.setattr(variant_choice, "process_run_delay", lambda: next(delays))
+    measured = variant_choice.measure({"a": lambda: None, "b": lambda: None})
+    assert len(measured["a"]) == variant_choice.MAX_ROUNDS
     assert all(s.waited == 1.0 and s.disturbed for s in measured["a"] + measured["b"])
 
 
 def test_a_persisted_decision_keeps_its_reason(fresh_loader, monkeypatch):
-    monkeypatch.setattr(loader, "run_delay", lambda: 0.0)
-    monkeypatch.setattr(loader, "measure", lambda timers: {
+    monkeypatch.setattr(variant_choice, "run_delay", lambda: 0.0)
+    monkeypatch.setattr(variant_choice, "measure", lambda timers: {
         "numpy": samples(50, 50, 50), "c": samples(10, 10, 10)})
-    loader.choose("p", 5000, ("numpy", "c"), {}, lambda m: {}, 4)
-    loader.forget()
-    loader.choose("p", 5000, ("numpy", "c"), {}, lambda m: {}, 4)
-    (decision,) = loader.decisions()
+    variant_choice.choose("p", 5000, ("numpy", "c"), {}, lambda m: {}, 4)
+    variant_choice.forget()
+    variant_choice.choose("p", 5000, ("numpy", "c"), {}, lambda m: {}, 4)
+    (decision,) = variant_choice.decisions()
     assert decision.source == "cache dir" and decision.winner == "c"
     assert decision.reason == "fastest"
 
@@ -324,8 +324,8 @@ def noisy_measurements(draw):
     for name, cost in truth.items():
         rounds = draw(st.lists(st.tuples(st.booleans(), st.floats(0.96, 1.04),
                                          st.floats(1.0, 100.0)), min_size=3, max_size=9))
-        measured[name] = [loader.Sample(cost * inflate, cost * inflate) if disturbed
-                          else loader.Sample(cost * noise, 0.0)
+        measured[name] = [variant_choice.Sample(cost * inflate, cost * inflate) if disturbed
+                          else variant_choice.Sample(cost * noise, 0.0)
                           for disturbed, noise, inflate in rounds]
     return truth, measured
 
@@ -336,7 +336,7 @@ def test_the_pick_is_never_more_than_twice_the_best_variant(case):
     """The bound of issue 12, item 15, for the rule itself: whatever the neighbour disturbed,
     the winner's true cost is at most twice the best candidate's."""
     truth, measured = case
-    winner = loader.decide(measured, THREE).winner
+    winner = variant_choice.decide(measured, THREE).winner
     assert truth[winner] <= 2 * min(truth.values())
 
 
@@ -401,25 +401,25 @@ def test_the_back_off_doubles_while_the_probes_run_slow_and_ends_when_one_is_in_
 
 
 def _threaded_pick(monkeypatch):
-    monkeypatch.setattr(loader, "run_delay", lambda: 0.0)
-    monkeypatch.setattr(loader, "measure", lambda timers: {
+    monkeypatch.setattr(variant_choice, "run_delay", lambda: 0.0)
+    monkeypatch.setattr(variant_choice, "measure", lambda timers: {
         "numpy": samples(400e-6, 400e-6, 400e-6), "c": samples(100e-6, 100e-6, 100e-6),
         "c-omp": samples(50e-6, 50e-6, 50e-6)})
 
 
 def test_a_threaded_winner_gets_a_guard_from_the_serial_timing(fresh_loader, monkeypatch):
     _threaded_pick(monkeypatch)
-    assert loader.choose("p", 5000, THREE, {"t": "2"}, lambda m: {}, 4) == "c-omp"
-    g = loader.guard("p", 5000, THREE, {"t": "2"})
+    assert variant_choice.choose("p", 5000, THREE, {"t": "2"}, lambda m: {}, 4) == "c-omp"
+    g = variant_choice.guard("p", 5000, THREE, {"t": "2"})
     assert g is not None and g.serial_seconds_per_element == 100e-6 / 5000
-    assert loader.guard("p", 5000, THREE, {"t": "1"}) is None  # another context
+    assert variant_choice.guard("p", 5000, THREE, {"t": "1"}) is None  # another context
     monkeypatch.setenv("ADAMGEN_VARIANT", "c-omp")
     refresh_environment()
-    assert loader.guard("p", 5000, THREE, {"t": "2"}) is None  # forced means forced
+    assert variant_choice.guard("p", 5000, THREE, {"t": "2"}) is None  # forced means forced
     monkeypatch.delenv("ADAMGEN_VARIANT")
     refresh_environment()
-    loader.forget()
-    assert loader.guard("p", 5000, THREE, {"t": "2"}) is None
+    variant_choice.forget()
+    assert variant_choice.guard("p", 5000, THREE, {"t": "2"}) is None
 
 
 @pytest.mark.parametrize("shortcut", [False, True], ids=["whole way", "shortcut"])
@@ -441,7 +441,7 @@ def test_a_busy_neighbour_after_the_measurement_sends_calls_to_serial_c(
     clock.steps = [0.0, 1.0] * 2  # the first two threaded calls take a second each
     for _ in range(4):
         assert_all_bitwise_equal(update(w, g, 0.01, m, v, 3), expected)
-    assert [d.winner for d in loader.decisions()] == ["c-omp"]
-    guarded = list(loader._guards.values())
+    assert [d.winner for d in variant_choice.decisions()] == ["c-omp"]
+    guarded = list(variant_choice._guards.values())
     assert len(guarded) == 1 and guarded[0].strikes == 1
     assert clock.reads == 2 * 2 + 2  # two timed threaded calls, then two serial ones

@@ -1,4 +1,4 @@
-"""Which cache serves a kernel, and what happens when it cannot (``adamgen/runtime/kernels.py``).
+"""Which cache serves a kernel, and what happens when it cannot (``adamgen/runtime/kernel_store.py``).
 
 Each test runs the hostile script (:data:`hostile.SCRIPT`: ``adam_update`` in two dtypes,
 ``Adam.step`` and ``adam_update_vjp``) in a fresh interpreter against a damaged, limited or
