@@ -1,4 +1,4 @@
-"""Variant choice: measured choices apply an update exactly once, persist, and never change bits.
+"""Variant choice: measured choices apply an update once, persist, and never change bits."""
 
 from __future__ import annotations
 
