@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import assert_bitwise_equal, make_ir
+from step_oracles import STEP_ORACLES, special_inputs
 
-from adamgen import ieee
 from adamgen.codegen import build
 from adamgen.codegen.driver import c_source, kernel_ir
 from adamgen.config import KernelConfig
@@ -192,38 +192,9 @@ def test_every_op_prints_as_exactly_that_ieee_operation(tmp_path: Path):
     """A hand-built IR using every body op, constants on either side and negative constants,
     compiled and run against NumPy's float32 arithmetic (weak Python-float constants)."""
     from adamgen.codegen.c_backend import render_c_module
-    from adamgen.codegen.ir import Step
     from adamgen.runtime.c_kernels import KernelFunction
 
-    cases = {  # step -> NumPy's float32 value
-        Step("t0", "add", ("x", "y")): lambda x, y: x + y,
-        Step("t1", "sub", ("x", "y")): lambda x, y: x - y,
-        Step("t2", "mul", ("x", "y")): lambda x, y: x * y,
-        Step("t3", "div", ("x", "y")): lambda x, y: x / y,
-        Step("t4", "neg", ("x",)): lambda x, y: -x,
-        Step("t5", "sqrt", ("x",)): lambda x, y: np.sqrt(x),
-        Step("t6", "select_ge", ("x", 0, "x", 0)): lambda x, y: np.where(x >= 0, x, 0),
-        Step("t7", "sub", ("x", -0.5)): lambda x, y: x - -0.5,
-        Step("t8", "add", (-0.5, "x")): lambda x, y: -0.5 + x,
-        Step("t9", "mul", ("x", -0.3)): lambda x, y: x * -0.3,
-        Step("t10", "div", (-1.0, "x")): lambda x, y: -1.0 / x,
-        Step("t11", "sub", (-0.5, "x")): lambda x, y: -0.5 - x,
-        Step("t12", "div", ("x", 3)): lambda x, y: x / np.float32(3),
-        Step("t13", "add", ("x", "x")): lambda x, y: x + x,
-        Step("t14", "select_gt", ("x", 0, "y", 0)): lambda x, y: np.where(x > 0, y, 0),
-        Step("t15", "mul", (0.1, "x")): lambda x, y: 0.1 * x,
-        Step("t16", "fma", ("x", "y", "x")): lambda x, y: ieee.fma(x, y, x),
-        Step("t17", "fma", (0.1, "x", "y")): lambda x, y: ieee.fma(np.float32(0.1), x, y),
-        Step("t18", "sign", ("x",)): lambda x, y: ieee.sign(x),
-        Step("t19", "maximum", ("x", "y")): lambda x, y: ieee.maximum(x, y),
-        Step("t20", "minimum", ("x", "y")): lambda x, y: ieee.minimum(x, y),
-        Step("t21", "select_lt", ("x", "y", "y", -2.5)): lambda x, y: np.where(x < y, y, -2.5),
-        Step("t22", "select_le", ("x", "y", 1, "x")): lambda x, y: np.where(x <= y, 1, x),
-        Step("t23", "select_eq", ("x", "y", "x", "y")): lambda x, y: np.where(x == y, x, y),
-        Step("t24", "select_ne", ("x", 0, "y", "x")): lambda x, y: np.where(x != 0, y, x),
-        Step("t25", "round_bfloat16", ("x",)): lambda x, y: ieee.round_bfloat16(x),
-        Step("t26", "round_float16", ("y",)): lambda x, y: ieee.round_float16(y),
-    }
+    cases = STEP_ORACLES
     outputs = tuple((f"o{index}", step.target) for index, step in enumerate(cases))
     ir = make_ir(("x", "y"), tuple(cases), outputs)
     rendered = render_c_module({"functional": ir}, openmp=False)
@@ -234,11 +205,7 @@ def test_every_op_prints_as_exactly_that_ieee_operation(tmp_path: Path):
     module = build.load_extension(so, "_adamgen_ops_test")
     function = KernelFunction(module.ffi, module.lib, "float", rendered.functions[0].describe(),
                               0)
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal(1000).astype(np.float32)
-    y = rng.standard_normal(1000).astype(np.float32)
-    x[:6] = [np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0]
-    y[3:9] = [np.nan, 0.0, -0.0, np.inf, 1e-45, -1.0]
+    x, y = special_inputs(1000, seed=1)
     got = [np.full(1000, 7, np.float32) for _ in cases]
     function(x, y, (), *got)
     with np.errstate(all="ignore"):

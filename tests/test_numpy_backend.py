@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from conftest import assert_bitwise_equal, make_ir
 from reference import adam_update_ref
+from step_oracles import STEP_ORACLES, special_inputs
 
-from adamgen import ieee
 from adamgen.codegen.driver import kernel_ir, numpy_source
 from adamgen.codegen.ir import Step
 from adamgen.codegen.numpy_backend import allocate_buffers
@@ -100,19 +100,7 @@ def test_mixed_module_promotes_like_the_reference():
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
-OPS = {  # step -> the value in float32, computed independently of the printers
-    Step("t0", "fma", ("x", "y", "x")): lambda x, y: ieee.fma(x, y, x),
-    Step("t1", "fma", (0.1, "x", "y")): lambda x, y: ieee.fma(np.float32(0.1), x, y),
-    Step("t2", "sign", ("x",)): lambda x, y: ieee.sign(x),
-    Step("t3", "maximum", ("x", "y")): lambda x, y: ieee.maximum(x, y),
-    Step("t4", "minimum", ("x", "y")): lambda x, y: ieee.minimum(x, y),
-    Step("t5", "select_lt", ("x", "y", "y", -2.5)): lambda x, y: np.where(x < y, y, -2.5),
-    Step("t6", "select_ne", ("x", 0, "y", "x")): lambda x, y: np.where(x != 0, y, x),
-    Step("t7", "select_ge", ("x", 0, "x", 0)): lambda x, y: np.where(x >= 0, x, 0),
-    Step("t8", "round_bfloat16", ("x",)): lambda x, y: ieee.round_bfloat16(x),
-    Step("t9", "round_float16", ("y",)): lambda x, y: ieee.round_float16(y),
-    Step("t10", "sqrt", ("x",)): lambda x, y: np.sqrt(x),
-}
+OPS = STEP_ORACLES
 
 
 @pytest.mark.parametrize("dtype", ["float32", "mixed"])
@@ -128,10 +116,7 @@ def test_every_op_in_both_forms(dtype):
                  config=KernelConfig(spec=SpecRef("ops"), dtype=dtype))
     module = load(render_numpy_module(ir))
     assert module["EXACT"] is True
-    rng = np.random.default_rng(3)
-    x, y = (rng.standard_normal(300).astype(np.float32) for _ in range(2))
-    x[:6] = [np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0]
-    y[3:9] = [np.nan, 0.0, -0.0, np.inf, 1e-45, -1.0]
+    x, y = special_inputs(300, seed=3)
     with np.errstate(all="ignore"):
         if dtype == "mixed":
             got = module["update"](x, y, ())
