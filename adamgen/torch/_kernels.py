@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..config import KernelConfig, current_environment, environment
 from ..errors import AdamgenError
@@ -61,10 +62,8 @@ class Tables:
     sizes: np.ndarray
     cdata: tuple[Any, ...]
     sizes_cdata: Any
-
-    @property
-    def count(self) -> int:
-        return len(self.sizes)
+    count: int
+    total: int
 
 
 class RuleKernel:
@@ -124,14 +123,15 @@ class RuleKernel:
             sizes_cdata = self.ffi.cast("int64_t *", sizes.ctypes.data)
         else:
             cdata, sizes_cdata = (), None
-        return Tables(tuple(arrays), sizes, cdata, sizes_cdata)
+        return Tables(tuple(arrays), sizes, cdata, sizes_cdata, len(sizes), int(sizes.sum()))
 
-    def run(self, tables: Tables, scalars: tuple[float, ...], threads: int) -> None:
-        """Update every row of ``tables`` in place (threaded when ``threads`` > 1 and OpenMP
-        built; the kernel runs serially below its size threshold)."""
+    def run(self, tables: Tables, scalars: tuple[float, ...]) -> None:
+        """Update every row of ``tables`` in place: threaded (:func:`thread_count` threads)
+        from the kernel's size threshold on, when OpenMP built; serial below it."""
         if self._numpy is not None:
             self._run_numpy(tables, scalars)
-        elif threads > 1 and self._threaded is not None:
+        elif self._threaded is not None and tables.total >= self.threshold and \
+                (threads := thread_count()) > 1:
             self._threaded(*tables.cdata, *scalars, tables.sizes_cdata, tables.count, threads,
                            self.threshold)
         else:
@@ -191,14 +191,13 @@ def _explicit_threads() -> int | None:
     return environment({"ADAMGEN_NUM_THREADS": raw}).num_threads if raw else None
 
 
-def thread_count(torch_threads: int) -> int:
-    """The threads one step uses: ``ADAMGEN_NUM_THREADS`` when set, else ``torch_threads``
-    (torch's intra-op count, ``torch.get_num_threads()``); 1 in a forked child, where libgomp
-    may hang.
+def thread_count() -> int:
+    """The threads one step uses: ``ADAMGEN_NUM_THREADS`` when set, else torch's intra-op
+    count (``torch.get_num_threads()``); 1 in a forked child, where libgomp may hang.
 
     Why torch's count: adamgen's and torch's OpenMP pools share the cores; following torch's
     setting makes ``torch.set_num_threads`` (and ``OMP_NUM_THREADS``, which torch reads) the one
     knob for both. docs/torch.md has the measurement behind this choice.
     """
     explicit = _explicit_threads()
-    return resolve_threads(explicit if explicit is not None else torch_threads)
+    return resolve_threads(explicit if explicit is not None else torch.get_num_threads())

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from . import _state
-from ._kernels import first_overlap, rule_kernel, thread_count, written_memory
+from ._kernels import first_overlap, rule_kernel, written_memory
 from ._layout import describe, span
 from ._plan import GroupPlan, Replan, check_param
 from ._state import TrackedState, plain
@@ -100,7 +100,6 @@ class KernelOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if self.state is not self._tracked or _state.VERSION[0] != self._seen:
             self._readopt()
-        threads = thread_count(torch.get_num_threads())
         plans, state = self._plans, self.state
         for index, group in enumerate(self.param_groups):
             rule, options, hyper = self._group_call(group)
@@ -113,8 +112,7 @@ class KernelOptimizer(torch.optim.Optimizer):
             except Replan:
                 plan = self._replan(index, group, keys)
             for bucket in plan.buckets:
-                bucket.step(rule_kernel(rule, options, bucket.dtype_name), hyper, threads,
-                            state)
+                bucket.step(rule_kernel(rule, options, bucket.dtype_name), hyper, state)
         self._seen = _state.VERSION[0]
         return loss
 
