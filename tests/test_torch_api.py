@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from torch_reference import (assert_same_state, give_grads, reference_step, torch, twins)
+from torch_reference import assert_same_state, give_grads, reference_step, torch, twins
 
 import adamgen.torch as agt
 

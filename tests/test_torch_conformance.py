@@ -14,8 +14,16 @@ import itertools
 import numpy as np
 import pytest
 from peers import torch_adam_step
-from torch_reference import (assert_same, assert_same_state, give_grads, ieee_sqrt,
-                             reference_step, torch, twins, ulps)
+from torch_reference import (
+    assert_same,
+    assert_same_state,
+    give_grads,
+    ieee_sqrt,
+    reference_step,
+    torch,
+    twins,
+    ulps,
+)
 
 import adamgen.torch as agt
 
@@ -42,7 +50,9 @@ def optim_db_inputs():
     ``foreach``/``fused``/``differentiable`` variants torch adds on CPU)."""
     pytest.importorskip("expecttest", reason="torch's optim_db needs expecttest")
     from torch.testing._internal.common_optimizers import (
-        _get_optim_inputs_including_global_cliquey_kwargs, optim_db)
+        _get_optim_inputs_including_global_cliquey_kwargs,
+        optim_db,
+    )
 
     found = []
     for info in optim_db:

@@ -11,8 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from torch_reference import (assert_same_state, give_grads, ieee_sqrt, reference_step, torch,
-                             twins)
+from torch_reference import assert_same_state, give_grads, ieee_sqrt, reference_step, torch, twins
 
 import adamgen.torch as agt
 
@@ -207,7 +206,7 @@ def test_parameters_sharing_memory_are_refused():
     with pytest.raises(ValueError, match="share memory"):
         optimizer.add_param_group({"params": [second]})
     assert len(optimizer.param_groups) == 1
-    mine, theirs, mp, tp = both()
+    mine, _, mp, tp = both()
     mp[2].data = mp[0].data[:5]  # now overlapping another parameter
     give_grads(mp, tp, seed=1)
     with pytest.raises(ValueError, match="share memory"):

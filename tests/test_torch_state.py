@@ -8,8 +8,7 @@ import copy
 import pickle
 
 import pytest
-from torch_reference import (assert_same, assert_same_state, give_grads, reference_step, torch,
-                             twins)
+from torch_reference import assert_same, assert_same_state, give_grads, reference_step, torch, twins
 
 import adamgen.torch as agt
 
@@ -81,7 +80,8 @@ def test_state_dict_is_torchs_format():
 def test_torch_save_and_load_with_weights_only(tmp_path):
     mine_params, their_params = twins(*SHAPES)
     mine = trained(agt.AdamW, mine_params)
-    theirs = trained(torch.optim.AdamW, their_params)
+    for p, q in zip(mine_params, their_params):
+        q.data.copy_(p.data)
     path = tmp_path / "optimizer.pt"
     torch.save(mine.state_dict(), path)
     loaded = torch.load(path, weights_only=True)

@@ -36,8 +36,8 @@ from ..config import KernelConfig, current_environment, environment
 from ..errors import AdamgenError
 from ..interface import Interface
 from ..rules import builtin
-from ..runtime.c_kernels import c_kernel, resolve_threads
 from ..runtime import memory
+from ..runtime.c_kernels import c_kernel, resolve_threads
 from ..runtime.kernels import numpy_kernel
 
 #: ``[(name, start, end)]`` -> the names of two ranges sharing a byte, or None
@@ -89,6 +89,8 @@ class RuleKernel:
         kernel = None if current_environment().backend == "numpy" else c_kernel(config)
         self.c = kernel is not None and "multi_inplace" in kernel.forms
         self._numpy: Any = None
+        self._serial: Any = None
+        self._threaded: Any = None
         if self.c:
             assert kernel is not None
             self.ffi = kernel.ffi
@@ -101,14 +103,14 @@ class RuleKernel:
             numpy_module = numpy_kernel(KernelConfig(
                 spec=config.spec, dtype=dtype, mode="exact", aliases=interface.in_place))
             if not numpy_module.EXACT:
+                why = ("ADAMGEN_BACKEND=numpy forbids them" if current_environment().backend ==
+                       "numpy" else "no C compiler could build them (see the warning above; "
+                       "ADAMGEN_STRICT=1 shows the compiler's error)")
                 raise KernelUnavailableError(
-                    f"{rule} on {dtype} tensors needs adamgen's C kernels, and none could be "
-                    f"built (see the warning above, or set ADAMGEN_STRICT=1 to see the compiler "
-                    f"error; ADAMGEN_BACKEND={current_environment().backend!r}): NumPy cannot "
-                    f"round a {dtype} fused multiply-add once, so it cannot give torch's bits. "
-                    "Install a C compiler (gcc or clang), or use float32 parameters")
+                    f"{rule} on {dtype} tensors needs adamgen's C kernels, and {why}: NumPy "
+                    f"cannot round a {dtype} fused multiply-add once, so it cannot give torch's "
+                    "bits. Install a C compiler (gcc or clang), or use float32 parameters")
             self._numpy = numpy_module
-            self._serial = self._threaded = None
             self.threshold = 0
 
     def __repr__(self) -> str:

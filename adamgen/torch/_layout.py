@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 ALIGNMENT = 64
-NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+NUMPY_DTYPES: dict[torch.dtype, np.dtype] = {torch.float32: np.dtype(np.float32),
+                                             torch.float64: np.dtype(np.float64)}
 DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
 
 

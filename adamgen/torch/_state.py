@@ -25,7 +25,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # typing.Self needs Python 3.11; annotations are not evaluated
+    from typing_extensions import Self
 
 #: Bumped by every mutation of any tracked state: ``VERSION[0]``.
 VERSION = [0]
@@ -47,7 +50,7 @@ class ParamState(dict):
         _bump()
         super().__delitem__(key)
 
-    def __ior__(self, other: Any) -> ParamState:  # type: ignore[override,misc]
+    def __ior__(self, other: Any) -> Self:  # type: ignore[override,misc]
         _bump()
         super().update(other)
         return self
@@ -109,7 +112,7 @@ class TrackedState(defaultdict):
         _bump()
         super().__delitem__(key)
 
-    def __ior__(self, other: Any) -> TrackedState:  # type: ignore[override,misc]
+    def __ior__(self, other: Any) -> Self:  # type: ignore[override,misc]
         self.update(other)
         return self
 

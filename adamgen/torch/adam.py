@@ -58,8 +58,7 @@ def _options(amsgrad: bool, maximize: bool, lr_dtype: str) -> tuple[tuple[str, A
 
 def _real(name: str, value: Any) -> float:
     """A hyperparameter as a Python float (ints and NumPy reals convert exactly)."""
-    if isinstance(value, torch.Tensor) or isinstance(value, bool) or \
-            not hasattr(value, "__float__"):
+    if isinstance(value, (torch.Tensor, bool)) or not hasattr(value, "__float__"):
         raise TypeError(f"{name} is {value!r} ({type(value).__name__}); adamgen.torch "
                         "expects a Python float here")
     return float(value)
