@@ -29,7 +29,6 @@ from __future__ import annotations
 import operator
 import weakref
 from collections.abc import Callable, Sequence
-from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -241,16 +240,21 @@ class Bucket:
 
     def _take_grads(self, grads: list[Any]) -> None:
         """Check new gradient objects and put their pointers in the table."""
-        rows = None
-        if any(map(_is, grads, repeat(None))):
+        rows, live, numels = None, grads, self.numels
+        try:  # every parameter has a gradient: the usual case, one pass
+            pointers = list(map(_data_ptr, grads))
+        except TypeError:  # a None: the parameters without a gradient are skipped
             rows = [row for row, grad in enumerate(grads) if grad is not None]
-        live = grads if rows is None else [grads[row] for row in rows]
-        numels = self.numels if rows is None else [self.numels[row] for row in rows]
-        try:
-            pointers = list(map(_data_ptr, live))
-        except RuntimeError:
-            pointers = []  # a sparse gradient has no data pointer: _grad_problem says so
-        if len(pointers) != len(live) or list(map(_numel, live)) != numels:
+            live, numels = [grads[row] for row in rows], [self.numels[row] for row in rows]
+            pointers = None
+        except RuntimeError:  # a sparse gradient has no data pointer: _grad_problem says so
+            raise _grad_problem(self, grads) from None
+        if pointers is None:
+            try:
+                pointers = list(map(_data_ptr, live))
+            except RuntimeError:
+                raise _grad_problem(self, grads) from None
+        if list(map(_numel, live)) != numels:
             raise _grad_problem(self, grads)
         copies = []
         if not self.contiguous or not all(map(_is_contiguous, live)):

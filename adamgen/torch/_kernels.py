@@ -160,25 +160,6 @@ def _array_at(address: int, size: int, dtype: np.dtype) -> np.ndarray:
     return np.asarray(holder)
 
 
-class WrittenRanges:
-    """The bytes a step writes, asked "which of these gradients overlap them?" (the runtime's
-    :class:`~adamgen.runtime.memory.WrittenMemory`, which needs at least one range)."""
-
-    def __init__(self, ranges: Sequence[tuple[int, int]]) -> None:
-        kept = [(start, end) for start, end in ranges if end > start]
-        self._memory = memory.WrittenMemory(kept) if kept else None
-
-    def overlapping(self, starts: Sequence[int], nbytes: Sequence[int]) -> list[int]:
-        """Positions ``i`` whose ``[starts[i], starts[i] + nbytes[i])`` overlaps a range."""
-        if self._memory is None:
-            return []
-        return self._memory.overlapping(starts, memory.sizes(nbytes))
-
-
-def written_memory(ranges: Sequence[tuple[int, int]]) -> WrittenRanges:
-    return WrittenRanges(ranges)
-
-
 @functools.cache
 def rule_kernel(rule: str, options: tuple[tuple[str, Any], ...], dtype: str) -> RuleKernel:
     """The kernel of a built-in rule for one dtype, memoised per process."""

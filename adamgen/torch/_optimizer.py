@@ -20,6 +20,7 @@ the state-dict hooks and format. What this class adds:
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from copy import deepcopy
 from itertools import chain
@@ -28,8 +29,8 @@ from typing import Any
 import torch
 
 from . import _state
-from ._kernels import first_overlap, rule_kernel, written_memory
-from ._layout import describe, span
+from ._kernels import first_overlap, rule_kernel
+from ._layout import WrittenRanges, describe, span
 from ._plan import GroupPlan, Replan, check_param
 from ._state import TrackedState, plain
 
@@ -44,6 +45,8 @@ class KernelOptimizer(torch.optim.Optimizer):
 
     #: whether the rule keeps torch's per-parameter ``state["step"]``
     _counts_steps = True
+    #: the group keys :meth:`_group_call` reads: their values key a per-group memo
+    _group_keys: tuple[str, ...] = ()
 
     # -- subclass interface ----------------------------------------------------------------------
     def _group_call(self, group: dict[str, Any]
@@ -67,7 +70,10 @@ class KernelOptimizer(torch.optim.Optimizer):
         self._tracked = self.state
         self._seen = -1
         self._plans: list[GroupPlan | None] = []
-        self._written = written_memory([])
+        #: per group: (its values of _group_keys, (rule, options, hyper, state keys))
+        self._calls: dict[int, tuple[tuple[Any, ...], tuple[Any, ...]]] = {}
+        self._values = operator.itemgetter(*self._group_keys)
+        self._written = WrittenRanges([])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group``, refusing what a multi-tensor kernel cannot update: the
@@ -102,8 +108,11 @@ class KernelOptimizer(torch.optim.Optimizer):
             self._readopt()
         plans, state = self._plans, self.state
         for index, group in enumerate(self.param_groups):
-            rule, options, hyper = self._group_call(group)
-            keys = self._state_keys(group)
+            values = self._values(group)
+            call = self._calls.get(index)
+            if call is None or call[0] != values:
+                call = self._remember_call(index, group, values)
+            rule, options, hyper, keys = call[1]
             plan = plans[index] if index < len(plans) else None
             try:
                 if plan is None:
@@ -115,6 +124,17 @@ class KernelOptimizer(torch.optim.Optimizer):
                 bucket.step(rule_kernel(rule, options, bucket.dtype_name), hyper, state)
         self._seen = _state.VERSION[0]
         return loss
+
+    def _remember_call(self, index: int, group: dict[str, Any], values: tuple[Any, ...]
+                       ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        """A group's validated call, memoised on its values while none is a tensor (a tensor
+        ``lr`` may change in place, so it is read at every step)."""
+        call = (values, (*self._group_call(group), self._state_keys(group)))
+        if any(isinstance(value, torch.Tensor) for value in values):
+            self._calls.pop(index, None)
+        else:
+            self._calls[index] = call
+        return call
 
     def _replan(self, index: int, group: dict[str, Any], keys: tuple[str, ...]) -> GroupPlan:
         """Plan a group afresh (its first step, or after it changed), adopting its state."""
@@ -152,7 +172,7 @@ class KernelOptimizer(torch.optim.Optimizer):
         if clash:
             raise ValueError(_shared_memory(*clash))
         owned = [r for plan in plans for bucket in plan.buckets for r in bucket.written_ranges()]
-        self._written = written_memory([(start, end) for _, start, end in ranges] + owned)
+        self._written = WrittenRanges([(start, end) for _, start, end in ranges] + owned)
         for plan in plans:
             for bucket in plan.buckets:
                 bucket.written = self._overlapping

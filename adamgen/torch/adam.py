@@ -83,6 +83,9 @@ def learning_rate(value: Any) -> tuple[float, str]:
 class _TorchAdam(KernelOptimizer):
     """What Adam and AdamW share: the unsupported flags, the state, the rule a group runs."""
 
+    _group_keys = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize",
+                   "decoupled_weight_decay", "foreach", "capturable", "differentiable", "fused")
+
     def _refuse_unsupported(self, group: dict[str, Any]) -> None:
         for flag, reason in _UNSUPPORTED.items():
             if group.get(flag):

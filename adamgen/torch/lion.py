@@ -31,6 +31,7 @@ class Lion(KernelOptimizer):
     """
 
     _counts_steps = False
+    _group_keys = ("lr", "betas", "weight_decay")
 
     def __init__(self, params: Any, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, use_triton: bool = False,

@@ -1,0 +1,265 @@
+"""``adamgen.torch`` against torch's own optimizers, side by side in one run.
+
+    python -m benchmarks.torch_step [--quick] [--rounds 9] [--json out.json]
+
+Sections (each interleaved, medians of undisturbed samples, see :mod:`benchmarks.timing`):
+
+* ``many``: 500 float32 parameters of 4096 elements, the whole ``optimizer.step()`` (torch's
+  ``Optimizer`` machinery included): adamgen.torch.AdamW, torch fused, torch ``foreach=False``,
+  at 1 and 2 threads (``torch.set_num_threads``, which adamgen follows);
+* ``tiny``: one 16-element parameter against a do-nothing ``torch.optim.Optimizer`` subclass
+  (a loop over its groups, ``@torch.no_grad()``), torch's own floor;
+* ``large``: one parameter of 1e7 and 3e7 elements against the bandwidth probe with this rule's
+  traffic (read param, grad, m, v; write param, m, v), at 1 and 2 threads;
+* ``loop`` and ``policy``: the training loop of ``examples/train_torch.py`` (torch's backward
+  runs just before each step), iterations interleaved between configurations; an iteration
+  whose threads waited for a CPU more than :data:`benchmarks.load.DISTURBED` of its time is left
+  out. ``loop`` gives the optimizer's share of an iteration for adamgen and torch; ``policy``
+  crosses adamgen's thread count with torch's, and ``policy-passive`` repeats it in a child
+  process with ``GOMP_SPINCOUNT=0`` (both OpenMP runtimes then sleep instead of spinning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import adamgen.torch as agt
+from adamgen.torch import _kernels
+
+from .load import DISTURBED, CapacityCheck, run_delay
+from .probe import build_probe
+from .timing import Contender, measure
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Nothing(torch.optim.Optimizer):
+    """torch's floor: an optimizer whose step loops over its groups and returns."""
+
+    def __init__(self, params: Any) -> None:
+        super().__init__(params, {})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for _ in self.param_groups:
+            pass
+
+
+def parameters(count: int, size: int, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    found = []
+    for _ in range(count):
+        p = torch.randn(size, generator=generator).requires_grad_()
+        p.grad = torch.randn(size, generator=generator)
+        found.append(p)
+    return found
+
+
+def threaded(threads: int) -> Callable[[], None]:
+    return lambda: torch.set_num_threads(threads)
+
+
+def table(results: list[Any], reference: str) -> list[dict[str, Any]]:
+    """Rows of (name, seconds, clean samples, reference/this)."""
+    base = next(r.seconds for r in results if r.name == reference)
+    return [{"name": r.name, "seconds": r.seconds, "clean": r.clean, "of": len(r.samples),
+             "speedup": r.seconds and base / r.seconds, "error": r.error} for r in results]
+
+
+def many(check: CapacityCheck, rounds: int, quick: bool) -> dict[str, Any]:
+    found = {}
+    for threads in (1, 2):
+        enter = threaded(threads)
+        contenders = [
+            Contender("adamgen.torch.AdamW", "adamgen", agt.AdamW(parameters(500, 4096)).step,
+                      enter),
+            Contender("torch AdamW fused", "peer",
+                      torch.optim.AdamW(parameters(500, 4096), fused=True).step, enter),
+            Contender("torch AdamW foreach=False", "peer",
+                      torch.optim.AdamW(parameters(500, 4096), foreach=False).step, enter)]
+        results = measure(contenders, rounds=rounds, target_seconds=0.05 if quick else 0.2,
+                          warm_seconds=0.02, check=check)
+        found[f"{threads} thread(s)"] = table(results, "adamgen.torch.AdamW")
+    return found
+
+
+def tiny(check: CapacityCheck, rounds: int, quick: bool) -> dict[str, Any]:
+    enter = threaded(1)
+    contenders = [Contender("adamgen.torch.AdamW", "adamgen", agt.AdamW(parameters(1, 16)).step,
+                            enter),
+                  Contender("do-nothing Optimizer", "probe", Nothing(parameters(1, 16)).step,
+                            enter),
+                  Contender("torch AdamW fused", "peer",
+                            torch.optim.AdamW(parameters(1, 16), fused=True).step, enter)]
+    results = measure(contenders, rounds=rounds, target_seconds=0.02 if quick else 0.1,
+                      warm_seconds=0.01, check=check)
+    return {"1 thread": table(results, "adamgen.torch.AdamW")}
+
+
+def large(check: CapacityCheck, rounds: int, quick: bool) -> dict[str, Any]:
+    probe = build_probe()
+    found = {}
+    for size in (10_000_000,) if quick else (10_000_000, 30_000_000):
+        arrays = [np.random.default_rng(i).standard_normal(size).astype(np.float32)
+                  for i in range(4)]
+        optimizer = agt.AdamW(parameters(1, size))
+        for threads in (1, 2):
+            enter = threaded(threads)
+            contenders = [
+                Contender("adamgen.torch.AdamW", "adamgen", optimizer.step, enter),
+                Contender("probe", "probe", probe.bind(*arrays,
+                                                       threads=None if threads == 1 else threads))]
+            results = measure(contenders, rounds=rounds, target_seconds=0.1, warm_seconds=0.0,
+                              check=check)
+            found[f"{size:.0e} elements, {threads} thread(s)"] = table(results, "probe")
+        del optimizer, arrays
+    return found
+
+
+def load_example() -> Any:
+    spec = importlib.util.spec_from_file_location("train_torch",
+                                                  ROOT / "examples" / "train_torch.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class LoopRun:
+    """One configuration of the training loop: model, optimizer, threads (torch's, adamgen's)."""
+
+    def __init__(self, example: Any, name: str, cls: Callable[..., Any], torch_threads: int,
+                 adamgen_threads: int | None = None, **options: Any) -> None:
+        self.name, self.torch_threads, self.adamgen_threads = name, torch_threads, adamgen_threads
+        self.model = example.build(64, 12, 0)
+        self.optimizer = cls(example.groups(self.model), lr=1e-3, **options)
+        self.iterations: list[float] = []
+        self.steps: list[float] = []
+        self.disturbed = 0
+
+    def iterate(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        torch.set_num_threads(self.torch_threads)
+        if self.adamgen_threads is not None:
+            _kernels.thread_count = lambda: self.adamgen_threads  # type: ignore[assignment]
+        waited = run_delay()
+        start = time.perf_counter()
+        self.optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(self.model(x), y).backward()
+        before = time.perf_counter()
+        self.optimizer.step()
+        end = time.perf_counter()
+        _kernels.thread_count = FOLLOW_TORCH
+        if (run_delay() - waited) / (end - start) > DISTURBED:
+            self.disturbed += 1
+            return
+        self.iterations.append(end - start)
+        self.steps.append(end - before)
+
+    def row(self) -> dict[str, Any]:
+        iteration = statistics.median(self.iterations) if self.iterations else float("nan")
+        step = statistics.median(self.steps) if self.steps else float("nan")
+        return {"name": self.name, "iteration": iteration, "step": step,
+                "share": step / iteration, "clean": len(self.iterations),
+                "disturbed": self.disturbed}
+
+
+FOLLOW_TORCH = _kernels.thread_count
+
+
+def loop(runs: list[LoopRun], iterations: int) -> list[dict[str, Any]]:
+    x, y, _, _ = load_example().load_digits(0)
+    batches = [(x[i:i + 128], y[i:i + 128]) for i in range(0, len(x), 128)]
+    for index in range(iterations):
+        shift = index % len(runs)
+        for run in runs[shift:] + runs[:shift]:
+            run.iterate(*batches[index % len(batches)])
+    return [run.row() for run in runs]
+
+
+def training(quick: bool) -> dict[str, Any]:
+    example = load_example()
+    threads = torch.get_num_threads()
+    runs = [LoopRun(example, "adamgen.torch.AdamW", agt.AdamW, threads),
+            LoopRun(example, "torch AdamW fused", torch.optim.AdamW, threads, fused=True),
+            LoopRun(example, "torch AdamW (default)", torch.optim.AdamW, threads)]
+    return {f"torch threads {threads}": loop(runs, 60 if quick else 400)}
+
+
+def policy(quick: bool) -> dict[str, Any]:
+    example = load_example()
+    runs = [LoopRun(example, f"torch {t}, adamgen {a}", agt.AdamW, t, a)
+            for t in (1, 2) for a in (1, 2)]
+    runs += [LoopRun(example, f"torch {t}, torch fused", torch.optim.AdamW, t, fused=True)
+             for t in (1, 2)]
+    return {"spinning (default)": loop(runs, 40 if quick else 300)}
+
+
+def passive(quick: bool) -> dict[str, Any]:
+    """``policy`` in a child process whose OpenMP runtimes sleep instead of spinning."""
+    command = [sys.executable, "-m", "benchmarks.torch_step", "--sections", "policy", "--json",
+               "-"] + (["--quick"] if quick else [])
+    env = {**os.environ, "GOMP_SPINCOUNT": "0"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=1800, check=True)
+    found = json.loads(done.stdout.split("\n#json\n", 1)[1])["policy"]
+    return {"GOMP_SPINCOUNT=0": found["spinning (default)"]}
+
+
+SECTIONS = {"many": many, "tiny": tiny, "large": large}
+LOOPS = {"loop": training, "policy": policy, "policy-passive": passive}
+
+
+def show(name: str, found: dict[str, Any]) -> None:
+    print(f"\n## {name}")
+    for case, rows in found.items():
+        print(f"### {case}")
+        for row in rows:
+            if "iteration" in row:
+                print(f"  {row['name']:<28} iteration {row['iteration'] * 1e3:8.3f} ms   step "
+                      f"{row['step'] * 1e6:9.1f} us   share {row['share']:6.1%}   "
+                      f"({row['clean']} clean, {row['disturbed']} disturbed)")
+            else:
+                print(f"  {row['name']:<28} {row['seconds'] * 1e3:10.4f} ms   x{row['speedup']:6.2f}"
+                      f"   ({row['clean']}/{row['of']} clean) {row['error']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, smaller sizes")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--sections", default=",".join([*SECTIONS, *LOOPS]))
+    parser.add_argument("--json", default=None, help="write the figures here ('-': stdout)")
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (3 if args.quick else 9)
+    probe = build_probe()
+    check = CapacityCheck(probe.spin, threads=2)
+    results: dict[str, Any] = {"torch": torch.__version__, "cores": os.cpu_count()}
+    for name in args.sections.split(","):
+        if name in SECTIONS:
+            results[name] = SECTIONS[name](check, rounds, args.quick)
+        else:
+            results[name] = LOOPS[name](args.quick)
+        if args.json != "-":
+            show(name, results[name])
+    if args.json == "-":
+        print("\n#json\n" + json.dumps(results))
+    elif args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
