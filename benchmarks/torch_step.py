@@ -148,7 +148,7 @@ class LoopRun:
         self.optimizer = cls(example.groups(self.model), lr=1e-3, **options)
         self.iterations: list[float] = []
         self.steps: list[float] = []
-        self.disturbed = 0
+        self.waits: list[float] = []
 
     def iterate(self, x: torch.Tensor, y: torch.Tensor) -> None:
         torch.set_num_threads(self.torch_threads)
@@ -162,18 +162,24 @@ class LoopRun:
         self.optimizer.step()
         end = time.perf_counter()
         _kernels.thread_count = FOLLOW_TORCH
-        if (run_delay() - waited) / (end - start) > DISTURBED:
-            self.disturbed += 1
-            return
         self.iterations.append(end - start)
         self.steps.append(end - before)
+        self.waits.append((run_delay() - waited) / (end - start))
 
     def row(self) -> dict[str, Any]:
-        iteration = statistics.median(self.iterations) if self.iterations else float("nan")
-        step = statistics.median(self.steps) if self.steps else float("nan")
+        """Medians over the undisturbed iterations when at least a third are (threads that
+        sleep between parallel regions wait for a CPU by design, so with a passive OpenMP
+        runtime few are: then over all), and the mean and 90th percentile of the step, which
+        carry the cost of the slow iterations a median hides."""
+        clean = [i for i, wait in enumerate(self.waits) if not wait > DISTURBED]
+        chosen = clean if 3 * len(clean) >= len(self.waits) else list(range(len(self.waits)))
+        iteration = statistics.median(self.iterations[i] for i in chosen)
+        step = statistics.median(self.steps[i] for i in chosen)
         return {"name": self.name, "iteration": iteration, "step": step,
-                "share": step / iteration, "clean": len(self.iterations),
-                "disturbed": self.disturbed}
+                "share": step / iteration, "step_mean": statistics.fmean(self.steps),
+                "step_p90": float(np.percentile(self.steps, 90)),
+                "iteration_mean": statistics.fmean(self.iterations), "clean": len(clean),
+                "samples": len(self.waits), "median_over": "clean" if chosen is clean else "all"}
 
 
 FOLLOW_TORCH = _kernels.thread_count
@@ -228,9 +234,11 @@ def show(name: str, found: dict[str, Any]) -> None:
         print(f"### {case}")
         for row in rows:
             if "iteration" in row:
-                print(f"  {row['name']:<28} iteration {row['iteration'] * 1e3:8.3f} ms   step "
-                      f"{row['step'] * 1e6:9.1f} us   share {row['share']:6.1%}   "
-                      f"({row['clean']} clean, {row['disturbed']} disturbed)")
+                print(f"  {row['name']:<28} iteration {row['iteration'] * 1e3:7.3f} ms "
+                      f"(mean {row['iteration_mean'] * 1e3:7.3f})  step "
+                      f"{row['step'] * 1e6:8.1f} us (mean {row['step_mean'] * 1e6:8.1f}, p90 "
+                      f"{row['step_p90'] * 1e6:8.1f})  share {row['share']:6.1%}  "
+                      f"[{row['clean']}/{row['samples']} clean, median over {row['median_over']}]")
             else:
                 print(f"  {row['name']:<28} {row['seconds'] * 1e3:10.4f} ms   x{row['speedup']:6.2f}"
                       f"   ({row['clean']}/{row['of']} clean) {row['error']}")

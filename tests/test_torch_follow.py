@@ -227,3 +227,16 @@ def test_a_sparse_gradient_gets_torchs_error():
     p.grad = torch.zeros(4).to_sparse()
     with pytest.raises(RuntimeError, match="Adam does not support sparse gradients"):
         optimizer.step()
+
+
+def test_a_strided_view_of_another_parameter_as_a_gradient_is_refused():
+    """A gradient in another layout is copied to its parameter's layout before the call, but
+    the check looks at where the gradient lies, not at its copy."""
+    params, _ = twins((6, 4))
+    other = torch.zeros(4, 6).t().requires_grad_()  # dense, strides (1, 6)
+    optimizer = agt.AdamW([{"params": params}, {"params": [other]}])
+    params[0].grad = torch.zeros(4, 6).t()  # its own memory, another layout: accepted
+    optimizer.step()
+    params[0].grad = other.detach()  # another parameter's memory
+    with pytest.raises(ValueError, match="gradient of parameter 0 of group 0 shares memory"):
+        optimizer.step()

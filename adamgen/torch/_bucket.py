@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ._kernels import RuleKernel, Tables
-from ._layout import DTYPE_NAMES, NUMPY_DTYPES, FlatBuffer, describe, is_dense
+from ._layout import DTYPE_NAMES, NUMPY_DTYPES, FlatBuffer, describe, is_dense, span
 
 _data_ptr = torch.Tensor.data_ptr
 _numel = torch.Tensor.numel
@@ -256,8 +256,10 @@ class Bucket:
                 raise _grad_problem(self, grads) from None
         if list(map(_numel, live)) != numels:
             raise _grad_problem(self, grads)
-        copies = []
+        nbytes = self.nbytes if rows is None else [self.nbytes[row] for row in rows]
+        copies, staged = [], {}
         if not self.contiguous or not all(map(_is_contiguous, live)):
+            nbytes = list(nbytes)
             for position, row in enumerate(range(self.count) if rows is None else rows):
                 grad, param = grads[row], self.params[row]
                 expected = param.stride() if self.dense[row] else None
@@ -266,9 +268,12 @@ class Bucket:
                 staging = (torch.empty_strided(param.shape, param.stride(), dtype=self.dtype)
                            if self.dense[row] else torch.empty(param.shape, dtype=self.dtype))
                 copies.append((staging, grad))
-                pointers[position] = staging.data_ptr()
-        nbytes = self.nbytes if rows is None else [self.nbytes[row] for row in rows]
+                staged[position] = staging.data_ptr()
+                start, end = span(grad)  # checked where it lies, read from its copy
+                pointers[position], nbytes[position] = start, end - start
         overlaps = self.written(pointers, nbytes)
+        for position, pointer in staged.items():
+            pointers[position] = pointer
         if overlaps:
             row = overlaps[0] if rows is None else rows[overlaps[0]]
             raise ValueError(

@@ -12,7 +12,8 @@ C-level ``map``, about 0.06 us a parameter) and compares them with the gathered 
   ZeroRedundancyOptimizer's case);
 * it changed shape, dtype or layout: with state, an error naming it (torch's step would fail on
   the mismatched state too); without state yet, the group is planned again;
-* a different tensor in the list, or a list of another length: the group is planned again.
+* a different tensor in the list (checked by identity, about 0.015 us a parameter), or a list
+  of another length: the group is planned again.
 
 Changes of shape alone that keep the data pointer (``p.data = p.data[:10]``, a smaller
 ``resize_``) are not seen here; they write only memory the bucket keeps alive, and torch would
@@ -21,6 +22,7 @@ raise a size mismatch at such a step.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,6 +32,7 @@ from ._bucket import Bucket
 from ._layout import DTYPE_NAMES, describe, is_dense, span
 
 _data_ptr = torch.Tensor.data_ptr
+_is = operator.is_
 
 
 class Replan(Exception):
@@ -122,7 +125,7 @@ class GroupPlan:
         were re-bound. Raises :class:`Replan` when the plan no longer describes the group."""
         params = group["params"]
         if params is not self.source or len(params) != self.count or \
-                state_keys != self.state_keys:
+                state_keys != self.state_keys or not all(map(_is, params, self.params)):
             raise Replan()
         pointers = list(map(_data_ptr, params))
         if pointers != self.pointers:
@@ -132,9 +135,7 @@ class GroupPlan:
     def _follow(self, params: Sequence[Any], pointers: list[int]) -> None:
         changed = [i for i, (new, old) in enumerate(zip(pointers, self.pointers)) if new != old]
         for position in changed:
-            param = params[position]
-            if param is not self.params[position]:
-                raise Replan()
+            param = params[position]  # the same object: check() compared identities
             bucket, row = self.where[position]
             old = bucket.keep[row]
             name = bucket.names[row]
