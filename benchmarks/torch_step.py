@@ -39,11 +39,13 @@ import torch
 import adamgen.torch as agt
 from adamgen.torch import _kernels
 
-from .load import DISTURBED, CapacityCheck, run_delay
+from .load import DISTURBED, CapacityCheck, run_delay, wait_until_quiet
 from .probe import build_probe
 from .timing import Contender, measure
 
 ROOT = Path(__file__).resolve().parents[1]
+#: torch's thread count at start (its default: the usable cores, or OMP_NUM_THREADS)
+DEFAULT_THREADS = torch.get_num_threads()
 
 
 class Nothing(torch.optim.Optimizer):
@@ -197,7 +199,7 @@ def loop(runs: list[LoopRun], iterations: int) -> list[dict[str, Any]]:
 
 def training(quick: bool) -> dict[str, Any]:
     example = load_example()
-    threads = torch.get_num_threads()
+    threads = DEFAULT_THREADS
     runs = [LoopRun(example, "adamgen.torch.AdamW", agt.AdamW, threads),
             LoopRun(example, "torch AdamW fused", torch.optim.AdamW, threads, fused=True),
             LoopRun(example, "torch AdamW (default)", torch.optim.AdamW, threads)]
@@ -216,7 +218,7 @@ def policy(quick: bool) -> dict[str, Any]:
 def passive(quick: bool) -> dict[str, Any]:
     """``policy`` in a child process whose OpenMP runtimes sleep instead of spinning."""
     command = [sys.executable, "-m", "benchmarks.torch_step", "--sections", "policy", "--json",
-               "-"] + (["--quick"] if quick else [])
+               "-"] + (["--quick"] if quick else [])  # a child: the variable is read at startup
     env = {**os.environ, "GOMP_SPINCOUNT": "0"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=1800, check=True)
@@ -250,12 +252,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--sections", default=",".join([*SECTIONS, *LOOPS]))
     parser.add_argument("--json", default=None, help="write the figures here ('-': stdout)")
+    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                        help="before each section, wait up to this long for a quiet machine")
     args = parser.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 9)
     probe = build_probe()
     check = CapacityCheck(probe.spin, threads=2)
     results: dict[str, Any] = {"torch": torch.__version__, "cores": os.cpu_count()}
     for name in args.sections.split(","):
+        if args.wait_quiet:
+            waited, load = wait_until_quiet(args.wait_quiet)
+            results.setdefault("foreign load", {})[name] = {"waited": waited, "load": load}
         if name in SECTIONS:
             results[name] = SECTIONS[name](check, rounds, args.quick)
         else:

@@ -70,7 +70,7 @@ class KernelOptimizer(torch.optim.Optimizer):
         self._tracked = self.state
         self._seen = -1
         self._plans: list[GroupPlan | None] = []
-        #: per group: (its values of _group_keys, (rule, options, hyper, state keys))
+        #: per group: (its values of _group_keys, (kernels, hyper, state keys))
         self._calls: dict[int, tuple[tuple[Any, ...], tuple[Any, ...]]] = {}
         self._values = operator.itemgetter(*self._group_keys)
         self._written = WrittenRanges([])
@@ -112,7 +112,7 @@ class KernelOptimizer(torch.optim.Optimizer):
             call = self._calls.get(index)
             if call is None or call[0] != values:
                 call = self._remember_call(index, group, values)
-            rule, options, hyper, keys = call[1]
+            kernels, hyper, keys = call[1]
             plan = plans[index] if index < len(plans) else None
             try:
                 if plan is None:
@@ -121,15 +121,21 @@ class KernelOptimizer(torch.optim.Optimizer):
             except Replan:
                 plan = self._replan(index, group, keys)
             for bucket in plan.buckets:
-                bucket.step(rule_kernel(rule, options, bucket.dtype_name), hyper, state)
+                kernel = kernels.get(bucket.dtype_name)
+                if kernel is None:
+                    kernel = kernels[bucket.dtype_name] = rule_kernel(
+                        *kernels["rule"], bucket.dtype_name)
+                bucket.step(kernel, hyper, state)
         self._seen = _state.VERSION[0]
         return loss
 
     def _remember_call(self, index: int, group: dict[str, Any], values: tuple[Any, ...]
                        ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         """A group's validated call, memoised on its values while none is a tensor (a tensor
-        ``lr`` may change in place, so it is read at every step)."""
-        call = (values, (*self._group_call(group), self._state_keys(group)))
+        ``lr`` may change in place, so it is read at every step): (its kernels by dtype, with
+        ``"rule"``: (rule, options); the hyperparameters; the state keys)."""
+        rule, options, hyper = self._group_call(group)
+        call = (values, ({"rule": (rule, options)}, hyper, self._state_keys(group)))
         if any(isinstance(value, torch.Tensor) for value in values):
             self._calls.pop(index, None)
         else:

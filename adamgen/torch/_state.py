@@ -38,7 +38,27 @@ def _bump() -> None:
     VERSION[0] += 1
 
 
-class ParamState(dict):
+class _Counted:
+    """The mutations a dict and a defaultdict share, each bumping :data:`VERSION` first."""
+
+    def __delitem__(self, key: Any) -> None:
+        _bump()
+        super().__delitem__(key)  # type: ignore[misc]
+
+    def clear(self) -> None:
+        _bump()
+        super().clear()  # type: ignore[misc]
+
+    def pop(self, *args: Any) -> Any:
+        _bump()
+        return super().pop(*args)  # type: ignore[misc]
+
+    def popitem(self) -> Any:
+        _bump()
+        return super().popitem()  # type: ignore[misc]
+
+
+class ParamState(_Counted, dict):
     """One parameter's state (``{"step": ..., "exp_avg": ...}``): a dict that bumps
     :data:`VERSION` on every mutation."""
 
@@ -46,26 +66,10 @@ class ParamState(dict):
         _bump()
         super().__setitem__(key, value)
 
-    def __delitem__(self, key: Any) -> None:
-        _bump()
-        super().__delitem__(key)
-
     def __ior__(self, other: Any) -> Self:  # type: ignore[override,misc]
         _bump()
         super().update(other)
         return self
-
-    def clear(self) -> None:
-        _bump()
-        super().clear()
-
-    def pop(self, *args: Any) -> Any:
-        _bump()
-        return super().pop(*args)
-
-    def popitem(self) -> Any:
-        _bump()
-        return super().popitem()
 
     def setdefault(self, key: Any, default: Any = None) -> Any:
         _bump()
@@ -83,7 +87,7 @@ def _tracked(value: Any) -> Any:
     return value
 
 
-class TrackedState(defaultdict):
+class TrackedState(_Counted, defaultdict):
     """``optimizer.state``: a ``defaultdict(ParamState)`` that bumps :data:`VERSION` on every
     mutation and stores any mapping assigned to it as a :class:`ParamState`."""
 
@@ -108,25 +112,9 @@ class TrackedState(defaultdict):
         _bump()
         super().__setitem__(key, _tracked(value))
 
-    def __delitem__(self, key: Any) -> None:
-        _bump()
-        super().__delitem__(key)
-
     def __ior__(self, other: Any) -> Self:  # type: ignore[override,misc]
         self.update(other)
         return self
-
-    def clear(self) -> None:
-        _bump()
-        super().clear()
-
-    def pop(self, *args: Any) -> Any:
-        _bump()
-        return super().pop(*args)
-
-    def popitem(self) -> Any:
-        _bump()
-        return super().popitem()
 
     def setdefault(self, key: Any, default: Any = None) -> Any:
         _bump()

@@ -98,6 +98,12 @@ class _TorchAdam(KernelOptimizer):
                 "tensors (torch then computes with tensor arithmetic, which the kernel does "
                 "not model); pass Python floats")
 
+    def _finish_init(self) -> None:
+        """After torch's constructor (its checks, its groups): adamgen's own checks."""
+        self._refuse_unsupported(self.defaults)
+        learning_rate(self.defaults["lr"])
+        self._setup()
+
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return _AMSGRAD_STATE if group["amsgrad"] else _STATE
 
@@ -145,9 +151,7 @@ class Adam(_TorchAdam, torch.optim.Adam):
             self, params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
             maximize=maximize, capturable=capturable, differentiable=differentiable,
             fused=fused, decoupled_weight_decay=decoupled_weight_decay)
-        self._refuse_unsupported(self.defaults)
-        learning_rate(lr)
-        self._setup()
+        self._finish_init()
 
 
 class AdamW(_TorchAdam, torch.optim.AdamW):
@@ -166,6 +170,4 @@ class AdamW(_TorchAdam, torch.optim.AdamW):
         torch.optim.AdamW.__init__(
             self, params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused)
-        self._refuse_unsupported(self.defaults)
-        learning_rate(lr)
-        self._setup()
+        self._finish_init()
