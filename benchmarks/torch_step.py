@@ -199,11 +199,13 @@ def loop(runs: list[LoopRun], iterations: int) -> list[dict[str, Any]]:
 
 def training(quick: bool) -> dict[str, Any]:
     example = load_example()
-    threads = DEFAULT_THREADS
-    runs = [LoopRun(example, "adamgen.torch.AdamW", agt.AdamW, threads),
-            LoopRun(example, "torch AdamW fused", torch.optim.AdamW, threads, fused=True),
-            LoopRun(example, "torch AdamW (default)", torch.optim.AdamW, threads)]
-    return {f"torch threads {threads}": loop(runs, 60 if quick else 400)}
+    found = {}
+    for threads in sorted({1, DEFAULT_THREADS}):
+        runs = [LoopRun(example, "adamgen.torch.AdamW", agt.AdamW, threads),
+                LoopRun(example, "torch AdamW fused", torch.optim.AdamW, threads, fused=True),
+                LoopRun(example, "torch AdamW (default)", torch.optim.AdamW, threads)]
+        found[f"torch threads {threads}"] = loop(runs, 60 if quick else 400)
+    return found
 
 
 def policy(quick: bool) -> dict[str, Any]:

@@ -26,6 +26,7 @@ bucket writes.
 
 from __future__ import annotations
 
+import array
 import operator
 import struct
 import weakref
@@ -92,6 +93,7 @@ class Bucket:
         for key, buffer in self.buffers.items():
             self.pointers[key][:] = [buffer.pointer(row) for row in range(self.count)]
         self.sizes = np.array(self.numels, dtype=np.int64)
+        self._grad_table = self.pointers["grad"].data
         self.bind_params(range(self.count))
         self._tables: dict[RuleKernel, Tables] = {}
         #: last step's gradients, held only while they persist from step to step (see
@@ -287,8 +289,8 @@ class Bucket:
                 f"the gradient of {self.names[row]} shares memory with a parameter or state "
                 "tensor this step writes; torch.optim's result would depend on the order of its "
                 "in-place operations, so adamgen refuses: assign a gradient with its own memory")
-        if rows is None:
-            self.pointers["grad"][:] = pointers
+        if rows is None:  # a memcpy from a C array: half of NumPy's list conversion
+            self._grad_table[:] = array.array(self._grad_table.format, pointers)
         else:
             self.pointers["grad"][rows] = pointers
         self._rows, self._grad_copies = rows, copies
