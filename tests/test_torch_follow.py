@@ -240,3 +240,17 @@ def test_a_strided_view_of_another_parameter_as_a_gradient_is_refused():
     params[0].grad = other.detach()  # another parameter's memory
     with pytest.raises(ValueError, match="gradient of parameter 0 of group 0 shares memory"):
         optimizer.step()
+
+
+def test_a_gradient_whose_storage_is_swapped_in_place_is_followed():
+    mine, theirs, mp, tp = both()
+    give_grads(mp, tp, seed=50)
+    for step in range(3):  # the same gradient objects: the identity path
+        if step == 1:
+            for params in (mp, tp):
+                fresh = torch.randn(params[0].shape, generator=torch.Generator().manual_seed(7))
+                with torch.no_grad():
+                    params[0].grad.set_(fresh)  # same object, other memory
+        mine.step()
+        reference_step(theirs)
+    assert_same_state(mine, theirs, mp, tp)

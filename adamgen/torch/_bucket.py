@@ -10,9 +10,9 @@ distinct step count (one call in every ordinary step).
 What it checks, and what that costs (docs/torch.md has the measurements):
 
 * gradients that are the same objects as at the previous step (``zero_grad(set_to_none=
-  False)``, or repeated steps): one identity comparison, no pointer read. Their memory cannot
-  have moved unless a gradient's own storage was swapped in place (``p.grad.set_()``), which is
-  not followed;
+  False)``, or repeated steps), at the same addresses: one identity comparison and one
+  pointer read; nothing else about them can have changed unless a gradient was reshaped in
+  place within its allocation (then the kernel reads memory that gradient still owns);
 * new gradient objects: their pointers, element counts and layouts are read and checked
   against the parameters', and they must not overlap memory the step writes (torch's result
   would depend on the order of its in-place operations there: refused). A gradient whose
@@ -100,6 +100,9 @@ class Bucket:
         #: :meth:`_hold`): a check of their identity then replaces every other check
         self._grads: list[Any] | None = None
         self._first: Any = None  # a weak reference to the first gradient seen
+        #: the gradients that are not None, and their data pointers when last checked
+        self._live: list[Any] = []
+        self._live_pointers: list[int] = []
         self._rows: list[int] | None = None  # rows with a gradient (None: all of them)
         self._grad_copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.written: Callable[[list[int], list[int]], list[int]] = lambda s, n: []
@@ -195,7 +198,8 @@ class Bucket:
         """One step of every parameter with a gradient (see the module docstring)."""
         grads = [param.grad for param in self.params]
         held = self._grads
-        if held is None or not all(map(_is, grads, held)):
+        if held is None or not all(map(_is, grads, held)) or \
+                list(map(_data_ptr, self._live)) != self._live_pointers:
             self._take_grads(grads)
         rows = self._rows
         if rows is not None and not rows:
@@ -265,6 +269,7 @@ class Bucket:
                 raise _grad_problem(self, grads) from None
         if list(map(_numel, live)) != numels:
             raise _grad_problem(self, grads)
+        self._live, self._live_pointers = live, list(pointers)
         nbytes = self.nbytes if rows is None else [self.nbytes[row] for row in rows]
         copies, staged = [], {}
         if not self.contiguous or not all(map(_is_contiguous, live)):
