@@ -105,6 +105,7 @@ class Bucket:
         self._live_pointers: list[int] = []
         self._rows: list[int] | None = None  # rows with a gradient (None: all of them)
         self._grad_copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._plain = False
         self.written: Callable[[list[int], list[int]], list[int]] = lambda s, n: []
 
     # -- binding ---------------------------------------------------------------------------------
@@ -192,6 +193,13 @@ class Bucket:
 
     def settle(self) -> None:
         self.all_have_state = all(self.has_state)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Whether a step may take the short path: every row has a gradient and state, no
+        gradient is copied, no parameter staged, the rule counts steps."""
+        self._plain = (self.all_have_state and self._rows is None and not self._grad_copies
+                       and not self.staged and self.step_dtype is not None)
 
     # -- the step --------------------------------------------------------------------------------
     def step(self, kernel: RuleKernel, hyper: tuple[Any, ...], state: Any) -> None:
@@ -201,6 +209,10 @@ class Bucket:
         if held is None or not all(map(_is, grads, held)) or \
                 list(map(_data_ptr, self._live)) != self._live_pointers:
             self._take_grads(grads)
+        if self._plain:  # every row, all with state, nothing to copy: the usual step
+            _increment_version(self.params)  # see below
+            self._run_counted(kernel, hyper, None)
+            return
         rows = self._rows
         if rows is not None and not rows:
             return
@@ -240,7 +252,8 @@ class Bucket:
                 # torch's += 1, rounded to the step's dtype
                 count = pack.unpack(pack.pack(pack.unpack_from(raw)[0] + 1.0))[0]
                 raw[:] = pack.pack(count) * self.count
-                kernel.run(self.tables(kernel), kernel.prelude(*hyper, count))
+                tables = self._tables.get(kernel) or self.tables(kernel)
+                kernel.run(tables, kernel.prelude(*hyper, count))
                 return
             rows = list(range(self.count))
             np.add(steps, 1, out=steps)
@@ -299,6 +312,7 @@ class Bucket:
         else:
             self.pointers["grad"][rows] = pointers
         self._rows, self._grad_copies = rows, copies
+        self._refresh()
         self._hold(grads)
 
     def _hold(self, grads: list[Any]) -> None:
