@@ -68,6 +68,7 @@ def test_zero_redundancy_style_bucket_views_after_the_optimizer_is_built():
     assert mp[0].data_ptr() == mp[3].data_ptr()  # still a view of the bucket: updated in place
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.distributed's own jit use
 def test_zero_redundancy_optimizer_with_bucket_views(tmp_path):
     """The real ZeroRedundancyOptimizer (one gloo process) around adamgen's AdamW."""
     dist = pytest.importorskip("torch.distributed")
