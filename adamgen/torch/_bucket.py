@@ -54,7 +54,9 @@ class Bucket:
         names: how errors name each one (``"parameter 3 of group 0"``).
         state_keys: the rule's state tensors, in torch's order (``exp_avg``, ...).
         step_dtype: the dtype of ``state["step"]`` (None: the rule counts no steps).
-        written: reports whether a gradient overlaps memory a step writes; set by the owner.
+
+    The owner sets :attr:`written` (which gradients overlap memory a step writes) once it
+    knows every bucket's memory.
     """
 
     def __init__(self, params: Sequence[torch.Tensor], names: Sequence[str],
@@ -175,20 +177,24 @@ class Bucket:
             if key not in state:
                 raise KeyError(f"{key!r}: the state of {name} has {sorted(map(str, state))} but "
                                f"no {key!r} (torch.optim would fail the same way at its step)")
+        for key in self.state_keys:  # every check before any write
+            value = state[key]
+            if not isinstance(value, torch.Tensor) or value.shape != param.shape:
+                raise RuntimeError(
+                    f"state[{key!r}] of {name} is {describe(value)}; it must be a tensor of "
+                    f"the parameter's shape {tuple(param.shape)}")
+        count = None
+        if self.step_dtype is not None and state["step"] is not self.step_views[row]:
+            count = _step_value(state["step"], name)
         with torch.no_grad():
-            if self.step_dtype is not None and state["step"] is not self.step_views[row]:
-                self.steps[row] = _step_value(state["step"], name)
+            if count is not None:
+                self.steps[row] = count
                 state["step"] = self.step_views[row]
             for key in self.state_keys:
                 value, view = state[key], self.state_row(row, key)
-                if value is view:
-                    continue
-                if not isinstance(value, torch.Tensor) or value.shape != param.shape:
-                    raise RuntimeError(
-                        f"state[{key!r}] of {name} is {describe(value)}; it must be a tensor of "
-                        f"the parameter's shape {tuple(param.shape)}")
-                view.copy_(value)
-                state[key] = view
+                if value is not view:
+                    view.copy_(value)
+                    state[key] = view
         self.has_state[row] = True
 
     def settle(self) -> None:
