@@ -41,9 +41,10 @@ _DIFFERENCES = """
       ``load_state_dict`` copies the checkpoint (torch aliases it) and keeps this optimizer's
       ``foreach``/``fused``/``capturable``/``differentiable``.
     * **Following parameters.** Pointers are re-read every step, so ``p.data = t``,
-      ``set_()``, ``resize_()`` and ZeroRedundancyOptimizer's bucket views are followed; a
-      gradient tensor whose storage is swapped in place while it stays ``p.grad``
-      (``p.grad.set_()``) is not.
+      ``set_()``, ``resize_()`` and ZeroRedundancyOptimizer's bucket views are followed, and so
+      is a gradient whose storage is swapped in place; a state tensor's storage swapped in
+      place (``state["exp_avg"].set_(...)``) is not (the optimizer's own buffer keeps being
+      updated).
     """
 
 
