@@ -123,8 +123,10 @@ def large(check: CapacityCheck, rounds: int, quick: bool) -> dict[str, Any]:
         optimizer = agt.AdamW(params)
         optimizer.step()
         state = optimizer.state[params[0]]
-        arrays = [params[0].detach().numpy(), params[0].grad.numpy(),
-                  state["exp_avg"].numpy(), state["exp_avg_sq"].numpy()]
+        grad = params[0].grad
+        assert grad is not None
+        arrays = [params[0].detach().numpy(), grad.numpy(), state["exp_avg"].numpy(),
+                  state["exp_avg_sq"].numpy()]
         for threads in (1, 2):
             enter = threaded(threads)
             contenders = [
@@ -162,7 +164,8 @@ class LoopRun:
     def iterate(self, x: torch.Tensor, y: torch.Tensor) -> None:
         torch.set_num_threads(self.torch_threads)
         if self.adamgen_threads is not None:
-            _kernels.thread_count = lambda: self.adamgen_threads  # type: ignore[assignment]
+            threads = self.adamgen_threads
+            _kernels.thread_count = lambda: threads
         waited = run_delay()
         start = time.perf_counter()
         self.optimizer.zero_grad()

@@ -54,7 +54,7 @@ def ieee_sqrt() -> Iterator[None]:
 
 def load_digits(seed: int) -> tuple[torch.Tensor, ...]:
     try:
-        from sklearn.datasets import load_digits as load
+        from sklearn.datasets import load_digits as load  # type: ignore[import-untyped]
     except ImportError:
         sys.exit("this example needs scikit-learn: pip install 'adamgen[demo]'")
     digits = load()
