@@ -110,8 +110,9 @@ def give_grads(params: list[Any], params_too: list[Any], seed: int, skip: tuple[
             p.grad = q.grad = None
             continue
         grad = torch.randn(p.shape, generator=generator, dtype=p.dtype)
-        if specials and grad.numel() > 4:
-            grad.view(-1)[:4] = torch.tensor([0.0, -0.0, 1e-40, -3.0e38], dtype=p.dtype)
+        if specials and grad.numel() > 6:
+            grad.view(-1)[:6] = torch.tensor([0.0, -0.0, 1e-40, -3.0e38, float("inf"),
+                                              float("nan")], dtype=p.dtype)
         # in the parameter's layout, as autograd delivers it
         p.grad = torch.empty_like(p).copy_(grad)
         q.grad = torch.empty_like(q).copy_(grad)
