@@ -21,7 +21,7 @@ import sympy
 from conftest import assert_bitwise_equal
 
 import adamgen
-from adamgen.errors import SpecError
+from adamgen.errors import InexactVariantError, SpecError
 from adamgen.spec import (
     Hyperparameter,
     Range,
@@ -31,6 +31,7 @@ from adamgen.spec import (
     fma,
     symbols,
     unevaluated,
+    where,
 )
 
 
@@ -210,11 +211,31 @@ def test_a_user_fma_is_rounded_once_on_every_variant(variant, monkeypatch):
     g = np.full(4, 1 + 2**-12, np.float32)
     got = rule.update(np.full(4, 2.0**-60, np.float32), g, lr=0.0)[0]
     assert got.dtype == np.float32 and (got == np.float32(1.0004884)).all(), got
-    with pytest.raises(adamgen.AdamgenError, match="float64 fused multiply-add"):
-        if variant == "numpy":  # NumPy declines a float64 fma: an error, never an approximation
-            rule.update(np.ones(4), np.ones(4), lr=0.0)
-        else:
-            raise adamgen.AdamgenError("float64 fused multiply-add (C computes it)")
+    # float64: a*a = 1 + 2**-26 + 2**-54 rounds down, and + 2**-53 is then a tie that stays
+    # (1 + 2**-26 is even); rounded once, the sum is above the tie and rounds up
+    a, c = np.full(4, 1 + 2.0**-27), np.full(4, 2.0**-53)
+    if variant == "numpy":  # NumPy declines a float64 fma: an error, never an approximation
+        with pytest.raises(InexactVariantError, match="float64 fused multiply-add"):
+            rule.update(c, a, lr=0.0)
+    else:
+        got64 = rule.update(c, a, lr=0.0)[0]
+        assert (got64 == 1 + 2.0**-26 + 2.0**-52).all(), got64
+
+
+@pytest.mark.parametrize("variant", ["numpy", "c"])
+def test_a_condition_on_hyperparameters_is_decided_in_python_floats(variant, monkeypatch):
+    """torch decides ``if weight_decay != 0`` on the Python float: 1e-46 is not 0, though its
+    float32 is. A where() on hyperparameters alone is decided once per call in the prelude."""
+    monkeypatch.setenv("ADAMGEN_VARIANT", variant)
+    adamgen.config.refresh_environment()
+    p, g, h = symbols("p g h")
+    with unevaluated():
+        p_new = where(sympy.Ne(h, 0), p + 1, p - g)
+    rule = adamgen.Rule(UpdateSpec("hyper_condition_test", ["p", "g"], ["h"], {"p_new": p_new},
+                                   state={"p_new": "p"}, parameter="p", gradient="g"))
+    ones = np.ones(4, np.float32)
+    assert (rule.update(ones, ones, h=1e-46)[0] == 2).all()
+    assert (rule.update(ones, ones, h=0.0)[0] == 0).all()
 
 
 def test_the_ivy_bindings_defaults_are_the_specs():

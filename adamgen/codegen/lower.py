@@ -240,6 +240,14 @@ class _Translator:
         if relation is None:
             raise LoweringError(f"the condition {condition} must be one comparison "
                                 "(>, >=, <, <=, Eq, Ne)")
+        if not is_scalar and condition.free_symbols <= self.hyperparameters:
+            # A condition on hyperparameters alone is decided once per call in Python floats,
+            # as the peer's Python code decides it (torch's ``if weight_decay != 0``), not on
+            # the values rounded to the arrays' dtype (1e-46 is not 0, its float32 is).
+            decided = self.emit(f"select_{relation}", (self.operand(condition.lhs),
+                                                       self.operand(condition.rhs), 1, 0), True)
+            args = (decided, 0, self.operand(value), self.operand(otherwise))
+            return self.emit("select_ne", args, is_scalar, expr)
         args = (self.operand(condition.lhs), self.operand(condition.rhs), self.operand(value),
                 self.operand(otherwise))
         return self.emit(f"select_{relation}", args, is_scalar, expr)
