@@ -242,7 +242,8 @@ class UpdateSpec:
                                 "so it is not computed element by element; make it depend on a "
                                 "tensor or compute it outside the rule")
         _check_unique(f"{name}: outputs", [n for n, _ in output_pairs])
-        named = tuple((str(n), _canonical(e, canonical, f"{name}: subexpression {n!r}")) for n, e in _pairs(names))
+        named = tuple((str(n), _canonical(e, canonical, f"{name}: subexpression {n!r}"))
+                      for n, e in _pairs(names))
         for sub_name, _ in named:
             _check_identifier(f"{name}: subexpression name {sub_name!r}", sub_name)
             if sub_name in declared:
