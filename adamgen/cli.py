@@ -19,7 +19,7 @@ from .errors import AdamgenError, ArgumentValueError
 def _info(args: argparse.Namespace) -> int:
     from .info import main as info
 
-    return info(build=args.build, every=args.all)
+    return info(build=args.build, every=args.all, rules=args.rule)
 
 
 def _cache(args: argparse.Namespace) -> int:
@@ -78,8 +78,14 @@ def _verify(args: argparse.Namespace) -> int:
     from .theorems import print_report, verify_rules
 
     constants = None if args.const is None else tuple(args.const)
+    if args.option and not args.rule:
+        from .rules import BUILTINS
+
+        raise ArgumentValueError("--option selects a variant of the rules --rule names; name "
+                                 f"one (the rules: {', '.join(BUILTINS)})")
     try:
-        results = verify_rules(args.rule, constants=constants, only=args.only)
+        results = verify_rules(args.rule, constants=constants, only=args.only,
+                               options=dict(args.option or ()))
     except ValueError as error:
         raise ArgumentValueError(str(error)) from None
     return print_report(results, verbose=not args.quiet, strict=args.strict)
@@ -156,8 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"adamgen {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     info = commands.add_parser("info", help="version, spec hash, backends, cache and variants")
+    info.add_argument("--rule", action="append", default=[], metavar="NAME",
+                      help="report this built-in rule only (repeatable; default: every rule, "
+                           "built-in or seen in the cache)")
     info.add_argument("--build", action="store_true",
-                      help="build (or fetch) the float32 and float64 kernels first")
+                      help="build (or fetch) the float32 and float64 kernels first (of the "
+                           "--rule rules; default: ivy_adam)")
     info.add_argument("--all", action="store_true",
                       help="list every variant the loader chose, with its timings (default: "
                            "one line per kernel)")
@@ -185,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "fails.")
     verify.add_argument("--rule", action="append", default=[], metavar="NAME",
                         help="verify this built-in rule (repeatable; default: every rule)")
+    verify.add_argument("--option", action="append", type=_option, metavar="NAME=VALUE",
+                        help="an option of the --rule rules, e.g. amsgrad=1 (repeatable; "
+                             "default: each rule's defaults)")
     verify.add_argument("--only", action="append", default=[], metavar="TEXT",
                         help="run the theorems whose name contains TEXT (repeatable)")
     verify.add_argument("--const", action="extend", type=_constants, default=None,

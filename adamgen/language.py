@@ -6,6 +6,8 @@ propagates NaN, mixed precision rounds intermediates to bfloat16. Each such oper
 SymPy ``Function`` here with an exact IEEE meaning (its docstring), and the code generators print
 each as exactly that operation. None of them ever evaluates on its own, so a spec built from
 them keeps its structure (and its rounding order) whether or not SymPy's evaluation is on.
+Import them from :mod:`adamgen.spec`, the one public place of the spec language (it re-exports
+``fma``, ``sqrt``, ``sign``, ``maximum``, ``minimum``, ``where``, ``round_to`` and ``element``).
 
 For proofs, :func:`exact` replaces every node by its value in exact arithmetic (``fma(a, b, c)``
 is ``a*b + c``, ``element(x)`` is ``x``); rounding to a named narrower dtype has no

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from .codegen.lower import lower
 from .config import KernelConfig
@@ -131,13 +132,16 @@ def print_report(results: Sequence[TheoremResult], *, verbose: bool = True,
 
 def verify_rules(names: Sequence[str] = (), *,
                  constants: Sequence[tuple[str, float]] | None = None,
-                 only: Sequence[str] = ()) -> list[TheoremResult]:
-    """``adamgen verify``: the named built-in rules (default: all of them).
+                 only: Sequence[str] = (),
+                 options: Mapping[str, Any] | None = None) -> list[TheoremResult]:
+    """``adamgen verify``: the named built-in rules (default: all of them, with their default
+    options), each built with ``options`` (``{"amsgrad": True}``; every named rule must have
+    them).
 
     Raises:
-        ValueError: an unknown rule, or a ``constants`` name no verified rule has.
+        ValueError: an unknown rule or option, or a ``constants`` name no verified rule has.
     """
-    specs = [builtin(name).build() for name in (names or BUILTINS)]
+    specs = [builtin(name).build(**dict(options or {})) for name in (names or BUILTINS)]
     if constants is not None:
         known = {n for spec in specs for n in spec.interface.hyperparameter_names}
         unknown = [name for name, _ in constants if name not in known]

@@ -59,3 +59,72 @@ def test_every_choice_on_request_with_aligned_columns():
 
 def test_no_choice_yet():
     assert choice_lines([])[1] == "  none yet: the loader measures on first use of each size bucket"
+
+
+# -- one section per rule ------------------------------------------------------------------------
+
+def test_rule_of_reads_kernel_labels_and_loader_problems():
+    from adamgen.info import rule_of
+
+    assert rule_of("numpy torch_adam(amsgrad=True, maximize=False) float32 exact") == "torch_adam"
+    assert rule_of("c lion float64 exact [native, openmp]") == "lion"
+    assert rule_of("numpy ivy_adam.vjp float64 exact") == "ivy_adam"
+    assert rule_of("ivy_adam_vjp functional float64 exact scalar()", {"ivy_adam"}) == "ivy_adam"
+    assert rule_of("ivy_adam_vjp functional float64 exact scalar()") == "ivy_adam_vjp"
+    assert rule_of("adabelief multi-tensor param:e93f float32 exact x2^1") == "adabelief"
+    assert rule_of("multi-tensor p:354fbdf0729dd4e7 float64 exact x2^1") == "?"  # older format
+    assert rule_of("") == "?"
+
+
+def test_options_read_default_first():
+    from adamgen.info import option_text
+    from adamgen.rules import BUILTINS
+
+    texts = [option_text(o) for o in BUILTINS["torch_adam"].options]
+    assert texts == ["amsgrad=False (or True)", "maximize=False (or True)",
+                     "lr_dtype='float64' (or 'float32')"]
+
+
+def test_cached_kernels_come_from_the_manifests(tmp_path):
+    import json
+
+    from adamgen.cache import MANIFEST, SCHEMA
+    from adamgen.info import cached_kernels
+
+    for kind, key, variant in (("numpy", "a" * 64, "numpy lion float32 exact"),
+                               ("c-kernel", "b" * 64, "c lion float32 exact [native]")):
+        entry = tmp_path / str(SCHEMA) / kind / key
+        entry.mkdir(parents=True)
+        (entry / MANIFEST).write_text(json.dumps({"variant": variant}))
+    broken = tmp_path / str(SCHEMA) / "numpy" / ("c" * 64)
+    broken.mkdir()
+    (broken / MANIFEST).write_text("{not json")  # being written: skipped
+    assert cached_kernels(tmp_path) == [("numpy", "numpy lion float32 exact"),
+                                        ("c-kernel", "c lion float32 exact [native]")]
+    assert cached_kernels(tmp_path / "nowhere") == []
+
+
+def test_a_rule_section_says_what_it_is_its_kernels_and_its_choices():
+    from adamgen.info import HINT, rule_lines
+    from adamgen.rules import BUILTINS
+
+    lion = BUILTINS["lion"]
+    lines = rule_lines("lion", summary=lion.summary, peer=lion.peer, options=lion.options,
+                       spec_hash="7b7da8bf3935aa0d", process=["c lion float32: compiled in 1 s"],
+                       cached=["c lion float32 exact", "numpy lion float32 exact",
+                               "numpy lion mixed exact"],
+                       choices=[choice("lion functional float32 exact scalar()", 3, "c")])
+    assert lines[:4] == [f"rule lion: {lion.summary}", f"  peer:     {lion.peer}",
+                         "  options:  none", "  spec:     hash 7b7da8bf3935aa0d (default options)"]
+    assert lines[4] == ("  kernels:  3 in the cache (1 c, 2 numpy); 1 built or fetched by this "
+                        "process")
+    assert lines[5] == "    c lion float32: compiled in 1 s"
+    assert "winner by size" in lines[7] and "c for 2^2 <= N < 2^3" in lines[8]
+    assert not any(HINT in line for line in lines)  # said once, after every section
+    user = rule_lines("plain_sgd")
+    assert user == ["rule plain_sgd: a user's rule (adamgen.Rule(spec))",
+                    "  kernels:  0 in the cache; 0 built or fetched by this process",
+                    ("  variants: none yet (the loader measures on first use of each size "
+                     "bucket)")]
+    unrecorded = rule_lines("?", choices=[choice("multi-tensor p:35 float64 exact x2^1", 3, "c")])
+    assert unrecorded[0].startswith("choices of kernels whose rule was not recorded")

@@ -86,6 +86,7 @@ class MultiTensorGroup:
                  arrays: Mapping[str, Sequence[np.ndarray]], indices: Sequence[int],
                  step_name: str | None = None) -> None:
         self.roles = roles
+        self._rule = source.name  # the loader's problem names the rule (``adamgen info``)
         self._step_name = step_name
         self._values: Mapping[str, float] | None = None
         self.dtype = np.dtype(dtype)
@@ -149,7 +150,7 @@ class MultiTensorGroup:
         """The loader's pick for this group (its sizes never change, so it is asked once)."""
         if self._variant is None:
             self._variant = variant_choice.choose(
-                f"multi-tensor {self.roles.parameter}:{self.numpy_module.SPEC_HASH} "
+                f"{self._rule} multi-tensor {self.roles.parameter}:{self.numpy_module.SPEC_HASH} "
                 f"{self.dtype} {self.numpy_module.MODE} "
                 f"x2^{variant_choice.bucket_of(len(self.params))}",
                 self.size, self.variants,

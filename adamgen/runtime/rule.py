@@ -2,7 +2,8 @@
 
 The built-in rules (``adamgen.rule("torch_adam", amsgrad=True)``) and the rules users write
 (``adamgen.Rule(spec)``) are the same object: ``update`` (the functional form), ``optimizer``
-(the in-place multi-tensor optimizer), ``vjp``, ``spec``, ``verify()`` and ``generate()``.
+(the in-place multi-tensor optimizer), ``vjp``, ``spec``, ``verify()``, ``generate()`` and
+``code()`` (the generated source of one kernel).
 
 A built-in rule is made from its name and options without SymPy (its graph is built only on a
 kernel-cache miss, or when ``spec``/``verify``/``generate`` asks for it); a user's rule arrives
@@ -141,6 +142,46 @@ class Rule:
         from ..theorems import verify
 
         return verify([self.spec], **options)
+
+    def code(self, backend: str = "c", dtype: str = "float32", *, mode: str | None = None,
+             scalar_tensors: Sequence[str] = ()) -> str:
+        """The generated source of one of this rule's kernels, as the JIT builds it.
+
+        Args:
+            backend: ``"c"`` (the C file, every form of the kernel: functional, in place,
+                multi-tensor, serial and threaded) or ``"numpy"`` (the NumPy module).
+            dtype: ``"float32"`` or ``"float64"`` (NumPy also ``"float16"``, ``"mixed"``).
+            mode: ``"exact"`` or ``"fast"`` (default: ``ADAMGEN_MODE``, else exact).
+            scalar_tensors: tensors passed as one number (``lr`` given as a Python float).
+
+        Rendering imports SymPy and Jinja (as a kernel-cache miss does) and compiles nothing;
+        the C text is the file the JIT compiles for this machine (its flags in the header).
+        """
+        from dataclasses import replace
+
+        from ..codegen.driver import c_source, numpy_source
+        from ..config import C_DTYPES, DTYPES
+
+        config = self._source.config(dtype, scalar_tensors=frozenset(scalar_tensors))
+        if mode is not None:
+            config = replace(config, mode=mode)
+        if backend == "numpy":
+            if dtype not in (*DTYPES, "mixed"):
+                raise ValueError(f"dtype must be one of {', '.join((*DTYPES, 'mixed'))}, "
+                                 f"got {dtype!r}")
+            return numpy_source(config, self.spec)
+        if backend != "c":
+            raise ValueError(f"backend must be 'c' or 'numpy', got {backend!r}")
+        if dtype not in C_DTYPES:
+            raise ValueError(f"the C backend renders {', '.join(C_DTYPES)}, got {dtype!r}")
+        from ..codegen.artifact import c_key
+        from ..errors import CompileError
+
+        try:
+            _, flags, openmp = c_key(config, portable=False)
+        except CompileError:  # no compiler here: the file as it would be rendered anyway
+            flags, openmp = [], True
+        return c_source(config, self.spec, openmp=openmp, flags=tuple(flags)).source
 
     def generate(self, out: str | Path, name: str | None = None, **options: Any) -> Path:
         """Write an importable package of this rule's kernels into ``out/name`` (default: the
