@@ -36,6 +36,14 @@ What this means for Adam (``v = beta2*vw_tm1 + (1-beta2)*dcdw**2``, ``mw`` the n
   ``d v / d dcdw = 2*(1-beta2)*dcdw`` is 0 there;
 * with ``epsilon = 0`` and ``v = 0`` the update itself divides by zero; so does its VJP.
 
+**The spec language's nodes** differentiate as their exact-arithmetic meaning: ``fma(a, b, c)``
+as ``a*b + c``, ``sqrt`` as the square root, ``maximum``/``minimum`` as the branch they take
+(the second operand on ties, as :func:`adamgen.spec.maximum` picks it), ``sign`` as 0, and a
+rounding (``round_to``, ``element``) as the identity: the VJP is the derivative of the rule in
+exact arithmetic (the straight-through convention), evaluated at the primal values the kernel
+computes with the spec's roundings. Conditions SymPy combines (``And``, ``Or``, ``ITE``) lower to
+nested ``where`` of one comparison each.
+
 **Evaluation order.** SymPy's derivatives are n-ary sums and products; the IR needs binary
 steps. :func:`vjp_spec` shares subexpressions (``sympy.cse``, canonical order), then re-nests
 every sum and product left to right, hyperparameter-only operands first (so they fold into the
@@ -52,6 +60,7 @@ from collections.abc import Iterable
 import sympy
 from sympy import Piecewise, S, Symbol, sqrt
 
+from . import language
 from .errors import LoweringError
 from .interface import DERIVATIVE_PREFIX
 from .spec import UpdateSpec
@@ -128,9 +137,11 @@ def vjp_expressions(spec: UpdateSpec) -> dict[str, sympy.Expr]:
 
 
 def cotangent_symbols(spec: UpdateSpec) -> dict[str, Symbol]:
-    """One real symbol ``d_<output>`` per output, checked not to clash with an input or result."""
+    """One real symbol per output (:attr:`Interface.cotangents` names it), checked not to clash
+    with an input or result."""
     taken = {s.name for s in spec.inputs} | {PREFIX + s.name for s in spec.tensors}
-    cotangents = {name: Symbol(PREFIX + name, real=True) for name, _ in spec.outputs}
+    cotangents = {name: Symbol(symbol, real=True)
+                  for name, symbol in spec.interface.cotangents.items()}
     clashes = taken & {s.name for s in cotangents.values()}
     if clashes:
         raise LoweringError(f"cannot name the cotangents of {spec.name}: {sorted(clashes)} "
@@ -173,6 +184,10 @@ def _is_dyadic(number: sympy.Rational) -> bool:
     return q & (q - 1) == 0 and abs(int(number.p)) < 2**53
 
 
+def _is_reciprocal(tree: sympy.Basic) -> bool:
+    return isinstance(tree, sympy.Pow) and tree.exp == S.NegativeOne
+
+
 def _mul(a: sympy.Basic, b: sympy.Basic) -> sympy.Basic:
     return sympy.Mul(a, b, evaluate=False)
 
@@ -199,6 +214,9 @@ class _Nester:
 
     def define(self, symbol: Symbol, definition: sympy.Basic) -> None:
         """A ``sympy.cse`` replacement: later expressions refer to ``symbol``."""
+        if isinstance(definition, sympy.logic.boolalg.Boolean):
+            self.env[symbol] = definition  # a condition: lowered where a branch reads it
+            return
         self.env[symbol] = self.build(definition)
         if self.is_scalar(definition):
             self.scalar_symbols.add(symbol)
@@ -236,8 +254,13 @@ class _Nester:
             return _pow(clamp, S.Half)
         if isinstance(expr, Piecewise):
             return self._piecewise(expr)
-        if isinstance(expr, (sympy.StrictGreaterThan, sympy.GreaterThan)) and expr.rhs == 0:
-            return expr.func(self.build(expr.lhs), S.Zero, evaluate=False)
+        if isinstance(expr, sympy.core.relational.Relational):
+            return expr.func(self.build(expr.lhs), self.build(expr.rhs), evaluate=False)
+        if isinstance(expr, language.Node) or (isinstance(expr, sympy.Function)
+                                               and self.is_scalar(expr)):
+            # the spec language's nodes (fma, sqrt, sign, maximum, roundings) lower as they
+            # are; any function of hyperparameters alone is a constant here
+            return expr.func(*(self.build(a) for a in expr.args))
         raise LoweringError(f"cannot re-nest {type(expr).__name__} in a derivative: {expr}")
 
     def _sum(self, expr: sympy.Add) -> sympy.Basic:
@@ -290,6 +313,8 @@ class _Nester:
         result: sympy.Basic | None = None
         for factor in self.order(factors):
             tree = self.build(factor)
+            if result is not None and _is_reciprocal(result) and _is_reciprocal(tree):
+                tree = _mul(S.One, tree)  # (1/a)*(1/b), not (1/a)/b: `1*x` is exact
             result = tree if result is None else _mul(result, tree)
         return result
 
@@ -326,12 +351,38 @@ class _Nester:
         raise LoweringError(f"elementwise power {expr} cannot be lowered")
 
     def _piecewise(self, expr: Piecewise) -> sympy.Basic:
-        if len(expr.args) == 2 and expr.args[1].cond == sympy.true and expr.args[1].expr == 0:
-            value, condition = expr.args[0].expr, expr.args[0].cond
-            condition = self.env.get(condition, condition)
-            if isinstance(condition, (sympy.StrictGreaterThan, sympy.GreaterThan)) \
-                    and condition.rhs == 0:
-                return Piecewise((self.build(value), self.build(condition)), (0, True),
-                                 evaluate=False)
-        raise LoweringError(f"cannot lower the Piecewise {expr} in a derivative")
+        """Nested ``where(comparison, a, b)``: SymPy's derivatives combine conditions (``And``,
+        ``Or``, ``Not``, ``ITE``) and add branches; the lowering takes one comparison each."""
+        *branches, (last, always) = expr.args
+        if always != sympy.true:
+            raise LoweringError(f"cannot lower the Piecewise {expr} in a derivative: its last "
+                                "branch has a condition")
+        result = self.build(last)
+        for value, condition in reversed(branches):
+            result = self._branch(self.env.get(condition, condition), self.build(value), result)
+        return result
+
+    def _branch(self, condition: sympy.Basic, yes: sympy.Basic, no: sympy.Basic) -> sympy.Basic:
+        """``condition ? yes : no`` with a boolean condition, as wheres of one comparison."""
+        if isinstance(condition, Symbol) and condition in self.env:  # a shared condition
+            return self._branch(self.env[condition], yes, no)
+        if condition == sympy.true:
+            return yes
+        if condition == sympy.false:
+            return no
+        if isinstance(condition, sympy.core.relational.Relational):
+            return Piecewise((yes, self.build(condition)), (no, True), evaluate=False)
+        if isinstance(condition, sympy.Not):
+            return self._branch(condition.args[0], no, yes)
+        if isinstance(condition, sympy.ITE):
+            test, then, otherwise = condition.args
+            return self._branch(test, self._branch(then, yes, no),
+                                self._branch(otherwise, yes, no))
+        if isinstance(condition, sympy.And):
+            first, *rest = condition.args
+            return self._branch(first, self._branch(sympy.And(*rest), yes, no), no)
+        if isinstance(condition, sympy.Or):
+            first, *rest = condition.args
+            return self._branch(first, yes, self._branch(sympy.Or(*rest), yes, no))
+        raise LoweringError(f"cannot lower the condition {condition} in a derivative")
 

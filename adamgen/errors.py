@@ -44,6 +44,11 @@ class InexactVariantError(AdamgenError, ValueError):
     and a float64 fused multiply-add)."""
 
 
+class BackendUnsupportedError(AdamgenError, ValueError):
+    """A backend cannot render this kernel (the C backend and a float64 rounding to bfloat16):
+    another backend serves it, as for a dtype the backend has no form for."""
+
+
 class CompileError(AdamgenError):
     """The C compiler failed; carries what is needed to reproduce the failure by hand."""
 

@@ -84,8 +84,11 @@ def minimum(a: Any, b: Any, out: np.ndarray | None = None) -> np.ndarray:
 
 
 def round_bfloat16(x: Any, out: np.ndarray | None = None) -> np.ndarray:
-    """float32 ``x`` rounded to the nearest bfloat16 (ties to even), as float32; NaN becomes the
-    quiet NaN ``0x7fc0`` (as ``c10::BFloat16`` does), overflow gives inf."""
+    """``x`` rounded to the nearest bfloat16 (ties to even), in ``x``'s dtype (float32 unless
+    float64); from float32, NaN becomes the quiet NaN ``0x7fc0`` (as ``c10::BFloat16`` does);
+    overflow gives inf."""
+    if np.asarray(x).dtype == np.float64:
+        return _store(_round_float64(x, "bfloat16"), out)
     x = np.asarray(x, np.float32)
     bits = x.view(np.uint32)
     nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
@@ -97,6 +100,8 @@ def round_bfloat16(x: Any, out: np.ndarray | None = None) -> np.ndarray:
 def round_float16(x: Any, out: np.ndarray | None = None) -> np.ndarray:
     """``x`` rounded to the nearest float16 (ties to even), in ``x``'s dtype."""
     x = np.asarray(x)
+    if x.dtype == np.float64:
+        return _store(_round_float64(x, "float16"), out)
     with np.errstate(over="ignore"):
         return _store(x.astype(np.float16).astype(x.dtype), out)
 
@@ -112,6 +117,19 @@ def round_float32(x: Any, out: np.ndarray | None = None) -> np.ndarray:
 _FORMATS = {"float16": (11, -14, 15), "bfloat16": (8, -126, 127), "float32": (24, -126, 127)}
 
 
+def _round_float64(x: Any, dtype: str) -> np.ndarray:
+    """float64 ``x`` rounded once to nearest even into ``dtype``, as float64: :func:`round_scalar`
+    on arrays (scaling by powers of two and ``rint`` are exact; no intermediate format)."""
+    bits, emin, emax = _FORMATS[dtype]
+    x = np.asarray(x, np.float64)
+    with np.errstate(all="ignore"):
+        exponent = np.maximum(np.frexp(x)[1] - 1, emin)  # subnormals: the smallest exponent's step
+        quantum = exponent - (bits - 1)
+        rounded = np.ldexp(np.rint(np.ldexp(x, -quantum)), quantum)
+        largest = math.ldexp(2.0 - math.ldexp(1.0, 1 - bits), emax)
+        return np.where(np.abs(rounded) > largest, np.copysign(np.inf, x), rounded)
+
+
 def round_scalar(x: float, dtype: str) -> float:
     """The Python float ``x`` rounded to nearest even into ``dtype`` (``"float64"``: unchanged),
     exactly, from ``x`` itself (no double rounding); overflow gives inf, NaN stays NaN."""
@@ -120,6 +138,7 @@ def round_scalar(x: float, dtype: str) -> float:
     bits, emin, emax = _FORMATS[dtype]
     exponent = max(math.frexp(x)[1] - 1, emin)  # subnormals share the smallest exponent's step
     quantum = exponent - (bits - 1)
-    rounded = math.ldexp(round(math.ldexp(x, -quantum)), quantum)  # round(): ties to even
+    # round(): ties to even; copysign: a negative value that rounds to zero is -0.0
+    rounded = math.copysign(math.ldexp(round(math.ldexp(x, -quantum)), quantum), x)
     largest = math.ldexp(2.0 - math.ldexp(1.0, 1 - bits), emax)
     return math.copysign(math.inf, x) if abs(rounded) > largest else rounded

@@ -31,7 +31,7 @@ from typing import Any
 from .errors import ArgumentTypeError, ArgumentValueError
 
 #: A derived VJP names the cotangent of output ``o`` and the gradient of tensor ``x``
-#: ``d_o`` and ``d_x``.
+#: ``d_o`` and ``d_x`` (``d_o_new`` when an output is named like a tensor: torch's ``param``).
 DERIVATIVE_PREFIX = "d_"
 #: Kinds of hyperparameter: a real number, or the step counter (``float(step)``; an optimizer
 #: supplies it, counting from 1).
@@ -279,6 +279,17 @@ class Interface:
     def owned_state(self) -> tuple[StatePair, ...]:
         """The state an optimizer owns: every pair but the parameter's."""
         return tuple(p for p in self.state if p.input != self.parameter)
+
+    @property
+    def cotangents(self) -> dict[str, str]:
+        """Each output's cotangent name in the VJP: ``d_<output>``, or ``d_<output>_new`` when
+        that names the gradient of a tensor (an output named like the tensor it replaces)."""
+        gradients = {DERIVATIVE_PREFIX + name for name in self.tensor_names}
+        named = {}
+        for output in self.outputs:
+            name = DERIVATIVE_PREFIX + output
+            named[output] = f"{name}_new" if name in gradients else name
+        return named
 
     @property
     def defaults(self) -> dict[str, float]:

@@ -33,7 +33,7 @@ from sympy import Piecewise, S
 ROUNDING_DTYPES = ("bfloat16", "float16", "float32")
 
 
-class _Node(sympy.Function):
+class Node(sympy.Function):
     """A node that never evaluates: the spec's structure is its rounding order."""
 
     @classmethod
@@ -44,7 +44,7 @@ class _Node(sympy.Function):
         return all(arg.is_real for arg in self.args) or None
 
 
-class Fma(_Node):
+class Fma(Node):
     """``fma(a, b, c)``: ``a*b + c`` rounded once (C's ``fma``/``fmaf``)."""
 
     nargs = 3
@@ -54,7 +54,7 @@ class Fma(_Node):
         return (b, a, S.One)[argindex - 1]
 
 
-class Sqrt(_Node):
+class Sqrt(Node):
     """IEEE's correctly rounded square root (``math.sqrt`` on Python floats; ``sqrtf``/``sqrt``
     in C; ``np.sqrt``). NaN and negative values give NaN."""
 
@@ -64,7 +64,7 @@ class Sqrt(_Node):
         return S.One / (2 * Sqrt(self.args[0]))
 
 
-class Sign(_Node):
+class Sign(Node):
     """``torch.sign``: 1 where ``x > 0``, -1 where ``x < 0``, else 0 (so ``sign(NaN)`` is 0,
     where NumPy's ``np.sign`` gives NaN, and ``sign(-0.0)`` is ``+0.0``)."""
 
@@ -74,7 +74,7 @@ class Sign(_Node):
         return S.Zero
 
 
-class Maximum(_Node):
+class Maximum(Node):
     """``torch.maximum(a, b)``: NaN if either is NaN, else ``a if a >= b else b`` (of two
     zeros, ``a``: ``maximum(-0.0, 0.0)`` is ``-0.0``, as torch gives)."""
 
@@ -86,7 +86,7 @@ class Maximum(_Node):
             Piecewise((S.Zero, a > b), (S.One, True))
 
 
-class Minimum(_Node):
+class Minimum(Node):
     """``torch.minimum(a, b)``: NaN if either is NaN, else ``a if a <= b else b``."""
 
     nargs = 2
@@ -97,12 +97,18 @@ class Minimum(_Node):
             Piecewise((S.Zero, a < b), (S.One, True))
 
 
-class RoundToBase(_Node):
+class RoundToBase(Node):
     """Round to nearest even into a narrower dtype (overflow gives inf, NaN stays NaN); the
     result is held in the kernel's compute type, exactly. Subclassed once per dtype."""
 
     nargs = 1
     dtype = ""
+
+    def fdiff(self, argindex: int = 1) -> sympy.Expr:
+        """1: a VJP differentiates the rule in exact arithmetic, where rounding is the
+        identity (the straight-through convention); its kernels still round the primal
+        values the derivative is evaluated at, as the update does."""
+        return S.One
 
 
 class RoundToBfloat16(RoundToBase):

@@ -185,3 +185,79 @@ def test_select_in_the_numpy_kernel_discards_inf_and_nan(dtype):
     # v = 0, v < 0 and v NaN: the path through sqrt contributes 0, leaving beta2 * d_vw
     assert d_vw_tm1[0] == d_vw_tm1[1] == d_vw_tm1[2] == dtype(0.999)
     assert all(np.isfinite(o[[0, 1, 3, 4]]).all() for o in outputs)
+
+
+def _torch_rule(torch, tensors, hyper, *, amsgrad, maximize, decoupled):
+    """torch_adam/torch_adamw in exact-arithmetic torch ops, for autograd."""
+    p, g, m, v = tensors[:4]
+    lr, b1, b2, eps, wd, t = (hyper[k] for k in ("lr", "beta1", "beta2", "eps",
+                                                 "weight_decay", "step"))
+    g = -g if maximize else g
+    if decoupled:
+        p = p * (1 - lr * wd)
+    else:
+        g = g + wd * p
+    m_new = b1 * m + (1 - b1) * g
+    v_new = b2 * v + (1 - b2) * g * g
+    source = torch.maximum(tensors[4], v_new) if amsgrad else v_new
+    p_new = p - (lr / (1 - b1**t)) * m_new / (torch.sqrt(source) / (1 - b2**t) ** 0.5 + eps)
+    return (p_new, m_new, v_new) + ((source,) if amsgrad else ())
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("name", ["torch_adam", "torch_adamw"])
+def test_the_torch_rules_vjps_are_autograds(name, maximize, amsgrad):
+    """fma, sqrt, maximum, where on a hyperparameter and lerp's branch all differentiate: the
+    VJP (float64) is torch.autograd's on the same rule in exact-arithmetic ops, to rounding."""
+    torch = pytest.importorskip("torch", reason="torch is the reference for the torch rules' "
+                                                "derivatives; pip install torch==2.13.0")
+    import adamgen
+
+    rule = adamgen.rule(name, amsgrad=amsgrad, maximize=maximize)
+    rng = np.random.default_rng(5)
+    arrays = [rng.standard_normal(9), rng.standard_normal(9), rng.standard_normal(9),
+              np.abs(rng.standard_normal(9))]
+    if amsgrad:  # both sides of the maximum
+        arrays.append(np.abs(rng.standard_normal(9)) * np.where(np.arange(9) % 2, 4.0, 0.0))
+    cotangents = [rng.standard_normal(9) for _ in rule.interface.outputs]
+    hyper = {"lr": 0.01, "beta1": 0.3, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.1,
+             "step": 3}
+    ours = rule.vjp(*arrays, cotangents=tuple(cotangents), **hyper)
+    leaves = [torch.tensor(a, requires_grad=True) for a in arrays]
+    outputs = _torch_rule(torch, leaves, hyper, amsgrad=amsgrad, maximize=maximize,
+                          decoupled=name == "torch_adamw")
+    sum((o * torch.tensor(c)).sum() for o, c in zip(outputs, cotangents)).backward()
+    for got, leaf, tensor in zip(ours, leaves, rule.interface.tensor_names):
+        np.testing.assert_allclose(got, leaf.grad.numpy(), rtol=1e-12, atol=1e-300,
+                                   err_msg=f"d_{tensor}")
+
+
+def test_lions_vjp_is_autograds():
+    """sign's derivative is 0: the parameter's gradient flows only through the decay."""
+    torch = pytest.importorskip("torch", reason="torch is the reference for Lion's derivatives")
+    import adamgen
+
+    rule = adamgen.rule("lion")
+    rng = np.random.default_rng(6)
+    arrays = [rng.standard_normal(9) for _ in range(3)]
+    cotangents = [rng.standard_normal(9) for _ in rule.interface.outputs]
+    ours = rule.vjp(*arrays, cotangents=tuple(cotangents), lr=0.01, beta1=0.9, beta2=0.99,
+                    weight_decay=0.1)
+    p, g, m = leaves = [torch.tensor(a, requires_grad=True) for a in arrays]
+    p_new = p * (1 - 0.01 * 0.1) - 0.01 * torch.sign(m * 0.9 + g * (1 - 0.9))
+    m_new = m * 0.99 + g * (1 - 0.99)
+    ((p_new * torch.tensor(cotangents[0])).sum()
+     + (m_new * torch.tensor(cotangents[1])).sum()).backward()
+    for got, leaf in zip(ours, leaves):
+        np.testing.assert_allclose(got, leaf.grad.numpy(), rtol=1e-15)
+
+
+def test_an_output_named_like_its_input_gets_a_distinct_cotangent():
+    """torch's rules name outputs after the tensors they replace: the cotangent of ``param``
+    is ``d_param_new``, the gradient of ``param`` is ``d_param``."""
+    import adamgen
+
+    interface = adamgen.rule("torch_adam").interface
+    assert interface.cotangents["param"] == "d_param_new"
+    assert adamgen.rule("ivy_adam").interface.cotangents["w_new"] == "d_w_new"

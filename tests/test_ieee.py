@@ -87,3 +87,20 @@ def test_roundings_are_to_nearest_even():
     assert half[0] == 1.0 and np.isinf(half[1])
     single = ieee.round_float32(np.array([1 + 2**-24, 1 + 3 * 2**-24]))
     assert single.dtype == np.float64 and single[0] == 1.0 and single[1] == 1 + 2**-22
+
+
+@pytest.mark.parametrize("target", ["bfloat16", "float16"])
+def test_float64_rounds_once_to_half_precision(target):
+    """float64 arrays round straight to the narrow format (no float32 detour), exactly as the
+    scalar rounding does, ties, subnormals, overflow and signed zeros included."""
+    rng = np.random.default_rng(7)
+    bits = {"bfloat16": 8, "float16": 11}[target]
+    spread = rng.standard_normal(5000) * 10.0 ** rng.integers(-50, 45, 5000)
+    ties = (1 + (2 * rng.integers(0, 2 ** (bits - 1), 500) + 1) * 2.0**-bits) \
+        * 2.0 ** rng.integers(-10, 10, 500)
+    x = np.concatenate([spread, ties, -ties, [0.0, -0.0, np.inf, -np.inf, 65519.99, 65520.0,
+                                             3.4e38, 1e-45, 1.5 * 2.0**-133, 1 + 2.0**-8 + 2.0**-30]])
+    got = getattr(ieee, f"round_{target}")(x)
+    expected = np.array([ieee.round_scalar(float(v), target) for v in x])
+    assert got.dtype == np.float64
+    assert_bitwise_equal(got, expected)

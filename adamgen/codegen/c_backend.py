@@ -30,6 +30,7 @@ from sympy.printing.c import C99CodePrinter
 from .. import language
 from .._version import __version__
 from ..config import KernelConfig
+from ..errors import BackendUnsupportedError
 from ..spec import RESERVED_NAMES
 from .c_literals import c_literal
 from .ir import KernelIR, Step, rounding
@@ -208,8 +209,9 @@ def plan_form(name: str, ir: KernelIR, ctype: str, *, multi: bool = True) -> For
     for step in ir.body:
         target = rounding(step.op)
         if target is not None and target not in ROUNDINGS[config.dtype]:
-            raise ValueError(f"{step}: a {config.dtype} kernel cannot round to {target} "
-                             f"(it rounds to {', '.join(ROUNDINGS[config.dtype])})")
+            raise BackendUnsupportedError(
+                f"{step}: a {config.dtype} C kernel cannot round to {target} "
+                f"(it rounds to {', '.join(ROUNDINGS[config.dtype])}); NumPy serves it")
     for output, source in aliases.items():
         if source in scalar_tensors:
             raise ValueError(f"{output} cannot overwrite {source}: it is a scalar tensor")

@@ -246,8 +246,8 @@ class _Translator:
             # the values rounded to the arrays' dtype (1e-46 is not 0, its float32 is).
             decided = self.emit(f"select_{relation}", (self.operand(condition.lhs),
                                                        self.operand(condition.rhs), 1, 0), True)
-            args = (decided, 0, self.operand(value), self.operand(otherwise))
-            return self.emit("select_ne", args, is_scalar, expr)
+            return self.emit("select_ne", (decided, 0, self.operand(value),
+                                           self.operand(otherwise)), is_scalar, expr)
         args = (self.operand(condition.lhs), self.operand(condition.rhs), self.operand(value),
                 self.operand(otherwise))
         return self.emit(f"select_{relation}", args, is_scalar, expr)

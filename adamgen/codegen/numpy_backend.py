@@ -280,5 +280,8 @@ def render_numpy_module(ir: KernelIR) -> str:
         uses_ieee=any(step.op in _IEEE for step in ir.body)
         or any(rounding(step.op) for step in ir.prelude),
         as_element=[] if mixed else uniform_operands(ir),
+        numbers_as_element=[] if mixed else [
+            t.name for t in ir.interface.tensors
+            if t.scalar and t.name not in ir.config.scalar_tensors],
     )
 

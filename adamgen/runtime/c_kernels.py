@@ -39,7 +39,7 @@ from .. import cache as artifact_cache
 from .._warnings import warn
 from ..codegen import artifact, build
 from ..config import C_DTYPES, KernelConfig, environment
-from ..errors import CacheError, CacheMissError, CompileError
+from ..errors import BackendUnsupportedError, CacheError, CacheMissError, CompileError
 from .forksafe import ForkSafeLock
 from .kernel_store import load_entry
 
@@ -352,6 +352,10 @@ def c_kernel(config: KernelConfig, *, portable: bool = False) -> CKernel | None:
                 _kernels[memo_key] = _load(base, portable)
             except CacheMissError:  # ADAMGEN_REQUIRE_CACHE_HIT: a miss must be seen
                 raise
+            except BackendUnsupportedError as exc:  # C has no form for it: NumPy serves, quietly
+                EVENTS.append({"kernel": f"c {base.describe()}", "built": False,
+                               "error": str(exc).splitlines()[0]})
+                _kernels[memo_key] = None
             except (CompileError, CacheError, OSError) as exc:
                 # a failed build, an artifact that will not load even after one rebuild
                 # (a noexec cache mount, a missing libgomp), a full disk: NumPy serves instead

@@ -112,14 +112,15 @@ class VJP:
             primals[t.name] = (validate.check_range(value, t.range, t.name)
                                if t.range is not None else value)
         outputs = forward.outputs
+        named = forward.cotangents
         if isinstance(cotangents, (str, bytes)) or not isinstance(cotangents, Sequence):
             raise ArgumentTypeError(f"cotangents must be a sequence "
-                                    f"({', '.join(PREFIX + o for o in outputs)}), got "
+                                    f"({', '.join(named[o] for o in outputs)}), got "
                                     f"{type(cotangents).__name__}")
         if len(cotangents) != len(outputs):
             raise ArgumentValueError(f"cotangents must have {len(outputs)} entries (one per "
                                      f"output {list(outputs)}), got {len(cotangents)}")
-        cots = {name: validate.as_tensor(f"cotangent {PREFIX}{name}", value, weak_scalars=True)
+        cots = {name: validate.as_tensor(f"cotangent {named[name]}", value, weak_scalars=True)
                 for name, value in zip(outputs, cotangents)}
         dtype = _common_dtype([*primals.values(), *cots.values()])
         primals = {n: _as_dtype(v, dtype) for n, v in primals.items()}
@@ -129,8 +130,8 @@ class VJP:
         for name, value in cots.items():
             out_shape = validate.broadcast_shape(
                 {d: shapes[d] for d in forward.dependencies(name) if d in shapes})
-            inputs[f"{PREFIX}{name}"] = _place_cotangent(name, _as_dtype(value, dtype), out_shape,
-                                                         full, dtype)
+            inputs[named[name]] = _place_cotangent(name, _as_dtype(value, dtype), out_shape,
+                                                      full, dtype)
         source = self.source.derived("vjp")
         module = source.numpy_module(FLOAT_DTYPES[dtype])  # names of the VJP's own tensors
         assert module is not None
