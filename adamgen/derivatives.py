@@ -38,7 +38,7 @@ What this means for Adam (``v = beta2*vw_tm1 + (1-beta2)*dcdw**2``, ``mw`` the n
 
 **The spec language's nodes** differentiate as their exact-arithmetic meaning: ``fma(a, b, c)``
 as ``a*b + c``, ``sqrt`` as the square root, ``maximum``/``minimum`` as the branch they take
-(the second operand on ties, as :func:`adamgen.spec.maximum` picks it), ``sign`` as 0, and a
+(on a tie, the second operand's derivative: a subgradient), ``sign`` as 0, and a
 rounding (``round_to``, ``element``) as the identity: the VJP is the derivative of the rule in
 exact arithmetic (the straight-through convention), evaluated at the primal values the kernel
 computes with the spec's roundings. Conditions SymPy combines (``And``, ``Or``, ``ITE``) lower to
