@@ -37,6 +37,13 @@ STEPS = 50
 #: past the C kernel's own default threshold (16384, below which a threaded entry point called
 #: without one runs serially).
 SIZES = (1, 15, 17, 1000, 4099, 16_411)
+#: The size ``c-omp`` runs in the functional form: past both thresholds, so it is a candidate
+#: and its two threads split the work (8192 + 8219 elements: the split falls on a cache line,
+#: the second share ends in a partial vector); below, it would run serial C, as under ``c``. The optimizer's ``c-omp`` threads
+#: over all its parameters at once (21560 elements). One size only: a threaded call after a
+#: pause costs milliseconds on this shared machine (its second thread waits for a busy core).
+THREADED_SIZE = SIZES[-1]
+assert THREADED_SIZE >= max(dispatch.THREADING_THRESHOLD, c_kernels.DEFAULT_THRESHOLD)
 THREADS = 2
 BITS = {np.dtype(np.float32): np.uint32, np.dtype(np.float64): np.uint64}
 
@@ -51,16 +58,21 @@ def assert_state_equal(actual: tuple, expected: tuple, names: tuple[str, ...],
     signs and infinities included, has the reference's bits.
 
     A NaN's sign and payload are not compared: IEEE 754 leaves them unspecified, and here they
-    do differ without any arithmetic difference: NumPy picks between two NaN operands by SIMD
-    position (body or tail); GCC folds ``(a*(-g))*(-g)`` into ``(a*g)*g``, so a NaN gradient's
-    sign, which torch flips for ``maximize``, stays; and ``torch.maximum`` returns an all-ones
-    NaN in its vector lanes and the default NaN in its scalar tail, whatever NaN came in.
+    do differ without any arithmetic difference (measured, torch_adam over 50 steps):
+
+    * GCC folds ``maximize``'s negation into its neighbours (``(a*(-g))*(-g)`` becomes
+      ``(a*g)*g``, ``fma(a, b, -g)`` a fused multiply-subtract), so the C kernels keep the sign
+      of a NaN gradient that torch flips: with ``maximize``, most NaNs differ in sign;
+    * ``torch.maximum`` (amsgrad) returns an all-ones NaN in its vector lanes and the default
+      NaN in its scalar tail, whatever NaN came in: most of ``max_exp_avg_sq``'s NaNs;
+    * NumPy picks between two NaN operands by SIMD position (body or tail).
+
+    Without ``maximize`` and amsgrad the C and NumPy kernels gave torch's NaN bits exactly.
     """
     assert len(actual) == len(expected), (where, len(actual), len(expected))
     for got, want, name in zip(actual, expected, names):
-        bits = BITS.get(got.dtype)
-        if (bits is not None and got.dtype == want.dtype and got.shape == want.shape
-                and np.array_equal(got.view(bits), want.view(bits))):
+        if (got.dtype == want.dtype and got.shape == want.shape
+                and got.tobytes() == want.tobytes()):
             continue  # identical bits, NaN payloads too: the common case, decided fast
         assert_bitwise_equal(got, want, f"{where}: {name}")
 
@@ -94,7 +106,7 @@ class Trajectory:
     grads: list[list[np.ndarray]]
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=10)
 def make_trajectory(dtype: np.dtype, seed: int) -> Trajectory:
     """Gradients over six decades; specials on steps 5, 20 and 35 in ~0.2 % of the elements
     (at least one), and in the one-element tensor on step 45 only: a NaN or an inf stays in the
@@ -131,6 +143,7 @@ def reference_trajectory(trajectory: Trajectory, state_count: int,
 
 # -- variants -----------------------------------------------------------------------------------
 
+@functools.cache
 def c_available(rule: str, openmp: bool = False) -> bool:
     """Whether this machine builds ``rule``'s C kernels (with OpenMP, if asked)."""
     kernel = adamgen.rule(rule).source.c_kernel("float32", frozenset())
@@ -192,34 +205,23 @@ def assert_variant_ran(tally: Counter[str], variant: str, what: str) -> None:
     assert set(tally) <= {variant, "c"}, f"{what}: forced {variant}, ran {dict(tally)}"
 
 
-def _step_argument(rule: adamgen.Rule, step: int) -> dict[str, int]:
-    return {"step": step} if "step" in rule.interface.hyperparameter_names else {}
-
-
-def threaded_sizes() -> tuple[int, ...]:
-    """The sizes ``c-omp`` threads (below the threshold it is not a candidate: serial C)."""
-    return tuple(n for n in SIZES if n >= dispatch.THREADING_THRESHOLD)
-
-
 def check_functional(rule: adamgen.Rule, trajectory: Trajectory, reference: Reference,
                      names: tuple[str, ...], hyper: dict[str, float], variant: str | None,
                      label: str) -> Counter[str]:
-    """``rule.update`` over every step and size under ``variant``, each step against the
-    reference. Under ``c-omp``, only the sizes it threads: the others would run serial C, as
-    under ``c``.
-
-    The trajectory is compared once it is done: between calls that close together OpenMP's
-    worker threads are still awake, where waking one after a pause costs milliseconds on this
-    shared machine (a scheduler slice on a busy core)."""
-    sizes = threaded_sizes() if variant == "c-omp" else SIZES
+    """``rule.update`` over every step and size under ``variant`` (``c-omp``: the size it
+    threads, :data:`THREADED_SIZE`), each step against the reference, compared once the
+    trajectory is done (OpenMP's second thread stays awake between calls close together)."""
+    sizes = (THREADED_SIZE,) if variant == "c-omp" else SIZES
     chosen = [SIZES.index(n) for n in sizes]
     states = [(p, *([np.zeros_like(p)] * (len(names) - 1)))
               for p in (trajectory.params[i] for i in chosen)]
+    has_step = "step" in rule.interface.hyperparameter_names
     found = []
     with forced(variant) as tally:
         for step, grads in enumerate(trajectory.grads, 1):
-            states = [rule.update(state[0], grads[i], *state[1:], **_step_argument(rule, step),
-                                  **hyper) for state, i in zip(states, chosen)]
+            steps = {"step": step} if has_step else {}
+            states = [rule.update(state[0], grads[i], *state[1:], **steps, **hyper)
+                      for state, i in zip(states, chosen)]
             found.append(states)
     for step, (states, expected) in enumerate(zip(found, reference), 1):
         for n, got, i in zip(sizes, states, chosen):
@@ -233,7 +235,7 @@ def check_optimizer(rule: adamgen.Rule, trajectory: Trajectory, reference: Refer
                     label: str) -> Counter[str]:
     """One optimizer over a parameter of every size under ``variant``: odd steps write the
     gradients into ``opt.grads`` and call ``step()``, even steps call ``step(grads)``; the
-    state after each step is copied and compared at the end (see :func:`check_functional`)."""
+    state after each step is copied and compared at the end, as in :func:`check_functional`."""
     params = [p.copy() for p in trajectory.params]
     found = []
     with forced(variant) as tally:
