@@ -15,6 +15,9 @@ tensors. Proven here:
   equals the optimizer given ``weight_decay / initial lr`` (the rule's docstring says so);
 * ``ADAMGEN_VARIANT=numpy`` on float64 is an ``InexactVariantError``;
 * bad options, hyperparameters and tensors are errors naming them.
+
+The tests that need lion-pytorch (and torch) skip, saying how to install them; the others run
+without.
 """
 
 from __future__ import annotations
@@ -33,13 +36,10 @@ from differential import (
     reference_trajectory,
     two_threads,
 )
-from peers import lion_step, require_lion
+from peers import lion_step, require_lion, require_torch
 
 import adamgen
 from adamgen.errors import InexactVariantError
-
-lion_pytorch = require_lion()
-torch = pytest.importorskip("torch")
 
 NAMES = ("param", "exp_avg")
 
@@ -72,6 +72,7 @@ def hyperparameters(setting: tuple[float, ...]) -> dict[str, float]:
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: "-".join(map(str, s)))
 def test_every_exact_variant_equals_lion_pytorch_bit_for_bit(setting, dtype):
+    require_lion()
     dtype = np.dtype(dtype)
     hyper = hyperparameters(setting)
     trajectory = make_trajectory(dtype, seed=SETTINGS.index(setting))
@@ -88,10 +89,12 @@ def test_every_exact_variant_equals_lion_pytorch_bit_for_bit(setting, dtype):
                         f"lion {dtype} {hyper}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_the_optimizer_is_lion_pytorchs_lion_with_decoupled_weight_decay(dtype):
     """``Lion(decoupled_weight_decay=True)`` divides weight_decay by the initial lr before every
     step: the optimizer given that quotient follows it bit for bit, also after lr changes."""
+    lion_pytorch, torch = require_lion(), require_torch()
+    dtype = getattr(torch, dtype)
     generator = torch.Generator().manual_seed(3)
     params = [torch.randn(n, dtype=dtype, generator=generator) for n in (17, 4099)]
     mine = [p.numpy().copy() for p in params]
