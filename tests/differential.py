@@ -143,11 +143,19 @@ def reference_trajectory(trajectory: Trajectory, state_count: int,
 
 # -- variants -----------------------------------------------------------------------------------
 
-@functools.cache
-def c_available(rule: str, openmp: bool = False) -> bool:
-    """Whether this machine builds ``rule``'s C kernels (with OpenMP, if asked)."""
+def require_c(rule: str, openmp: bool = False) -> None:
+    """Skip the calling test, saying why, unless this machine builds ``rule``'s C kernels (with
+    OpenMP, if asked).
+
+    Call it in the test's body, never in a ``skipif`` condition: pytest evaluates those before
+    the session's cache fixture (``conftest._session_cache_dir``) is set up, so the probe's
+    build would land in the user's own kernel cache.
+    """
     kernel = adamgen.rule(rule).source.c_kernel("float32", frozenset())
-    return kernel is not None and (kernel.openmp or not openmp)
+    if kernel is None:
+        pytest.skip("no C compiler here: the C variants cannot be compared")
+    if openmp and not kernel.openmp:
+        pytest.skip("the C compiler here has no OpenMP: the threaded variant cannot be compared")
 
 
 def exact_variants(dtype: np.dtype) -> tuple[str, ...]:

@@ -27,8 +27,8 @@ torch's order; ``test_peers.py`` proves the same code with torch's square root *
 The tests that need torch skip, saying how to install it; the others run without.
 
 Time: the 32 rule variants x dtypes are 32 C builds (about 0.8 s each, on a cold cache); the
-threaded calls are the next largest cost on this shared 2-core machine, so ``c-omp`` runs one
-setting of each pair.
+threaded calls are the next largest cost on this shared 2-core machine (each waits milliseconds
+for its second thread), so ``c-omp`` runs one setting of each pair.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ from conftest import assert_bitwise_equal
 from differential import (
     STEPS,
     Trajectory,
-    c_available,  # noqa: F401 (the skipif conditions name it)
     check_every_variant,
     check_functional,
     check_optimizer,
@@ -53,6 +52,7 @@ from differential import (
     forced,
     make_trajectory,
     reference_trajectory,
+    require_c,
     two_threads,
 )
 from peers import require_torch, torch_adam_step
@@ -91,7 +91,8 @@ SETTINGS = (
 )
 #: Each case runs one pair: weight decay 0 and > 0, a lerp weight in each of lerp's branches.
 #: The pairs alternate between the two dtypes of an option combination, so each combination
-#: meets all four settings. ``c-omp`` runs the first of its pair.
+#: meets all four settings. ``c-omp`` runs one setting of the pair, alternating every two
+#: combinations, so it too meets all four in both dtypes.
 SETTING_PAIRS = ((SETTINGS[2], SETTINGS[0]), (SETTINGS[1], SETTINGS[3]))
 
 #: (rule, amsgrad, maximize, lr_dtype): every option combination of both rules
@@ -126,24 +127,25 @@ def torch_reference(trajectory: Trajectory, setting: Setting, lr_dtype: str,
     return reference_trajectory(trajectory, 3 if options["amsgrad"] else 2, step_of)
 
 
-@pytest.mark.skipif("not c_available('torch_adam', openmp=True)",
-                    reason="no C compiler with OpenMP here: the C variants cannot be compared")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("options", OPTIONS, ids=option_id)
 def test_every_exact_variant_equals_the_ieee_reference_bit_for_bit(options, dtype):
     require_torch()
+    require_c("torch_adam", openmp=True)
     name, amsgrad, maximize, lr_dtype = options
     dtype = np.dtype(dtype)
     rule = adamgen.rule(name, amsgrad=amsgrad, maximize=maximize, lr_dtype=lr_dtype)
-    pair = SETTING_PAIRS[(OPTIONS.index(options) + (dtype == np.float64)) % 2]
-    for index, setting in enumerate(pair):
+    case = OPTIONS.index(options)
+    pair = SETTING_PAIRS[(case + (dtype == np.float64)) % 2]
+    threaded = pair[case // 2 % 2]
+    for setting in pair:
         trajectory = make_trajectory(dtype, seed=SETTINGS.index(setting))
         reference = torch_reference(trajectory, setting, lr_dtype, amsgrad=amsgrad,
                                     maximize=maximize, decoupled=name == "torch_adamw")
         variants = exact_variants(dtype)
         check_every_variant(rule, trajectory, reference, state_names(amsgrad),
                             setting.hyperparameters(),
-                            variants if index == 0 else variants[:-1],
+                            variants if setting == threaded else variants[:-1],
                             f"{option_id(options)} {dtype} {setting}")
 
 
@@ -294,11 +296,10 @@ def test_numpy_forced_on_float64_is_an_error_not_an_approximation(name):
         assert "float32 x1: numpy" in repr(opt), repr(opt)
 
 
-@pytest.mark.skipif("not c_available('torch_adam')",
-                    reason="no C compiler: float64 has no exact variant here")
 def test_the_loader_serves_float64_from_c_bit_for_bit():
     """Unforced, float64 runs where it is exact: on C (the loader measures serial against
     threaded where both fit), bit for bit, in the functional form and the optimizer."""
+    require_c("torch_adam")
     trajectory = make_trajectory(np.dtype(np.float64), seed=7)
     setting = SETTINGS[1]
     reference = torch_reference(trajectory, setting, "float64", amsgrad=True, maximize=False,
