@@ -12,17 +12,20 @@ Each skips the calling test with a clear message when its peer is not installed.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
 import pytest
 
 
+@functools.cache  # the references call it every step; importorskip costs ~80 us a call
 def require_torch() -> Any:
     return pytest.importorskip("torch", reason="torch is not installed: pip install "
                                                "torch==2.13.0 (the CPU wheel) to run this test")
 
 
+@functools.cache
 def require_lion() -> Any:
     require_torch()
     return pytest.importorskip("lion_pytorch", reason="lion-pytorch is not installed: pip "

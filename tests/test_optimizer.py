@@ -401,3 +401,27 @@ def test_repr_counts_parameters_in_good_english():
 def test_the_not_contiguous_error_says_its_strides_are_bytes():
     with pytest.raises(ValueError, match=r"shape \(3,\), strides \(8,\) in bytes"):
         Adam([np.ones(6, np.float32)[::2]])
+
+
+def test_numpy_forced_where_it_is_inexact_is_an_error_not_a_silent_switch_to_c(monkeypatch):
+    """A rule with a fused multiply-add, in float64, which NumPy cannot round once: forced to
+    NumPy, the optimizer refuses at construction, as the functional form refuses the call (it
+    used to run C without a word); float32, which NumPy computes exactly, runs on NumPy."""
+    from adamgen.config import refresh_environment
+    from adamgen.errors import InexactVariantError
+    from adamgen.spec import UpdateSpec, fma, symbols, unevaluated
+
+    p, g, lr = symbols("p g lr")
+    with unevaluated():
+        p_new = fma(g, -lr, p)
+    rule = adamgen.Rule(UpdateSpec("fma_descent_test", ["p", "g"], ["lr"], {"p_new": p_new},
+                                   state={"p_new": "p"}, parameter="p", gradient="g"))
+    monkeypatch.setenv("ADAMGEN_VARIANT", "numpy")
+    refresh_environment()
+    with pytest.raises(InexactVariantError, match="ADAMGEN_VARIANT=numpy cannot serve.*float64 "
+                                                  "fused multiply-add"):
+        rule.optimizer([np.ones(5)], lr=0.5)
+    params = [np.ones(5, np.float32)]
+    opt = rule.optimizer(params, lr=0.5)
+    opt.step([np.full(5, 0.25, np.float32)])
+    assert "numpy of numpy" in repr(opt) and (params[0] == 0.875).all(), repr(opt)

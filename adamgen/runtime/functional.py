@@ -194,12 +194,14 @@ class Updater:
         if not buffered:
             module = self._mixed_module()
             if not module.EXACT:
-                listed = ", ".join(f"{n} {v.dtype}" if isinstance(v, np.ndarray) else
-                                   f"{n} {type(v).__name__}" for n, v in tensors.items())
-                raise ArgumentTypeError(
+                listed = ", ".join(f"{n} {v.dtype} {v.shape}" if isinstance(v, np.ndarray)
+                                   else f"{n} {type(v).__name__}" for n, v in tensors.items())
+                # one float dtype: the shapes are what is wrong (a ValueError, as NumPy's)
+                error = ArgumentValueError if dtype else ArgumentTypeError
+                raise error(
                     f"rule {self.interface.rule} computes in one float dtype: its arrays must "
-                    f"share float16, float32 or float64 and one shape (got {listed}); "
-                    f"{module.INEXACT}")
+                    f"share float16, float32 or float64 and give every output one shape; "
+                    f"{_odd_ones_out(tensors)} (got {listed}); {module.INEXACT}")
         dtypes = ((np.dtype(dtype),) * len(output_shapes) if buffered
                   else self.result_dtypes(module, tensors))
         return module, output_shapes, dtypes, buffered
@@ -323,6 +325,20 @@ class Updater:
             else:
                 results.append(per_leaf[0][index])
         return tuple(results)
+
+
+def _odd_ones_out(tensors: dict[str, Any]) -> str:
+    """Which arrays differ in dtype or shape from the first array (the parameter, in the
+    built-in rules), named for an error message."""
+    arrays = {name: v for name, v in tensors.items() if isinstance(v, np.ndarray)}
+    if not arrays:
+        return "no argument is an array"
+    first, value = next(iter(arrays.items()))
+    odd = [name for name, v in arrays.items() if (v.dtype, v.shape) != (value.dtype, value.shape)]
+    if not odd:
+        return f"every array is {value.dtype} {value.shape}"
+    return (f"{', '.join(odd)} {'differs' if len(odd) == 1 else 'differ'} from {first} "
+            f"({value.dtype} {value.shape})")
 
 
 def _common_float_dtype(tensors: dict[str, Any]) -> str | None:

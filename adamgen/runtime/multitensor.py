@@ -134,12 +134,13 @@ class MultiTensorGroup:
                                  if name in roles.scalars]
             self._gradient_slot = roles.order.index(roles.gradient)
             self._template: list[Any] | None = None
-        variants = dispatch.variants(self.kernel, self.size)
-        self.variants = variants if self.numpy_module.EXACT else variants[1:]
-        if not self.variants:
-            raise InexactVariantError(
-                f"{source.name} in {name}: {self.numpy_module.INEXACT}; no C kernel is "
-                "available here (install a C compiler)")
+        # the functional form's rule: NumPy only where it computes the rule exactly, and
+        # ADAMGEN_VARIANT=numpy where it does not is an error (it used to yield to C silently)
+        try:
+            self.variants = dispatch.exact_variants(self.numpy_module, self.kernel, self.size)
+        except InexactVariantError as error:
+            raise InexactVariantError(f"the optimizer of {source.name} in {name}: "
+                                      f"{error}") from None
         self._variant: str | None = None
 
     def describe(self) -> str:
