@@ -17,9 +17,9 @@ a sleep, a two-thread OpenMP loop at N=1e3 took 120-150 us a call for a whole bu
 warm-up were stable for every pair of libraries tried (torch, numba, numexpr, the C probe).
 
 Why settle: two OpenMP runtimes share a process once torch is imported (torch bundles its own
-libgomp). The pool that ran last keeps spinning after its region (measured here: 4-8 ms of CPU
-after the last call), and on two vCPUs that spinning thread takes a core from the next
-contender's threads. ``settle_seconds`` puts untimed calls (at least one) before every burst,
+libgomp). The pool that ran last keeps spinning after its region (measured here: its worker
+burns about 4 ms of CPU after the last call, libgomp's and torch's alike), and on two vCPUs
+that spinning thread takes a core from the next contender's threads. ``settle_seconds`` puts untimed calls (at least one) before every burst,
 however long a call is, so the other runtime's pool has gone to sleep when the timing starts.
 """
 
