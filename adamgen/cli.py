@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench", add_help=False,
-        help="benchmarks against the peers and the bandwidth roofline (bench --help: options)")
+        help="every built-in rule against its peer and the bandwidth roofline (--rule NAME: "
+             "one rule; bench --help: options)")
     bench.set_defaults(run=_bench, forwards=True)
 
     demo = commands.add_parser("demo", help="build, verify, measure and train: the whole tour")

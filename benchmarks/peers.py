@@ -30,7 +30,7 @@ import numpy as np
 from .timing import Contender
 
 LR, BETA1, BETA2, EPSILON = 1e-3, 0.9, 0.999, 1e-7
-OPTIONAL = ("numexpr", "numba", "torch", "matplotlib")
+OPTIONAL = ("numexpr", "numba", "torch", "lion_pytorch", "matplotlib")
 
 
 @functools.cache
@@ -42,10 +42,26 @@ def module(name: str) -> Any | None:
         return None
 
 
+def version(name: str) -> str | None:
+    """The optional module's version (its ``__version__``, else its distribution's), or None
+    if it is missing."""
+    found = module(name)
+    if found is None:
+        return None
+    text = getattr(found, "__version__", None)
+    if text is None:
+        import importlib.metadata
+
+        try:
+            text = importlib.metadata.version(name.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            text = "?"
+    return str(text)
+
+
 def available() -> dict[str, str | None]:
     """Each optional package's version, or None when it is missing."""
-    return {name: (getattr(module(name), "__version__", "?") if module(name) else None)
-            for name in OPTIONAL}
+    return {name: version(name) for name in OPTIONAL}
 
 
 def prelude(t: float) -> tuple[float, float, float, float, float]:

@@ -3,7 +3,8 @@
 Ratios read "how many times faster adamgen is": a peer's time divided by adamgen's, so above 1
 adamgen wins and below 1 the peer does. GB/s counts one Adam step's traffic: 28 bytes per
 float32 element, 56 per float64 (4 arrays read, 3 written), whatever an implementation really
-moves (naive NumPy moves several times that; the figure is then an effective rate).
+moves (naive NumPy moves several times that; the figure is then an effective rate). The rule
+family's tables count each rule's own traffic (Lion 20 bytes per float32 element, AMSGrad 36).
 """
 
 from __future__ import annotations
@@ -12,7 +13,20 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from .results import GOALS, NOT_IN_RUN, PEERS, PICK, Case, cases, find, targets
+from .results import (
+    GOALS,
+    NOT_IN_RUN,
+    PEER,
+    PEERS,
+    PICK,
+    Case,
+    cases,
+    find,
+    ivy_selected,
+    rule_labels,
+    targets,
+)
+from .rules import SUBJECTS
 
 
 def fmt_time(seconds: float) -> str:
@@ -44,14 +58,18 @@ def present_peers(all_cases: Sequence[Case]) -> list[str]:
 OPTIONAL_EFFECTS = {
     "numexpr": ("the numexpr column", "numexpr"),
     "numba": ("the numba column and the GIL control", "numba"),
-    "torch": ("the torch fused and torch foreach columns and the torch targets", "torch==2.13.0"),
+    "torch": (("the torch fused and torch foreach columns, the torch rules' peers and the "
+               "torch targets"), "torch==2.13.0"),
+    "lion_pytorch": ("the Lion rule's peer and its target", "lion-pytorch"),
     "matplotlib": ("the plot", "matplotlib"),
 }
 
 
 def optional_versions(results: dict[str, Any]) -> dict[str, str | None]:
     """Each optional package's version in the run's first worker, None where it is missing."""
-    return results["workers"][0]["environment"]["optional"] if results["workers"] else {}
+    if not results["workers"]:
+        return {}
+    return dict(results["workers"][0].get("environment", {}).get("optional", {}))
 
 
 def missing_columns(results: dict[str, Any]) -> list[str]:
@@ -77,6 +95,83 @@ def sweep_table(all_cases: Sequence[Case], mode: str, dtype: str, peers: Sequenc
                      *[fmt_num(case.ratio(PICK, p), ".2f") for p in columns],
                      clean_cell(case)])
     return table(header, rows)
+
+
+def size_cell(case: Case) -> str:
+    """``1e+07`` for one tensor, ``500 x 4096`` for many."""
+    if case.tensors > 1:
+        return f"{case.tensors} x {case.n // case.tensors}"
+    return f"{case.n:.0e}" if case.n >= 1000 else str(case.n)
+
+
+def rule_cases(all_cases: Sequence[Case], labels: Sequence[str], suite: str) -> list[Case]:
+    """The rule family's cases of ``suite``, in the order of ``labels``, threads, size."""
+    order = {label: i for i, label in enumerate(labels)}
+    return sorted((c for c in find(all_cases, suite) if c.rule in order),
+                  key=lambda c: (order[c.rule], c.threads, c.n))
+
+
+def pick_cell(case: Case) -> str:
+    """The variant the loader picked for adamgen's step, marked when a disturbed measurement
+    made it fall back to the safe choice (serial C)."""
+    picks = case.timings.get(PICK, {}).get("pick", [])
+    return ", ".join(winner + (" (disturbed)" if "disturbed" in source else "")
+                     for winner, source in picks) or "—"
+
+
+def rule_legend(labels: Sequence[str]) -> str:
+    """One line per subject: its traffic and its peer."""
+    subjects = {s.label: s for group in SUBJECTS.values() for s in group}
+    lines = []
+    for label in labels:
+        subject = subjects[label]
+        lines.append(f"- **{label}**: `adamgen.rule({subject.rule!r}"
+                     + "".join(f", {k}={v!r}" for k, v in subject.options)
+                     + f").optimizer(params)`; its peer `{subject.peer}`")
+    return "\n".join(lines) + "\n"
+
+
+def rule_table(all_cases: Sequence[Case], labels: Sequence[str], suite: str) -> str:
+    """Per rule, thread count and size: adamgen's time and GB/s of the rule's own traffic, its
+    share of the probe with that traffic, the peer's time and the peer's time over adamgen's."""
+    chosen = rule_cases(all_cases, labels, suite)
+    if not chosen:
+        return "Not measured in this run.\n"
+    header = ["rule", "read / written", "thr", "N", "adamgen", "pick", "GB/s", "% of its probe",
+              "probe GB/s", "peer", "× peer", "clean rounds"]
+    rows = [[c.rule, f"{c.traffic[0]} / {c.traffic[1]}", str(c.threads), size_cell(c),
+             fmt_time(c.seconds(PICK)), pick_cell(c), fmt_num(c.gbps(PICK), ".1f"),
+             fmt_num(c.percent_of_roof(PICK), ".0f", " %"),
+             fmt_num(c.bytes / c.roof[1] / 1e9, ".1f"), fmt_time(c.seconds(PEER)),
+             fmt_num(c.ratio(PICK, PEER), ".2f"), clean_cell(c)] for c in chosen]
+    return table(header, rows)
+
+
+def rule_section(results: dict[str, Any], all_cases: Sequence[Case]) -> list[str]:
+    """The rule family: each selected rule beyond cache, then on many tensors."""
+    labels = rule_labels(results)
+    if not labels:
+        return []
+    plan = results["plan"]
+    sizes = ", ".join(f"{n:.0e}" for n in plan.get("rule_sizes", ()))
+    settle = 1e3 * plan.get("settle_seconds", 0)
+    intro = ("Each rule's optimizer updates float32 parameters in place, one C call over every "
+             "tensor per step, its gradients written once into the buffer it owns. The probe "
+             "reads and writes exactly the arrays that rule's step reads and writes (GB/s counts "
+             "that traffic); the peer runs with the same hyperparameters on tensors of its own. "
+             f"At more than one thread every burst follows {settle:.0f} ms of untimed calls, so "
+             "the OpenMP pool of the previous contender (torch bundles its own) has stopped "
+             "spinning. *pick* is the variant the loader chose for the step (`c` serial C, "
+             "`c-omp` threaded; *disturbed*: its measurement was disturbed twice, so it fell "
+             "back to serial C for this process).\n")
+    many = (f"### Many tensors: {plan['multi_count']} float32 tensors of {plan['multi_size']} "
+            "elements\n")
+    return ["## Every rule in place: against a probe with its own traffic, and its peer\n",
+            intro, rule_legend(labels), f"### One tensor beyond cache (N = {sizes})\n",
+            rule_table(all_cases, labels, "rule"), many,
+            ("`% of its probe` compares with the probe on one flat buffer of the same total "
+             "size.\n"),
+            rule_table(all_cases, labels, "rule-multi")]
 
 
 def clean_cell(case: Case) -> str:
@@ -213,13 +308,17 @@ def markdown(results: dict[str, Any], plot_name: str | None) -> str:
                  "left out when three clean ones remain; *clean rounds* gives the least lucky "
                  "contender's count, ⚠ where its median had to include disturbed samples. "
                  "Ratios (×) are a peer's time over adamgen's: above 1 adamgen is faster. "
-                 "GB/s counts 28 bytes per float32 element and 56 per float64 (one step's "
-                 "traffic: 4 arrays read, 3 written); the probe is a plain C loop with exactly "
-                 "that traffic, serial and OpenMP, the best of which is the roof.\n")
+                 "GB/s counts 28 bytes per float32 element and 56 per float64 (one Adam "
+                 "step's traffic: 4 arrays read, 3 written; the rule family counts each rule's "
+                 "own); the probe is a plain C loop with exactly that traffic, serial and "
+                 "OpenMP, the best of which is the roof.\n")
     if plot_name:
         parts.append(f"![throughput against N]({plot_name})\n")
     parts.append("## Speed targets (float32)\n")
     parts.append(targets_section(results))
+    parts += rule_section(results, all_cases)
+    if not ivy_selected(results):
+        return "\n".join(parts)
     for mode, title in (("inplace", "In place: `adamgen.Adam([w]).step()` with owned grads"),
                         ("functional", "Functional: `adamgen.adam_update` (three fresh outputs)")):
         for dtype in plan["dtypes"]:

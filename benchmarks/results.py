@@ -10,6 +10,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from .rules import SUBJECTS
+
 PEERS = ("numpy naive", "numpy best", "numexpr", "numba", "torch fused", "torch foreach")
 PICK = "adamgen"
 PICK_STEP = "adamgen step()"
@@ -17,7 +19,12 @@ PICK_STEP = "adamgen step()"
 
 @dataclass(frozen=True)
 class Case:
-    """The timings of one case (one suite, mode, dtype, size and thread count), by contender."""
+    """The timings of one case (one suite, mode, dtype, size and thread count, and for the rule
+    family one rule), by contender.
+
+    ``rule``, ``peer``, ``traffic`` and ``tensors`` are the rule family's: the subject's label,
+    its peer, the arrays its step reads and writes, how many tensors the step updates.
+    """
 
     suite: str
     mode: str
@@ -26,6 +33,10 @@ class Case:
     n: int
     bytes: int
     timings: dict[str, dict[str, Any]]
+    rule: str = ""
+    peer: str = ""
+    traffic: tuple[int, int] = (4, 3)
+    tensors: int = 1
 
     def seconds(self, name: str) -> float:
         record = self.timings.get(name)
@@ -77,9 +88,14 @@ def cases(results: dict[str, Any]) -> list[Case]:
         for record in worker.get("records", []):
             key = (record["suite"], record["mode"], record["dtype"], record["threads"],
                    record["n"])
-            case = grouped.get(key)
+            rule = record.get("rule", "")
+            case = grouped.get((*key, rule))
             if case is None:
-                case = grouped[key] = Case(*key, bytes=record["bytes"], timings={})
+                case = grouped[(*key, rule)] = Case(
+                    *key, bytes=record["bytes"], timings={}, rule=rule,
+                    peer=record.get("peer", ""),
+                    traffic=tuple(record.get("traffic", (4, 3))),  # type: ignore[arg-type]
+                    tensors=int(record.get("tensors", 1)))
             case.timings[record["impl"]] = record
     return list(grouped.values())
 
@@ -119,7 +135,19 @@ GOALS = {
     "GIL": "A call releases the GIL, so two Python threads updating their own arrays take about "
            "the time of one (at most 1.3x), judged against the GIL-free C probe run the same "
            "way.",
+    "rule vs its probe": "Every built-in rule's in-place optimizer, beyond cache, should reach "
+                         "95 % of a probe with that rule's own traffic (Adam reads 4 arrays and "
+                         "writes 3, Lion 3 and 2, AMSGrad 5 and 4).",
+    "rule vs its peer": "On many small tensors one `step()` is one C call: each rule's optimizer "
+                        "should be 2.5x its peer's fastest CPU path at one thread and 4x at two "
+                        "(torch's fused Adam/AdamW for the Adam rules, lion-pytorch for Lion).",
 }
+#: The rule family's targets: (size, threads) beyond cache, and the many-tensor ratio per thread
+#: count.
+RULE_BANDWIDTH_CASES = ((10_000_000, 1), (30_000_000, 1), (10_000_000, 2), (30_000_000, 2))
+RULE_PEER_LIMITS = ((1, 2.5), (2, 4.0))
+#: The contender names of the rule family's cases (see :func:`benchmarks.worker.rule_cases`).
+PEER = "peer"
 #: ``Target.detail`` of a target whose case the run did not sweep (``--quick``, ``--sizes``).
 NOT_IN_RUN = "not in this run (see --quick / --sizes)"
 
@@ -154,8 +182,21 @@ def _check(goal: str, promise: str, case: str, value: float, limit: float, *,
 
 
 def targets(results: dict[str, Any]) -> list[Target]:
-    """Every speed target (see :data:`GOALS`), checked against this run (float32)."""
+    """Every speed target of the rules the run selected (see :data:`GOALS`), checked against
+    this run (float32)."""
     all_cases = cases(results)
+    out = ivy_targets(results, all_cases) if ivy_selected(results) else []
+    return out + rule_targets(results, all_cases)
+
+
+def ivy_selected(results: dict[str, Any]) -> bool:
+    """Whether the run measured the Ivy rule's own suite (a run from before the rule family
+    always did)."""
+    return "ivy_adam" in results["plan"].get("rules", ("ivy_adam",))
+
+
+def ivy_targets(results: dict[str, Any], all_cases: list[Case]) -> list[Target]:
+    """The Ivy rule's targets: its sweep, many tensors, per-call overhead, loader, GIL."""
     out: list[Target] = []
 
     def missing(goal: str, promise: str, case: str) -> None:
@@ -246,6 +287,42 @@ def targets(results: dict[str, Any]) -> list[Target]:
                 continue
             out.append(_check("GIL", promise, label, mine["ratio"], 1.3, higher_is_better=False,
                               fmt="{:.2f}x"))
+    return out
+
+
+def rule_labels(results: dict[str, Any]) -> list[str]:
+    """The labels of every subject of the rules the run selected (none in a run from before the
+    rule family)."""
+    return [s.label for name in results["plan"].get("rules", ()) for s in SUBJECTS.get(name, ())]
+
+
+def rule_targets(results: dict[str, Any], all_cases: Iterable[Case]) -> list[Target]:
+    """Each selected rule beyond cache against its own probe, and on many tensors against its
+    peer (float32)."""
+    all_cases = list(all_cases)
+    plan = results["plan"]
+    out = []
+    for label in rule_labels(results):
+        for n, threads in RULE_BANDWIDTH_CASES:
+            where = f"{label}, N={n:.0e}, {threads} thr"
+            case = one(all_cases, "rule", rule=label, threads=threads, n=n)
+            if case is None:
+                out.append(Target("rule vs its probe", ">= 95 % of its probe", where, "—",
+                                  "not measured", NOT_IN_RUN))
+                continue
+            out.append(_check("rule vs its probe", ">= 95 % of its probe", where,
+                              case.percent_of_roof(PICK), 95.0, higher_is_better=True,
+                              fmt="{:.0f} %"))
+        for threads, limit in RULE_PEER_LIMITS:
+            where = f"{label}, {plan['multi_count']} x {plan['multi_size']}, {threads} thr"
+            promise = f">= {limit:g}x its peer"
+            case = one(all_cases, "rule-multi", rule=label, threads=threads)
+            if case is None:
+                out.append(Target("rule vs its peer", promise, where, "—", "not measured",
+                                  NOT_IN_RUN))
+                continue
+            out.append(_check("rule vs its peer", promise, where, case.ratio(PICK, PEER), limit,
+                              higher_is_better=True, fmt="{:.1f}x"))
     return out
 
 

@@ -1,8 +1,11 @@
 """The benchmark's entry point: ``python -m benchmarks.run`` (or ``adamgen bench``).
 
-Sweeps float32 and float64, N from 16 to 3e7, 1 and 2 threads, the in-place optimizer step and
-the functional ``adam_update``, against the peers and a bandwidth probe; then the many-tensor,
-per-call overhead and GIL cases. One worker process per thread count (see
+For every built-in rule selected with ``--rule`` (default: all of them), its in-place optimizer
+beyond cache (N = 1e7, 3e7, float32) against a bandwidth probe with that rule's own traffic, and
+on 500 tensors of 4096 elements against its peer (:mod:`benchmarks.rules`). For the Ivy rule
+also its own suite: float32 and float64, N from 16 to 3e7, the in-place optimizer step and the
+functional ``adam_update``, against every peer and the probe; then the many-tensor, per-call
+overhead and GIL cases. One worker process per thread count (1 and 2; see
 :mod:`benchmarks.worker`), run one after the other so they never compete for the cores.
 
 Writes into ``--out`` (default ``bench-results/``): ``report.md`` (the tables, targets first),
@@ -35,6 +38,7 @@ if __name__ == "__main__" and not __package__:  # ``python benchmarks/run.py``: 
 from . import plot, report
 from .plan import DTYPES, Plan, make_plan
 from .progress import Progress
+from .rules import RULES, check_rule_names
 from .summary import summary
 from .worker import PROGRESS
 
@@ -70,6 +74,15 @@ def _choices(accepted: tuple[str, ...]) -> Any:
     return parse
 
 
+def _rules(text: str) -> tuple[str, ...]:
+    """``--rule torch_adam`` or ``--rule torch_adam,lion``: built-in rule names, checked."""
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    try:
+        return check_rule_names(names) if names else check_rule_names([text])
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _threads(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(part) for part in text.split(","))
@@ -85,10 +98,17 @@ def build_parser(prog: str = f"python -m {PACKAGE}.run") -> argparse.ArgumentPar
         prog=prog,
         description="Benchmark adamgen against its peers and the memory-bandwidth limit.")
     parser.add_argument("--quick", action="store_true",
-                        help="the CI smoke run: small sizes, few rounds (well under a minute)")
+                        help="the CI smoke run: small sizes, few rounds (about a minute)")
+    parser.add_argument("--rule", action="append", type=_rules, metavar="NAME",
+                        help="benchmark this built-in rule (repeatable, or comma-separated; "
+                             f"default: every rule: {', '.join(RULES)}); ivy_adam also runs "
+                             "the Ivy sweep, torch_adam also its AMSGrad variant")
     parser.add_argument("--out", type=Path, default=Path("bench-results"),
                         help="directory for report.md, throughput.png, results.json")
-    parser.add_argument("--sizes", type=_sizes, help="comma-separated N, e.g. 1e3,1e6,3e7")
+    parser.add_argument("--sizes", type=_sizes,
+                        help="the Ivy sweep's comma-separated N, e.g. 1e3,1e6,3e7")
+    parser.add_argument("--rule-sizes", type=_sizes, metavar="SIZES",
+                        help="the rule family's one-tensor N (default 1e7,3e7; quick 1e5)")
     parser.add_argument("--dtypes", type=_choices(DTYPES), help="float32,float64")
     parser.add_argument("--threads", type=_threads, help="thread counts, e.g. 1,2")
     parser.add_argument("--rounds", type=int, help="interleaved rounds per case")
@@ -209,9 +229,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         results = json.loads(args.render.read_text(encoding="utf-8"))
         print(summary(results, render(results, args.out)))
         return 0
+    rules = None if args.rule is None else tuple(name for names in args.rule for name in names)
     plan = make_plan(quick=args.quick, sizes=args.sizes, dtypes=args.dtypes,
                      threads=args.threads, rounds=args.rounds, forced=not args.no_forced,
-                     wait_quiet=args.wait_quiet)
+                     wait_quiet=args.wait_quiet, rules=rules, rule_sizes=args.rule_sizes)
     started, stamp = time.monotonic(), datetime.datetime.now().astimezone()
     bar = Progress(sum(plan.units(t) for t in plan.threads))
     workers = [run_worker(plan, threads, bar) for threads in plan.threads]

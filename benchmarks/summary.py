@@ -1,8 +1,10 @@
 """What a run prints on the terminal: a short table and where the rest is.
 
-The Markdown report holds every table; the terminal gets the one a reader wants first: adamgen's
+The Markdown report holds every table; the terminal gets the ones a reader wants first: adamgen's
 in-place float32 step against each peer at every size and thread count of the run, with its
-share of the bandwidth probe, then a count of the targets and the paths written.
+share of the bandwidth probe (the Ivy rule's sweep), each selected rule's optimizer against a
+probe with its own traffic and against its peer, then a count of the targets and the paths
+written.
 """
 
 from __future__ import annotations
@@ -11,8 +13,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .report import OPTIONAL_EFFECTS, fmt_num, fmt_time, optional_versions, present_peers
-from .results import PICK, cases, find, targets
+from .report import (
+    OPTIONAL_EFFECTS,
+    fmt_num,
+    fmt_time,
+    optional_versions,
+    present_peers,
+    rule_cases,
+    size_cell,
+)
+from .results import PEER, PICK, cases, find, ivy_selected, rule_labels, targets
 
 
 def aligned(header: Sequence[str], rows: Sequence[Sequence[str]],
@@ -44,14 +54,38 @@ def peer_table(results: dict[str, Any], mode: str = "inplace",
                    else None)
 
 
+def rule_table(results: dict[str, Any]) -> list[str]:
+    """Per selected rule, thread count and size (one tensor, then many): adamgen's time, its
+    share of the probe with the rule's traffic, and the peer's time over adamgen's."""
+    all_cases = cases(results)
+    labels = rule_labels(results)
+    chosen = rule_cases(all_cases, labels, "rule") + rule_cases(all_cases, labels, "rule-multi")
+    if not chosen:
+        return []
+    header = ["rule", "threads", "N", "adamgen", "% of its probe", "× peer"]
+    rows = [[c.rule, str(c.threads), size_cell(c), fmt_time(c.seconds(PICK)),
+             fmt_num(c.percent_of_roof(PICK), ".0f", " %"),
+             fmt_num(c.ratio(PICK, PEER), ".2f")] for c in chosen]
+    return aligned(header, rows)
+
+
 def summary(results: dict[str, Any], written: Sequence[Path]) -> str:
     """The terminal's summary of a run whose files are ``written``."""
-    lines = ["", ("adamgen.Adam([w]).step(), float32, against each peer: above 1, adamgen "
-                  "is faster. % of probe is"),
-             ("adamgen's share of the memory-bandwidth limit (a plain C loop with one step's "
-              "traffic)."), ""]
-    table = peer_table(results)
-    lines += ["  " + line for line in table] if table else ["  (no in-place float32 case)"]
+    lines = [""]
+    if ivy_selected(results):
+        lines += [("adamgen.Adam([w]).step(), float32, against each peer: above 1, adamgen "
+                   "is faster. % of probe is"),
+                  ("adamgen's share of the memory-bandwidth limit (a plain C loop with one "
+                   "step's traffic)."), ""]
+        table = peer_table(results)
+        lines += ["  " + line for line in table] if table else ["  (no in-place float32 case)"]
+        lines.append("")
+    family = rule_table(results)
+    if family:
+        lines += [("Each rule's optimizer, float32, in place: % of a probe with that rule's own "
+                   "traffic, and"),
+                  "its peer's time over adamgen's (above 1, adamgen is faster).", ""]
+        lines += ["  " + line for line in family]
     checked = targets(results)
     counts = {status: sum(t.status == status for t in checked)
               for status in ("met", "short", "not measured")}

@@ -15,6 +15,12 @@ Why warm up rather than pause between contenders: on this VM a pause made things
 a sleep, a two-thread OpenMP loop at N=1e3 took 120-150 us a call for a whole burst instead of
 1-4 us (waking an idle vCPU goes through the hypervisor), while back-to-back bursts with a short
 warm-up were stable for every pair of libraries tried (torch, numba, numexpr, the C probe).
+
+Why settle: two OpenMP runtimes share a process once torch is imported (torch bundles its own
+libgomp). The pool that ran last keeps spinning after its region (measured here: its worker
+burns about 4 ms of CPU after the last call, libgomp's and torch's alike), and on two vCPUs
+that spinning thread takes a core from the next contender's threads. ``settle_seconds`` puts untimed calls (at least one) before every burst,
+however long a call is, so the other runtime's pool has gone to sleep when the timing starts.
 """
 
 from __future__ import annotations
@@ -101,7 +107,7 @@ def _burst(contender: Contender, calls: int, warm: float) -> tuple[float, float]
 
 def measure(contenders: Sequence[Contender], *, rounds: int, target_seconds: float,
             warm_seconds: float, check: CapacityCheck | None = None,
-            max_calls: int = 100_000) -> list[Timing]:
+            max_calls: int = 100_000, settle_seconds: float = 0.0) -> list[Timing]:
     """Median seconds per call of every contender, timed interleaved.
 
     Each burst records how long this process's threads waited for a CPU meanwhile, and each
@@ -111,7 +117,8 @@ def measure(contenders: Sequence[Contender], *, rounds: int, target_seconds: flo
     three clean ones remain.
 
     A contender that raises while being warmed up is reported with its error and left out of
-    the rounds: one broken peer must not cost the whole case.
+    the rounds: one broken peer must not cost the whole case. ``settle_seconds``: untimed calls
+    before every burst, whatever a call's length (see the module docstring).
     """
     live: list[tuple[Contender, int, float]] = []
     results: dict[str, Timing] = {}
@@ -124,7 +131,8 @@ def measure(contenders: Sequence[Contender], *, rounds: int, target_seconds: flo
                                              error=f"{type(exc).__name__}: {exc}")
             continue
         calls = max(1, min(max_calls, int(target_seconds / max(single, 1e-9))))
-        live.append((contender, calls, warm_seconds if single < WARM_BELOW else 0.0))
+        warm = warm_seconds if single < WARM_BELOW else 0.0
+        live.append((contender, calls, max(warm, settle_seconds)))
         results[contender.name] = Timing(contender.name, contender.family, math.nan,
                                          calls_per_sample=calls)
     enabled = gc.isenabled()

@@ -23,10 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from . import adamgen_side, peers
+from adamgen.runtime import variant_choice
+
+from . import adamgen_side, peers, rules
 from .load import DISTURBED, CapacityCheck, run_delay, wait_until_quiet
 from .plan import BYTES_PER_ELEMENT, Plan
-from .probe import Probe, build_probe
+from .probe import Probe, Traffic, build_probe
+from .rules import Subject
 from .timing import Contender, Timing, measure
 
 PROGRESS = "@@progress "
@@ -72,13 +75,21 @@ def records(timings: Sequence[Timing], **case: Any) -> list[dict[str, Any]]:
 
 def probe_contenders(probe: Probe | None, w: np.ndarray, g: np.ndarray, m: np.ndarray,
                      v: np.ndarray, threads: int) -> list[Contender]:
-    """The bandwidth probe: serial always, OpenMP too when more than one thread is asked for."""
+    """The bandwidth probe with Adam's traffic on Ivy's four arrays."""
+    return traffic_probes(probe, [w, m, v], [g], threads)
+
+
+def traffic_probes(probe: Probe | None, written: Sequence[np.ndarray],
+                   read: Sequence[np.ndarray], threads: int) -> list[Contender]:
+    """The bandwidth probe reading ``written`` and ``read``, writing ``written``: serial always,
+    OpenMP too when more than one thread is asked for."""
     if probe is None:
         return []
-    contenders = [Contender("probe serial", "probe", probe.bind(w, g, m, v, threads=None))]
+    contenders = [Contender("probe serial", "probe",
+                            probe.bind_traffic(written, read, threads=None))]
     if threads > 1 and probe.openmp:
         contenders.append(Contender("probe OpenMP", "probe",
-                                    probe.bind(w, g, m, v, threads=threads)))
+                                    probe.bind_traffic(written, read, threads=threads)))
     return contenders
 
 
@@ -234,6 +245,78 @@ def gil_case(plan: Plan, probe: Probe | None, n: int,
             for name in pairs]
 
 
+# -- the rule family -----------------------------------------------------------------------------
+
+class Fill:
+    """Starting values for the rule family's arrays: one random draw per size, copied into each
+    contender's own aligned arrays (drawing 3e7 normals per array would cost more than the
+    case). Parameters are standard normal, gradients and the probe's other arrays 0.01 times
+    that, all finite and normal."""
+
+    def __init__(self, n: int) -> None:
+        rng = np.random.default_rng(n)
+        self.param = rng.standard_normal(n, dtype=np.float32)
+        self.grad = rng.standard_normal(n, dtype=np.float32) * np.float32(0.01)
+
+    def params(self) -> np.ndarray:
+        return aligned(self.param)
+
+    def grads(self) -> np.ndarray:
+        return aligned(self.grad)
+
+
+def rule_contenders(plan: Plan, probe: Probe | None, subject: Subject, traffic: Traffic,
+                    sizes: Sequence[int], threads: int) -> list[Contender]:
+    """The subject's optimizer, its peer and the probe with its traffic, on tensors of ``sizes``
+    (the probe on one flat buffer of their total size); every contender has arrays of its own."""
+    fills = {n: Fill(n) for n in set(sizes)}
+    total = sum(sizes)
+    contenders = [Contender("adamgen", "adamgen", rules.optimizer_step(
+        subject, [fills[n].params() for n in sizes], [fills[n].grads() for n in sizes]))]
+    peer = rules.peer_step(subject, [fills[n].params() for n in sizes],
+                           [fills[n].grads() for n in sizes], threads=threads)
+    if peer is not None:
+        contenders.append(Contender("peer", "peer", peer))
+    flat = fills[total] if total in fills else Fill(total)
+    written = [flat.params()] + [flat.grads() for _ in range(traffic.writes - 1)]
+    read = [flat.grads() for _ in range(traffic.reads - traffic.writes)]
+    contenders += traffic_probes(probe, written, read, threads)
+    return contenders
+
+
+def rule_cases(plan: Plan, probe: Probe | None, subject: Subject, threads: int,
+               check: CapacityCheck | None) -> list[dict[str, Any]]:
+    """One subject: one tensor of each of ``plan.rule_sizes``, then ``multi_count`` tensors of
+    ``multi_size``, each case timed interleaved (settled at more than one thread)."""
+    traffic = subject.traffic()
+    settle = plan.settle_seconds if threads > 1 else 0.0
+    tag = {"rule": subject.label, "peer": subject.peer,
+           "traffic": [traffic.reads, traffic.writes]}
+    out: list[dict[str, Any]] = []
+    cases = [("rule", n, [n]) for n in plan.rule_sizes]
+    cases.append(("rule-multi", plan.multi_count * plan.multi_size,
+                  [plan.multi_size] * plan.multi_count))
+    for suite, n, sizes in cases:
+        quiet(plan)
+        variant_choice.forget()  # the decisions read back below are this case's
+        contenders = rule_contenders(plan, probe, subject, traffic, sizes, threads)
+        timings = measure(contenders, rounds=plan.rounds_for(max(sizes)),
+                          target_seconds=plan.target_seconds, warm_seconds=plan.warm_seconds,
+                          check=check, settle_seconds=settle)
+        case = records(timings, suite=suite, mode="inplace", dtype="float32", n=n,
+                       threads=threads, bytes=traffic.bytes_per_element("float32") * n,
+                       tensors=len(sizes), **tag)
+        for record in case:
+            if record["impl"] == "adamgen":  # the loader's pick, and where it came from
+                record["pick"] = [[d.winner, d.source] for d in variant_choice.decisions()]
+        out += case
+        del contenders
+        gc.collect()
+        shape = f"N={n:.0e}" if suite == "rule" else f"{len(sizes)} x {sizes[0]}"
+        progress(f"{threads} thr {subject.label} {shape}")
+    return out
+
+
 # -- the worker ----------------------------------------------------------------------------------
 
 def environment_report(probe: Probe | None, probe_error: str) -> dict[str, Any]:
@@ -258,12 +341,26 @@ def environment_report(probe: Probe | None, probe_error: str) -> dict[str, Any]:
 
 
 def run(plan: Plan, threads: int) -> dict[str, Any]:
+    subjects = rules.subjects(plan.rules)
     probe, probe_error = None, ""
     try:
-        probe = build_probe()
+        probe = build_probe(s.traffic() for s in subjects)
     except Exception as exc:  # noqa: BLE001 - the report says why the roof is missing
         probe_error = f"{type(exc).__name__}: {exc}"
     check = CapacityCheck(probe.spin, threads) if probe else None
+    results: list[dict[str, Any]] = []
+    gil: list[dict[str, Any]] = []
+    if plan.ivy:
+        results, gil = ivy_cases(plan, probe, threads, check)
+    for subject in subjects:
+        results += rule_cases(plan, probe, subject, threads, check)
+    return {"threads": threads, "records": results, "gil": gil,
+            "environment": environment_report(probe, probe_error)}
+
+
+def ivy_cases(plan: Plan, probe: Probe | None, threads: int, check: CapacityCheck | None
+              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The Ivy rule's own suite: the sweep, many tensors, per-call overhead, the GIL."""
     results: list[dict[str, Any]] = []
     for dtype in plan.dtypes:
         for n in plan.sizes:
@@ -298,8 +395,7 @@ def run(plan: Plan, threads: int) -> dict[str, Any]:
             gil += gil_case(plan, probe, n, gil_check)
             progress(f"GIL N={n:.0e}")
             gc.collect()
-    return {"threads": threads, "records": results, "gil": gil,
-            "environment": environment_report(probe, probe_error)}
+    return results, gil
 
 
 def main(argv: list[str] | None = None) -> int:
