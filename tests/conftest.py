@@ -172,7 +172,8 @@ def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> InstalledWheel:
     wheel = next((root / "dist").glob("adamgen-*.whl"))
     run(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", root / "venv")
     python = root / "venv" / "bin" / "python"
-    run(*pip, "--python", python, "install", "--quiet", "--no-deps", "--no-index", wheel)
+    run(*pip, "--python", python, "install", "--quiet", "--no-deps", "--no-index",
+        "--force-reinstall", wheel)
     return InstalledWheel(wheel, python, python.parent)
 
 
