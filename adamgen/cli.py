@@ -158,7 +158,9 @@ def _constants(text: str) -> list[tuple[str, float]]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="adamgen", description="Generate, verify and load Adam update kernels.")
+        prog="adamgen",
+        description="Generate, verify and load optimizer update kernels (Adam, AdamW, Lion, "
+                    "your own rules).")
     parser.add_argument("--version", action="version", version=f"adamgen {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     info = commands.add_parser("info", help="version, spec hash, backends, cache and variants")

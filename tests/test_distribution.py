@@ -41,7 +41,7 @@ def test_metadata_declares_license_pythons_os_topics_and_the_bench_extra(install
         assert classifier in classifiers
     bench = [r for r in declared.get_all("Requires-Dist") if 'extra == "bench"' in r]
     assert {re.match(r"[\w-]+", r).group() for r in bench} == {
-        "matplotlib", "numexpr", "numba", "torch"}
+        "matplotlib", "numexpr", "numba", "torch", "lion-pytorch"}
     torch = next(r for r in bench if r.startswith("torch"))
     assert ">=2.4" in torch and "<2.14" in torch, torch  # 2.13.0, not a multi-GB newer build
 
