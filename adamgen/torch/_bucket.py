@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ._kernels import RuleKernel, Tables
-from ._layout import DTYPE_NAMES, NUMPY_DTYPES, FlatBuffer, describe, is_dense, span
+from ._layout import DTYPE_NAMES, NUMPY_DTYPES, FlatBuffer, describe, is_dense, owned, rebind, span
 
 _data_ptr = torch.Tensor.data_ptr
 _numel = torch.Tensor.numel
@@ -83,7 +83,7 @@ class Bucket:
         self.has_state = [False] * self.count
         self.all_have_state = False
         if step_dtype is not None:
-            self.steps = np.zeros(self.count, NUMPY_DTYPES[step_dtype])
+            self.steps = owned(np.zeros(self.count, NUMPY_DTYPES[step_dtype]))
             steps = torch.from_numpy(self.steps)
             self.step_views = [steps[row] for row in range(self.count)]
             self._step_bytes = self.steps.data.cast("B")
@@ -168,7 +168,8 @@ class Bucket:
     def adopt(self, row: int, state: dict[Any, Any] | None) -> None:
         """Take over a parameter's state as found in ``optimizer.state``: tensors placed there
         by someone else (``load_state_dict``, ZeroRedundancyOptimizer, a user) are copied into
-        this bucket's rows, which then replace them in the dict."""
+        this bucket's rows, which then replace them in the dict; the placed tensors themselves
+        become views of those rows where they can (:func:`~._layout.rebind`)."""
         if not state:
             self.has_state[row] = False
             return
@@ -188,13 +189,16 @@ class Bucket:
             count = _step_value(state["step"], name)
         with torch.no_grad():
             if count is not None:
+                placed = state["step"]
                 self.steps[row] = count
                 state["step"] = self.step_views[row]
+                rebind(placed, self.step_views[row])
             for key in self.state_keys:
                 value, view = state[key], self.state_row(row, key)
                 if value is not view:
                     view.copy_(value)
                     state[key] = view
+                    rebind(value, view)  # whoever else holds it sees the live state
         self.has_state[row] = True
 
     def settle(self) -> None:

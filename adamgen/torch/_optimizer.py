@@ -7,7 +7,8 @@ the state-dict hooks and format. What this class adds:
 * ``step`` is one C call per (group, dtype) through :class:`~adamgen.torch._plan.GroupPlan`;
 * ``state`` is a :class:`~adamgen.torch._state.TrackedState`, so a step notices in O(1) that
   someone wrote it (``load_state_dict``, ZeroRedundancyOptimizer, a user) and adopts the new
-  entries: copies them into the optimizer's own rows, which replace them in the dict;
+  entries: copies them into the optimizer's own rows, which replace them in the dict (and to
+  which the placed tensors are rebound: :func:`~adamgen.torch._layout.rebind`);
 * ``load_state_dict`` validates everything first (groups, sizes, every state tensor's shape)
   and refuses a mismatched checkpoint before anything changes; it copies the loaded tensors
   (torch's would alias the checkpoint's) and keeps this optimizer's implementation flags

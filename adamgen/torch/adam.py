@@ -37,7 +37,8 @@ _DIFFERENCES = """
       writes.
     * **State tensors** live in flat buffers the optimizer owns; tensors placed in
       ``optimizer.state`` by ``load_state_dict``, ZeroRedundancyOptimizer or a user are
-      copied into them at the next step (torch would update the placed tensors themselves).
+      copied into them at the next step, and then rebound to the copies (so whoever holds a
+      placed tensor sees the live state, as torch updates placed tensors in place).
       ``load_state_dict`` copies the checkpoint (torch aliases it) and keeps this optimizer's
       ``foreach``/``fused``/``capturable``/``differentiable``.
     * **Following parameters.** Pointers are re-read every step, so ``p.data = t``,
