@@ -62,7 +62,7 @@ class Config:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-OPTIMIZERS: dict[str, Callable[..., Any]] = {
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "Adam": agt.Adam, "AdamW": agt.AdamW, "Lion": agt.Lion}
 
 #: a big parameter (past the kernels' threading threshold), matrices, vectors, a scalar
@@ -319,7 +319,7 @@ def job_refuse(out: Path, names: list[str]) -> None:
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     rank = int(os.environ["RANK"])
-    seen = {}
+    seen: dict[str, str | None] = {}
     for name, (optimizer, make, defaults) in REFUSED.items():
         try:
             ZeroRedundancyOptimizer(make(), optimizer_class=OPTIMIZERS[optimizer], **defaults)
