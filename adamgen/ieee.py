@@ -123,3 +123,113 @@ def round_scalar(x: float, dtype: str) -> float:
     rounded = math.ldexp(round(math.ldexp(x, -quantum)), quantum)  # round(): ties to even
     largest = math.ldexp(2.0 - math.ldexp(1.0, 1 - bits), emax)
     return math.copysign(math.inf, x) if abs(rounded) > largest else rounded
+
+
+# --- narrow storage: bfloat16 and float16 elements widened and stored ---------------------------
+
+#: How NumPy holds each storage dtype: bfloat16 as its bits (``uint16``; NumPy has no bfloat16),
+#: the others as themselves.
+STORAGE_NUMPY = {"bfloat16": np.dtype(np.uint16), "float16": np.dtype(np.float16),
+                 "float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
+
+
+def widen(x: Any, storage: str, compute: str) -> np.ndarray:
+    """Elements stored as ``storage`` (bfloat16 as ``uint16`` bits) as ``compute`` values,
+    exactly (every bfloat16/float16 value is a float32 value), in ``x``'s memory layout."""
+    x = np.asarray(x)
+    if storage == "bfloat16":
+        wide = (x.astype(np.uint32) << np.uint32(16)).view(np.float32)
+        return wide if compute == "float32" else wide.astype(compute)
+    return x.astype(compute)
+
+
+def narrow(x: Any, storage: str, out: np.ndarray | None = None) -> np.ndarray:
+    """``x`` stored as ``storage`` (bfloat16 as ``uint16`` bits), rounded to nearest even (the
+    kernels store values the spec rounded already, for which this is exact)."""
+    x = np.asarray(x)
+    if storage == "bfloat16":
+        rounded = round_bfloat16(x)
+        result = (rounded.view(np.uint32) >> np.uint32(16)).astype(np.uint16)
+    else:
+        with np.errstate(over="ignore"):
+            result = x.astype(STORAGE_NUMPY[storage])
+    if out is None:
+        return result
+    np.copyto(out, result, casting="unsafe")
+    return out
+
+
+# --- the random stream of stochastic rounding: Philox4x32-10 ------------------------------------
+
+#: Philox4x32's multipliers and Weyl key increments (Salmon et al., SC'11; Random123).
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+PHILOX_ROUNDS = 10
+#: Elements sharing one Philox block (128 bits, 16 per element).
+STREAM_BLOCK = 8
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32(counter: tuple[Any, Any, Any, Any], key: tuple[int, int],
+               rounds: int = PHILOX_ROUNDS) -> tuple[np.ndarray, ...]:
+    """Philox4x32-``rounds`` of counters (four arrays or ints of 32-bit words) under ``key``
+    (two 32-bit words): four ``uint32`` arrays. Random123's known answers hold (tests)."""
+    c = [np.asarray(word, np.uint64) & _MASK32 for word in counter]
+    k0, k1 = int(key[0]) & 0xFFFFFFFF, int(key[1]) & 0xFFFFFFFF
+    m0, m1 = np.uint64(PHILOX_M[0]), np.uint64(PHILOX_M[1])
+    for round_index in range(rounds):
+        if round_index:
+            k0, k1 = (k0 + PHILOX_W[0]) & 0xFFFFFFFF, (k1 + PHILOX_W[1]) & 0xFFFFFFFF
+        p0, p1 = m0 * c[0], m1 * c[2]  # 32 x 32 -> 64 bits: exact in uint64
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ np.uint64(k0), p1 & _MASK32,
+             (p0 >> np.uint64(32)) ^ c[3] ^ np.uint64(k1), p0 & _MASK32]
+    return tuple(word.astype(np.uint32) for word in c)
+
+
+def stream_bits(seed: int, step: int, key: int, stream: int, count: int,
+                start: int = 0) -> np.ndarray:
+    """The 16 random bits of elements ``start .. start+count-1`` of a tensor, as ``uint16``.
+
+    The definition every backend implements (the C kernels' ``adamgen_philox_fill`` included):
+    element ``i`` lies in block ``b = i // 8``; the block is Philox4x32-10 of the counter
+    ``(b mod 2**32, b // 2**32 + stream * 2**16, step mod 2**32, key mod 2**32)`` under the key
+    ``(seed mod 2**32, seed // 2**32 mod 2**32)``; its four 32-bit words, each split into its
+    low and high 16 bits, give elements ``8b .. 8b+7`` in that order. So the bits depend on
+    the seed, the step, the tensor's key, the stream and the element's index, and on nothing
+    else (threads, chunks, backends).
+    """
+    if count <= 0:
+        return np.empty(0, np.uint16)
+    first, last = start // STREAM_BLOCK, (start + count - 1) // STREAM_BLOCK
+    block = np.arange(first, last + 1, dtype=np.uint64)
+    words = philox4x32((block & _MASK32, (block >> np.uint64(32)) + np.uint64(stream << 16),
+                        np.uint64(step & 0xFFFFFFFF), np.uint64(key & 0xFFFFFFFF)),
+                       (seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF))
+    halves = np.stack([part for word in words
+                       for part in (word & np.uint32(0xFFFF), word >> np.uint32(16))],
+                      axis=1).reshape(-1).astype(np.uint16)
+    offset = start - first * STREAM_BLOCK
+    return halves[offset:offset + count].copy()
+
+
+def stream_bits_like(like: np.ndarray, seed: int, step: int, key: int,
+                     stream: int) -> np.ndarray:
+    """:func:`stream_bits` for every element of ``like``, laid out as ``like`` is in memory
+    (element ``i`` is the ``i``-th in memory order, as the C kernels walk it)."""
+    like = np.asarray(like)
+    fortran = like.flags.f_contiguous and not like.flags.c_contiguous
+    bits = stream_bits(seed, step, key, stream, like.size)
+    return bits.reshape(like.shape, order="F" if fortran else "C")
+
+
+def round_stochastic_bfloat16(x: Any, bits: Any, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 ``x`` rounded stochastically to bfloat16 with the 16 random ``bits`` of each
+    element, as float32: the dropped 16 bits plus the random ones carry into the kept ones
+    with probability (dropped / 2**16), so the expected value is ``x`` exactly. NaN becomes the
+    quiet NaN ``0x7fc0``; inf stays inf (its dropped bits are 0)."""
+    x = np.asarray(x, np.float32)
+    raw = x.view(np.uint32)
+    nan = (raw & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    with np.errstate(over="ignore"):
+        rounded = (raw + np.asarray(bits, np.uint16).astype(np.uint32)) & np.uint32(0xFFFF0000)
+    return _store(np.where(nan, np.uint32(0x7FC00000), rounded).view(np.float32), out)

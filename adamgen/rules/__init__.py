@@ -86,6 +86,9 @@ _ADAM_OPTIONS = (
     Option("lr_dtype", "float64", "the dtype torch computes lr's scalars in: float64 for a "
            "Python float (or a float64 0-d tensor), float32 for a float32 0-d tensor",
            ("float64", "float32")),
+    Option("precision", "native", "the tensors' dtype: native (float32/float64), or bfloat16/"
+           "float16 tensors with torch's per-op rounding (each op in float32, rounded once)",
+           ("native", "bfloat16", "float16")),
 )
 
 BUILTINS: Mapping[str, BuiltinRule] = {rule.name: rule for rule in (
