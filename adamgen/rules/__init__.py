@@ -125,4 +125,8 @@ def resolve(ref: SpecRef) -> Any:
         from ..derivatives import vjp_spec
 
         return vjp_spec(spec)
+    from ..mixed import DERIVATIVES, derived
+
+    if ref.derivative in DERIVATIVES:
+        return derived(spec, ref.derivative)
     raise ArgumentValueError(f"unknown derived spec {ref.derivative!r} of {ref.name}")
