@@ -165,8 +165,8 @@ def narrow(x: Any, storage: str, out: np.ndarray | None = None) -> np.ndarray:
 PHILOX_M = (0xD2511F53, 0xCD9E8D57)
 PHILOX_W = (0x9E3779B9, 0xBB67AE85)
 PHILOX_ROUNDS = 10
-#: Elements sharing one Philox block (128 bits, 16 per element).
-STREAM_BLOCK = 8
+#: Elements sharing the 16 Philox blocks of one group (16 bits each).
+STREAM_GROUP = 128
 _MASK32 = np.uint64(0xFFFFFFFF)
 
 
@@ -191,25 +191,27 @@ def stream_bits(seed: int, step: int, key: int, stream: int, count: int,
     """The 16 random bits of elements ``start .. start+count-1`` of a tensor, as ``uint16``.
 
     The definition every backend implements (the C kernels' ``adamgen_philox_fill`` included):
-    element ``i`` lies in block ``b = i // 8``; the block is Philox4x32-10 of the counter
-    ``(b mod 2**32, b // 2**32 + stream * 2**16, step mod 2**32, key mod 2**32)`` under the key
-    ``(seed mod 2**32, seed // 2**32 mod 2**32)``; its four 32-bit words, each split into its
-    low and high 16 bits, give elements ``8b .. 8b+7`` in that order. So the bits depend on
-    the seed, the step, the tensor's key, the stream and the element's index, and on nothing
-    else (threads, chunks, backends).
+    elements come in groups of 128; element ``i = 128 G + o`` takes block ``b = 16 G + o % 16``,
+    word ``o // 32`` of that block's four, its low 16 bits when ``(o // 16)`` is even, else its
+    high 16 bits. Block ``b`` is Philox4x32-10 of the counter ``(b mod 2**32, b // 2**32 +
+    stream * 2**16, step mod 2**32, key mod 2**32)`` under the key ``(seed mod 2**32,
+    seed // 2**32 mod 2**32)``. So the bits depend on the seed, the step, the tensor's key, the
+    stream and the element's index, and on nothing else (threads, chunks, backends); the layout
+    lets the C kernel compute the 16 blocks of a group as one vector.
     """
     if count <= 0:
         return np.empty(0, np.uint16)
-    first, last = start // STREAM_BLOCK, (start + count - 1) // STREAM_BLOCK
-    block = np.arange(first, last + 1, dtype=np.uint64)
+    first, last = start // STREAM_GROUP, (start + count - 1) // STREAM_GROUP
+    block = np.arange(first * 16, (last + 1) * 16, dtype=np.uint64)
     words = philox4x32((block & _MASK32, (block >> np.uint64(32)) + np.uint64(stream << 16),
                         np.uint64(step & 0xFFFFFFFF), np.uint64(key & 0xFFFFFFFF)),
                        (seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF))
+    # per group: for each word, the 16 blocks' low halves, then their high halves
     halves = np.stack([part for word in words
-                       for part in (word & np.uint32(0xFFFF), word >> np.uint32(16))],
-                      axis=1).reshape(-1).astype(np.uint16)
-    offset = start - first * STREAM_BLOCK
-    return halves[offset:offset + count].copy()
+                       for part in (word & np.uint32(0xFFFF), word >> np.uint32(16))])
+    ordered = halves.reshape(8, -1, 16).transpose(1, 0, 2).reshape(-1).astype(np.uint16)
+    offset = start - first * STREAM_GROUP
+    return ordered[offset:offset + count].copy()
 
 
 def stream_bits_like(like: np.ndarray, seed: int, step: int, key: int,
