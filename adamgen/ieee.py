@@ -235,3 +235,28 @@ def round_stochastic_bfloat16(x: Any, bits: Any, out: np.ndarray | None = None) 
     with np.errstate(over="ignore"):
         rounded = (raw + np.asarray(bits, np.uint16).astype(np.uint32)) & np.uint32(0xFFFF0000)
     return _store(np.where(nan, np.uint32(0x7FC00000), rounded).view(np.float32), out)
+
+
+def round_stochastic_float16(x: Any, bits: Any, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 ``x`` rounded stochastically to float16 with the 16 random ``bits`` of each
+    element, as float32 (the definition the C kernels implement):
+
+    * ``|x| >= 2**-14`` (float16's normal range, and beyond): the top 13 random bits are added
+      to the 13 bits float16 drops, which carry with probability (dropped / 2**13), exactly
+      unbiased; a result beyond float16's largest value is inf;
+    * below: ``|x|`` in units of ``2**-40`` (cut to an integer: bits below are dropped, a bias
+      of at most ``2**-16`` of float16's smallest step) plus the 16 random bits, shifted to
+      units of ``2**-24`` (float16's subnormal step), with ``x``'s sign;
+    * NaN stays NaN.
+    """
+    x = np.asarray(x, np.float32)
+    raw = x.view(np.uint32)
+    r = np.asarray(bits, np.uint16).astype(np.uint32)
+    normal = (raw & np.uint32(0x7FFFFFFF)) >= np.uint32(0x38800000)
+    with np.errstate(over="ignore", invalid="ignore"):
+        big = ((raw + (r >> np.uint32(3))) & np.uint32(0xFFFFE000)).view(np.float32)
+        small = np.where(normal, np.float32(0), np.abs(x)) * np.float32(2.0**40)
+        count = (small.astype(np.uint32) + r) >> np.uint32(16)
+        tiny = np.copysign(count.astype(np.float32) * np.float32(2.0**-24), x)
+        value = np.where(np.isnan(x), x, np.where(normal, big, tiny))
+        return _store(value.astype(np.float16).astype(np.float32), out)

@@ -30,7 +30,7 @@ from sympy import Piecewise, S
 #: type, or equal to it, which is then no operation).
 ROUNDING_DTYPES = ("bfloat16", "float16", "float32")
 #: Dtypes a value can be rounded to stochastically (``round_to(x, dtype, stochastic=True)``).
-STOCHASTIC_DTYPES = ("bfloat16",)
+STOCHASTIC_DTYPES = ("bfloat16", "float16")
 
 
 class _Node(sympy.Function):
@@ -155,8 +155,17 @@ class StochasticRoundBfloat16(StochasticRoundBase):
     dtype = "bfloat16"
 
 
+class StochasticRoundFloat16(StochasticRoundBase):
+    """``round_to(x, "float16", stochastic=True)``: float32 ``x`` rounded to float16. Where
+    float16 is normal the 13 dropped bits meet 13 random bits (exactly unbiased); below
+    ``2**-14`` the dropped part is cut to 16 bits (unbiased to ``2**-16`` of a unit in the last
+    place); beyond float16's range the value above its largest is inf."""
+
+    dtype = "float16"
+
+
 _ROUNDING = {cls.dtype: cls for cls in (RoundToBfloat16, RoundToFloat16, RoundToFloat32)}
-_STOCHASTIC = {cls.dtype: cls for cls in (StochasticRoundBfloat16,)}
+_STOCHASTIC = {cls.dtype: cls for cls in (StochasticRoundBfloat16, StochasticRoundFloat16)}
 
 
 def element(x: Any) -> RoundToElement:
@@ -263,4 +272,4 @@ def exact(expr: sympy.Basic, *, drop_rounding: bool = False) -> sympy.Basic:
 #: Every node of the language.
 NODES: tuple[type[sympy.Function], ...] = (Fma, Sqrt, Sign, Maximum, Minimum, RoundToBfloat16,
                                            RoundToFloat16, RoundToFloat32, RoundToElement,
-                                           StochasticRoundBfloat16)
+                                           StochasticRoundBfloat16, StochasticRoundFloat16)

@@ -80,7 +80,9 @@ def _step_value(op: str, args: Sequence[sympy.Expr]) -> sympy.Expr:
         return args[0] if target == "element" else _ROUNDINGS[target](args[0])
     target = stochastic(op)
     if target is not None:  # uninterpreted, as in the spec: the same node on both sides
-        return language.StochasticRoundBfloat16(args[0], sympy.Integer(int(args[1])))
+        node = {"bfloat16": language.StochasticRoundBfloat16,
+                "float16": language.StochasticRoundFloat16}[target]
+        return node(args[0], sympy.Integer(int(args[1])))
     relation = comparison(op)
     if relation is not None:
         name = next(k for k, v in COMPARISONS.items() if v == relation)

@@ -318,19 +318,20 @@ def test_stochastic_rounding_is_unbiased_through_the_optimizer():
     assert float((mean - master.double()).mean().abs() / ulp) < 0.5 / (256 * draws) ** 0.5 * 5
 
 
-def test_stochastic_rounding_is_for_bfloat16():
-    param = torch.zeros(4, dtype=torch.float16, requires_grad=True)
-    with pytest.raises(ValueError, match="stochastic rounding is implemented for bfloat16"):
-        agt.AdamW([param], stochastic_rounding=True)
-    optimizer = agt.AdamW([torch.zeros(4, dtype=torch.bfloat16, requires_grad=True)],
-                          stochastic_rounding=True)
-    with pytest.raises(ValueError, match="float16"):
-        optimizer.add_param_group({"params": [param]})
-    assert len(optimizer.param_groups) == 1
-    optimizer.param_groups[0]["params"].append(param)  # set behind its back: the step says so
-    param.grad = torch.ones_like(param)
-    with pytest.raises(ValueError, match="stochastic"):
-        optimizer.step()
+def test_float16_stochastic_rounding_keeps_the_master_and_rounds_to_a_neighbour():
+    low, _ = params(((5000,),), torch.float16, seed=8)
+    twin, _ = params(((5000,),), torch.float16, seed=8)
+    sr = agt.AdamW(low, lr=0.01, stochastic_rounding=True)
+    rn = agt.AdamW(twin, lr=0.01, master_weights=True)
+    step_both(sr, rn, low, twin, steps=3)
+    master = sr.state[low[0]]["master_param"]
+    same_bits(master, rn.state[twin[0]]["master_param"])
+    nearest = master.to(torch.float16).float()
+    spacing = torch.where(master.abs() < 2**-14, torch.tensor(2.0**-24),
+                          2.0 ** (torch.floor(torch.log2(master.abs())) - 10))
+    gap = (low[0].detach().float() - master).abs()
+    assert bool((gap < spacing).all())
+    assert int((low[0].detach().float() != nearest).sum()) > 100  # not rounding to nearest
 
 
 # --- state dicts ------------------------------------------------------------------------------

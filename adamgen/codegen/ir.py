@@ -38,7 +38,7 @@ COMPARISONS: dict[str, str] = {"gt": ">", "ge": ">=", "lt": "<", "le": "<=", "eq
 ROUNDINGS = ("bfloat16", "float16", "float32", "element")
 #: Dtypes ``round_stochastic_<dtype>(x, stream)`` rounds to, stochastically, with the random bits
 #: of ``stream`` (an int constant) at each element (:func:`adamgen.ieee.stream_bits`).
-STOCHASTIC_ROUNDINGS = ("bfloat16",)
+STOCHASTIC_ROUNDINGS = ("bfloat16", "float16")
 
 #: op name -> arity. Each op is rounded once in the kernel's element type (the prelude: in IEEE
 #: double, with Python's semantics). ``pow`` is Python's ``**`` and appears only in the prelude;

@@ -95,7 +95,8 @@ _NODES: dict[type, str] = {
     language.Maximum: "maximum", language.Minimum: "minimum",
     **{cls: f"round_{cls.dtype}" for cls in (language.RoundToBfloat16, language.RoundToFloat16,
                                                language.RoundToFloat32, language.RoundToElement)},
-    **{cls: f"round_stochastic_{cls.dtype}" for cls in (language.StochasticRoundBfloat16,)},
+    **{cls: f"round_stochastic_{cls.dtype}" for cls in (language.StochasticRoundBfloat16,
+                                                          language.StochasticRoundFloat16)},
 }
 
 

@@ -28,7 +28,8 @@ _ROUNDING: dict[str, type] = {"bfloat16": language.RoundToBfloat16,
                               "float16": language.RoundToFloat16,
                               "float32": language.RoundToFloat32,
                               "element": language.RoundToElement}
-_STOCHASTIC: dict[str, type] = {"bfloat16": language.StochasticRoundBfloat16}
+_STOCHASTIC: dict[str, type] = {"bfloat16": language.StochasticRoundBfloat16,
+                                "float16": language.StochasticRoundFloat16}
 
 
 def step_expression(step: Step, leaves: Mapping[str, sympy.Basic]) -> sympy.Basic:

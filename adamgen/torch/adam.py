@@ -94,17 +94,6 @@ def _precision_arguments(master_weights: Any, stochastic_rounding: Any, seed: An
             "seed": seed}
 
 
-def _check_precision(group: dict[str, Any], index: int) -> None:
-    """Stochastic rounding is defined for bfloat16 parameters (float32's 16 dropped bits)."""
-    if not group.get("stochastic_rounding"):
-        return
-    for position, param in enumerate(group["params"]):
-        if getattr(param, "dtype", None) == torch.float16:
-            raise ValueError(f"parameter {position} of group {index} is float16: stochastic "
-                             "rounding is implemented for bfloat16 parameters; use "
-                             "master_weights=True (rounding to nearest even) for float16")
-
-
 class _TorchAdam(KernelOptimizer):
     """What Adam and AdamW share: the unsupported flags, the state, the rule a group runs."""
 
@@ -116,19 +105,9 @@ class _TorchAdam(KernelOptimizer):
     def _adopt_precision(self, arguments: dict[str, Any]) -> None:
         """The mixed-precision arguments become group defaults (and keys of every group)."""
         self.defaults.update(arguments)
-        for index, group in enumerate(self.param_groups):
+        for group in self.param_groups:
             for key, value in arguments.items():
                 group.setdefault(key, value)
-            _check_precision(group, index)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        if "stochastic_rounding" in self.defaults:  # after construction
-            try:
-                _check_precision(self.param_groups[-1], len(self.param_groups) - 1)
-            except BaseException:
-                del self.param_groups[-1]
-                raise
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
