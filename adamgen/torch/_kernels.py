@@ -43,12 +43,12 @@ import torch
 from .. import ieee
 from ..config import KernelConfig, current_environment, environment
 from ..errors import AdamgenError
-from ..interface import Interface, SpecRef
-from ..mixed import derivative_name
+from ..interface import Interface
 from ..rules import builtin
 from ..runtime import memory
 from ..runtime.c_kernels import c_kernel, resolve_threads
 from ..runtime.numpy_kernels import numpy_kernel
+from ..runtime.precision import variant_ref
 
 #: ``[(name, start, end)]`` -> the names of two ranges sharing a byte, or None
 first_overlap = memory.first_overlap
@@ -61,19 +61,12 @@ LOW_PRECISION = ("bfloat16", "float16")
 
 def kernel_config(rule: str, options: tuple[tuple[str, Any], ...], mode: str,
                   dtype: str) -> KernelConfig:
-    """The kernel a group with these options runs on parameters of ``dtype`` in ``mode``."""
-    found = builtin(rule)
-    if dtype not in LOW_PRECISION:
-        return KernelConfig(spec=found.ref(**dict(options)), dtype=dtype, mode="exact")
-    ref: SpecRef
-    if mode == "torch":
-        if "precision" not in {option.name for option in found.options}:
-            raise TypeError(f"{rule} has no {dtype} arithmetic of its peer's; use "
-                            "master_weights=True (float32 master weights and state)")
-        ref = found.ref(**dict(options), precision=dtype)
-    else:
-        ref = found.ref(**dict(options)).derived(derivative_name(dtype, mode == "stochastic"))
-    return KernelConfig(spec=ref, dtype="float32", mode="exact")
+    """The kernel a group with these options runs on parameters of ``dtype`` in ``mode``
+    (:mod:`adamgen.runtime.precision` picks the variant; ``torch`` is its ``rule`` mode)."""
+    ref = variant_ref(builtin(rule).ref(**dict(options)), dtype,
+                      "rule" if mode == "torch" else mode)
+    return KernelConfig(spec=ref, dtype="float32" if dtype in LOW_PRECISION else dtype,
+                        mode="exact")
 
 
 class KernelUnavailableError(AdamgenError, RuntimeError):
