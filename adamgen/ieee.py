@@ -129,8 +129,9 @@ def round_scalar(x: float, dtype: str) -> float:
 
 #: How NumPy holds each storage dtype: bfloat16 as its bits (``uint16``; NumPy has no bfloat16),
 #: the others as themselves.
-STORAGE_NUMPY = {"bfloat16": np.dtype(np.uint16), "float16": np.dtype(np.float16),
-                 "float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
+STORAGE_NUMPY: dict[str, np.dtype[Any]] = {
+    "bfloat16": np.dtype(np.uint16), "float16": np.dtype(np.float16),
+    "float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
 
 
 def widen(x: Any, storage: str, compute: str) -> np.ndarray:

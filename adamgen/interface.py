@@ -42,6 +42,21 @@ STORAGE_DTYPES = ("bfloat16", "float16", "float32")
 #: How an optimizer starts an owned state tensor: zeros, or a copy of the parameter
 #: (:attr:`StatePair.init`; master weights start as the parameter, widened exactly).
 INITS = ("zero", "parameter")
+#: Low-precision parameter dtypes a rule's master-weight forms exist for (adamgen.mixed).
+MASTER_DTYPES = ("bfloat16", "float16")
+#: ``SpecRef.derivative`` of a rule's master-weight forms -> (parameter dtype, stochastic).
+MASTER_FORMS: dict[str, tuple[str, bool]] = {
+    **{f"master:{dtype}": (dtype, False) for dtype in MASTER_DTYPES},
+    **{f"stochastic:{dtype}": (dtype, True) for dtype in MASTER_DTYPES},
+}
+
+
+def master_form(dtype: str, stochastic: bool) -> str:
+    """The ``SpecRef.derivative`` of a rule's master-weight form (checked, no SymPy)."""
+    name = f"{'stochastic' if stochastic else 'master'}:{dtype}"
+    if name not in MASTER_FORMS:
+        raise ValueError(f"no master-weight form {name!r}; there are {', '.join(MASTER_FORMS)}")
+    return name
 
 
 @dataclass(frozen=True)

@@ -26,26 +26,16 @@ from __future__ import annotations
 import sympy
 
 from .errors import SpecError
-from .interface import StatePair, Tensor
-from .language import STOCHASTIC_DTYPES, round_to
+from .interface import MASTER_DTYPES, MASTER_FORMS, StatePair, Tensor, master_form
+from .language import round_to
 from .spec import UpdateSpec
 
 #: Low-precision parameter dtypes master weights are derived for (the master is float32).
-PARAMETER_DTYPES = ("bfloat16", "float16")
-#: ``SpecRef.derivative`` -> (parameter dtype, stochastic rounding).
-DERIVATIVES = {
-    **{f"master:{dtype}": (dtype, False) for dtype in PARAMETER_DTYPES},
-    **{f"stochastic:{dtype}": (dtype, True) for dtype in STOCHASTIC_DTYPES},
-}
-
-
-def derivative_name(dtype: str, stochastic: bool) -> str:
-    """The ``SpecRef.derivative`` of a rule's master-weight form (checked)."""
-    name = f"{'stochastic' if stochastic else 'master'}:{dtype}"
-    if name not in DERIVATIVES:
-        kinds = ", ".join(DERIVATIVES)
-        raise ValueError(f"no master-weight form {name!r}; there are {kinds}")
-    return name
+PARAMETER_DTYPES = MASTER_DTYPES
+#: ``SpecRef.derivative`` -> (parameter dtype, stochastic rounding); plain data in
+#: :mod:`adamgen.interface`, so the runtime names a form without importing SymPy.
+DERIVATIVES = MASTER_FORMS
+derivative_name = master_form
 
 
 def master_spec(spec: UpdateSpec, dtype: str, *, stochastic: bool = False) -> UpdateSpec:

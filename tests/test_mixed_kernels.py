@@ -73,6 +73,15 @@ def test_a_narrow_output_must_be_rounded_to_its_storage_dtype():
     lower(spec, KernelConfig(spec=spec.ref(), dtype="float32"))
 
 
+def test_every_master_form_is_constructible_and_named_without_sympy():
+    from adamgen.interface import MASTER_DTYPES, MASTER_FORMS
+    from adamgen.language import STOCHASTIC_DTYPES
+
+    assert set(STOCHASTIC_DTYPES) == set(MASTER_DTYPES)
+    for form in MASTER_FORMS:
+        assert resolve(builtin("lion").ref().derived(form)).interface.tensor("param").storage
+
+
 def test_master_spec_for_any_rule():
     ivy = resolve(builtin("ivy_adam").ref())
     master = master_spec(ivy, "float16")

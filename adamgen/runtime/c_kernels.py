@@ -145,8 +145,9 @@ class KernelFunction:
     entry points, sequences of arrays or :class:`PointerList`), the ``scalars`` tuple, for a
     kernel that rounds stochastically ``rng = (seed, step, key)`` (multi-tensor: one key per
     tensor), then the outputs that overwrite nothing. Each array has its parameter's element
-    type (a narrow storage dtype's: ``uint16`` bits for bfloat16). ``n`` (or ``sizes, count``) is taken from the first
-    written array; threaded entry points also take ``threads`` and ``threshold`` (keywords).
+    type (a narrow storage dtype's: ``uint16`` bits for bfloat16). ``n`` (or ``sizes,
+    count``) is taken from the first written array; threaded entry points also take
+    ``threads`` and ``threshold`` (keywords).
 
     The call is a small Python function generated from the signature (kept as
     :attr:`python_source`): one ``from_buffer`` per array and the C call, with no per-argument

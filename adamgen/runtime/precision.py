@@ -18,8 +18,7 @@ This module picks the reference (no SymPy); the specs are built on a kernel-cach
 from __future__ import annotations
 
 from ..errors import ArgumentTypeError, ArgumentValueError
-from ..interface import SpecRef
-from ..mixed import derivative_name
+from ..interface import SpecRef, master_form
 from ..rules import BUILTINS, builtin
 
 #: Parameter dtypes with mixed-precision modes.
@@ -67,6 +66,6 @@ def variant_ref(ref: SpecRef, dtype: str, mode: str) -> SpecRef:
         options["precision"] = dtype
         return builtin(ref.name).ref(**options)
     try:
-        return ref.derived(derivative_name(dtype, mode == "stochastic"))
+        return ref.derived(master_form(dtype, mode == "stochastic"))
     except ValueError as error:
         raise ArgumentValueError(str(error)) from None

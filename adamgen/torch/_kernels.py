@@ -194,7 +194,7 @@ class RuleKernel:
         for row, size in enumerate(tables.sizes.tolist()):
             views = {name: _array_at(int(table[row]), size, dtypes[name])
                      for name, table in zip(self.tensors, tables.arrays)}
-            stream = ()
+            stream: tuple[tuple[int, int, int], ...] = ()
             if rng is not None:
                 assert tables.keys is not None
                 stream = ((rng[0], rng[1] & 0xFFFFFFFF, int(tables.keys[row])),)
