@@ -31,10 +31,20 @@ _DIFFERENCES = """
       about 1 ulp of torch.optim for one step from the same state.
     * **Refused input.** ``fused=True``, ``capturable=True`` and ``differentiable=True``
       (``NotImplementedError``, naming the flag), betas given as tensors, sparse gradients
-      (torch's error), parameters that are not CPU float32/float64 tensors, the same tensor
-      twice in the parameters (torch warns, then updates it twice: a multi-tensor kernel would
-      race), parameters sharing memory, and a gradient sharing memory with what the step
-      writes.
+      (torch's error), parameters that are not CPU float32/float64/bfloat16/float16 tensors,
+      the same tensor twice in the parameters (torch warns, then updates it twice: a
+      multi-tensor kernel would race), parameters sharing memory, and a gradient sharing memory
+      with what the step writes.
+    * **bfloat16 and float16 parameters** are updated in one of three modes (constructor
+      arguments, also per param group): by default torch's own arithmetic, state in the
+      parameter's dtype, bit for bit ``torch.optim.{name}(foreach=False)`` (Adam's coupled
+      weight decay only outside torch's scalar tail); ``master_weights=True``: a float32
+      master copy (``state[p]["master_param"]``) and float32 state, the parameter the master
+      rounded to nearest even; ``stochastic_rounding=True`` (implies master weights): the
+      parameter rounded stochastically, with bits from Philox4x32-10 keyed by ``seed``, the
+      step, the parameter (the CRC-32 of its name when given ``named_parameters()``, else its
+      position) and the element. State dicts keep each mode's dtypes; a checkpoint of the other
+      kind is refused. See docs/mixed-precision.md.
     * **State tensors** live in flat buffers the optimizer owns; tensors placed in
       ``optimizer.state`` by ``load_state_dict``, ZeroRedundancyOptimizer or a user are
       copied into them at the next step (torch would update the placed tensors themselves).
