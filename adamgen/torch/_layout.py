@@ -27,9 +27,15 @@ import numpy as np
 import torch
 
 ALIGNMENT = 64
+#: How NumPy holds each dtype's elements (bfloat16: its bits, as NumPy has no bfloat16).
 NUMPY_DTYPES: dict[torch.dtype, np.dtype] = {torch.float32: np.dtype(np.float32),
-                                             torch.float64: np.dtype(np.float64)}
-DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
+                                             torch.float64: np.dtype(np.float64),
+                                             torch.bfloat16: np.dtype(np.uint16),
+                                             torch.float16: np.dtype(np.float16)}
+DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64",
+               torch.bfloat16: "bfloat16", torch.float16: "float16"}
+#: Parameter dtypes whose arithmetic is a mixed-precision mode's (see adamgen.torch.Adam).
+LOW_PRECISION = frozenset({torch.bfloat16, torch.float16})
 
 
 #: The arrays adamgen's optimizers own now (state buffers, step counts), by address: a tensor
@@ -117,7 +123,7 @@ class FlatBuffer:
             self.offsets[row] = total
             total += tensor.numel()
         self.array = owned(aligned_zeros(max(total, 1), NUMPY_DTYPES[dtype]))
-        self.tensor = torch.from_numpy(self.array)
+        self.tensor = torch.from_numpy(self.array).view(dtype)
         self.address = int(self.array.ctypes.data)
         self.itemsize = self.array.dtype.itemsize
         self.nbytes = total * self.itemsize
