@@ -37,8 +37,17 @@ import numpy as np
 import torch
 
 from ._kernels import RuleKernel, Tables
-from ._layout import (DTYPE_NAMES, LOW_PRECISION, NUMPY_DTYPES, FlatBuffer, describe, is_dense,
-                      owned, rebind, span)
+from ._layout import (
+    DTYPE_NAMES,
+    LOW_PRECISION,
+    NUMPY_DTYPES,
+    FlatBuffer,
+    describe,
+    is_dense,
+    owned,
+    rebind,
+    span,
+)
 
 #: The state key of the float32 master copy of a bfloat16/float16 parameter (master-weight
 #: modes): the master-weight spec's name for it (``master_<parameter>``, adamgen.mixed).
