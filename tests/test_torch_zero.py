@@ -7,6 +7,9 @@ one-process reference is the same training with the plain optimizer, in this pro
 Launches are shared by module-scoped fixtures: one ``train`` run (every configuration), one
 ``resume`` run (a new pair of processes continuing from ``train``'s checkpoints), one
 ``refuse`` run (refused input, and a rank that fails), and the example under torchrun.
+
+bfloat16 with master weights is bit-identical too; stochastic rounding is not (its keys are
+positions in each rank's shard), and a test pins what holds instead (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -254,7 +257,7 @@ def refused(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
 #: what every rank must say for each refused input
 REFUSALS = {
     "complex parameters": r"TypeError: parameter 0 of group 0 is a complex64 tensor; "
-                          r"adamgen.torch updates float32 and float64",
+                          r"adamgen.torch updates float32, float64, bfloat16 and float16 parameters",
     "mixed dtypes": r"ValueError: ZeroRedundancyOptimizer only supports using the same dense "
                     r"type for all parameters but got both torch.FloatTensor and "
                     r"torch.DoubleTensor",
@@ -276,13 +279,15 @@ def test_refused_input_is_a_clear_error_on_every_rank(refused: tuple[Path, Any])
 def test_a_rank_that_fails_ends_the_run_with_its_error(refused: tuple[Path, Any]) -> None:
     """Rank 1's step fails (a sparse gradient on a parameter it owns) while rank 0 waits for
     its broadcast: rank 1 ends with its error, and rank 0 ends by itself (gloo: the peer closed
-    the connection) instead of waiting; nobody had to be killed, nothing is left running."""
+    or reset the connection) instead of waiting; nobody had to be killed, nothing is left running."""
     out, run = refused
     zero, one = run.ended
     assert one.returncode != 0 and not one.killed, run.report()
     assert "Adam does not support sparse gradients" in one.stderr, run.report()
     assert zero.returncode != 0 and not zero.killed, run.report()
-    assert "Connection closed by peer" in zero.stderr, run.report()
+    # gloo's words for a peer that is gone: "closed" when it shut the connection cleanly,
+    # "reset" when it exited with data still unread on its side (both seen here)
+    assert re.search(r"Connection (closed|reset) by peer", zero.stderr), run.report()
     for rank in range(WORLD):
         assert (out / f"started.rank{rank}").exists()
         assert not (out / f"finished.rank{rank}").exists()

@@ -14,9 +14,9 @@ What they promise, whatever the programs do:
 * **Bounded time.** Past ``timeout`` every process still running is killed and the result says
   so (``timed_out``); a test then fails with each rank's output instead of hanging CI.
 * **A failed rank ends the run.** Once one rank has exited with an error, the others get
-  ``grace`` seconds to end by themselves (gloo raises "Connection closed by peer" on a rank
-  waiting for a dead one, within a second here); whoever is left is killed and marked
-  ``killed``, so a test can tell "ended with its own error" from "had to be killed".
+  ``grace`` seconds to end by themselves (gloo raises "Connection closed by peer", or "reset
+  by peer", on a rank waiting for a dead one, within a second here); whoever is left is killed
+  and marked ``killed``, so a test can tell "ended with its own error" from "had to be killed".
 * **No orphans.** Each rank runs in a session of its own, so killing its process group takes
   its children too; descendants that left the group (``torchrun`` starts each worker in a new
   session) are found through ``/proc`` before anything is killed, and killed as well. Every
