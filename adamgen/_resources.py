@@ -45,8 +45,8 @@ def templates_dir() -> Path:
 def generation_files() -> list[Path]:
     """Every file whose content changes generated code."""
     files = [PACKAGE_DIR / name for name in ("spec.py", "language.py", "interface.py",
-                                             "derivatives.py", "config.py", "ieee.py",
-                                             "_version.py")]
+                                             "derivatives.py", "mixed.py", "config.py",
+                                             "ieee.py", "_version.py")]
     files += sorted((PACKAGE_DIR / "codegen").glob("*.py"))
     files += sorted((PACKAGE_DIR / "rules").glob("*.py"))  # the built-in rules' graphs
     files += sorted(templates_dir().glob("*.j2"))

@@ -142,3 +142,141 @@ def round_scalar(x: float, dtype: str) -> float:
     rounded = math.copysign(math.ldexp(round(math.ldexp(x, -quantum)), quantum), x)
     largest = math.ldexp(2.0 - math.ldexp(1.0, 1 - bits), emax)
     return math.copysign(math.inf, x) if abs(rounded) > largest else rounded
+
+
+# --- narrow storage: bfloat16 and float16 elements widened and stored ---------------------------
+
+#: How NumPy holds each storage dtype: bfloat16 as its bits (``uint16``; NumPy has no bfloat16),
+#: the others as themselves.
+STORAGE_NUMPY: dict[str, np.dtype[Any]] = {
+    "bfloat16": np.dtype(np.uint16), "float16": np.dtype(np.float16),
+    "float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
+
+
+def widen(x: Any, storage: str, compute: str) -> np.ndarray:
+    """Elements stored as ``storage`` (bfloat16 as ``uint16`` bits) as ``compute`` values,
+    exactly (every bfloat16/float16 value is a float32 value), in ``x``'s memory layout."""
+    x = np.asarray(x)
+    if storage == "bfloat16":
+        wide = (x.astype(np.uint32) << np.uint32(16)).view(np.float32)
+        return wide if compute == "float32" else wide.astype(compute)
+    return x.astype(compute)
+
+
+def narrow(x: Any, storage: str, out: np.ndarray | None = None) -> np.ndarray:
+    """``x`` stored as ``storage`` (bfloat16 as ``uint16`` bits), rounded to nearest even (the
+    kernels store values the spec rounded already, for which this is exact)."""
+    x = np.asarray(x)
+    if storage == "bfloat16":
+        rounded = round_bfloat16(x)
+        result = (rounded.view(np.uint32) >> np.uint32(16)).astype(np.uint16)
+    else:
+        with np.errstate(over="ignore"):
+            result = x.astype(STORAGE_NUMPY[storage])
+    if out is None:
+        return result
+    np.copyto(out, result, casting="unsafe")
+    return out
+
+
+# --- the random stream of stochastic rounding: Philox4x32-10 ------------------------------------
+
+#: Philox4x32's multipliers and Weyl key increments (Salmon et al., SC'11; Random123).
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+PHILOX_ROUNDS = 10
+#: Elements sharing the 16 Philox blocks of one group (16 bits each).
+STREAM_GROUP = 128
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32(counter: tuple[Any, Any, Any, Any], key: tuple[int, int],
+               rounds: int = PHILOX_ROUNDS) -> tuple[np.ndarray, ...]:
+    """Philox4x32-``rounds`` of counters (four arrays or ints of 32-bit words) under ``key``
+    (two 32-bit words): four ``uint32`` arrays. Random123's known answers hold (tests)."""
+    c = [np.asarray(word, np.uint64) & _MASK32 for word in counter]
+    k0, k1 = int(key[0]) & 0xFFFFFFFF, int(key[1]) & 0xFFFFFFFF
+    m0, m1 = np.uint64(PHILOX_M[0]), np.uint64(PHILOX_M[1])
+    for round_index in range(rounds):
+        if round_index:
+            k0, k1 = (k0 + PHILOX_W[0]) & 0xFFFFFFFF, (k1 + PHILOX_W[1]) & 0xFFFFFFFF
+        p0, p1 = m0 * c[0], m1 * c[2]  # 32 x 32 -> 64 bits: exact in uint64
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ np.uint64(k0), p1 & _MASK32,
+             (p0 >> np.uint64(32)) ^ c[3] ^ np.uint64(k1), p0 & _MASK32]
+    return tuple(word.astype(np.uint32) for word in c)
+
+
+def stream_bits(seed: int, step: int, key: int, stream: int, count: int,
+                start: int = 0) -> np.ndarray:
+    """The 16 random bits of elements ``start .. start+count-1`` of a tensor, as ``uint16``.
+
+    The definition every backend implements (the C kernels' ``adamgen_philox_fill`` included):
+    elements come in groups of 128; element ``i = 128 G + o`` takes block ``b = 16 G + o % 16``,
+    word ``o // 32`` of that block's four, its low 16 bits when ``(o // 16)`` is even, else its
+    high 16 bits. Block ``b`` is Philox4x32-10 of the counter ``(b mod 2**32, b // 2**32 +
+    stream * 2**16, step mod 2**32, key mod 2**32)`` under the key ``(seed mod 2**32,
+    seed // 2**32 mod 2**32)``. So the bits depend on the seed, the step, the tensor's key, the
+    stream and the element's index, and on nothing else (threads, chunks, backends); the layout
+    lets the C kernel compute the 16 blocks of a group as one vector.
+    """
+    if count <= 0:
+        return np.empty(0, np.uint16)
+    first, last = start // STREAM_GROUP, (start + count - 1) // STREAM_GROUP
+    block = np.arange(first * 16, (last + 1) * 16, dtype=np.uint64)
+    words = philox4x32((block & _MASK32, (block >> np.uint64(32)) + np.uint64(stream << 16),
+                        np.uint64(step & 0xFFFFFFFF), np.uint64(key & 0xFFFFFFFF)),
+                       (seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF))
+    # per group: for each word, the 16 blocks' low halves, then their high halves
+    halves = np.stack([part for word in words
+                       for part in (word & np.uint32(0xFFFF), word >> np.uint32(16))])
+    ordered = halves.reshape(8, -1, 16).transpose(1, 0, 2).reshape(-1).astype(np.uint16)
+    offset = start - first * STREAM_GROUP
+    return ordered[offset:offset + count].copy()
+
+
+def stream_bits_like(like: np.ndarray, seed: int, step: int, key: int,
+                     stream: int) -> np.ndarray:
+    """:func:`stream_bits` for every element of ``like``, laid out as ``like`` is in memory
+    (element ``i`` is the ``i``-th in memory order, as the C kernels walk it)."""
+    like = np.asarray(like)
+    fortran = like.flags.f_contiguous and not like.flags.c_contiguous
+    bits = stream_bits(seed, step, key, stream, like.size)
+    return bits.reshape(like.shape, order="F" if fortran else "C")
+
+
+def round_stochastic_bfloat16(x: Any, bits: Any, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 ``x`` rounded stochastically to bfloat16 with the 16 random ``bits`` of each
+    element, as float32: the dropped 16 bits plus the random ones carry into the kept ones
+    with probability (dropped / 2**16), so the expected value is ``x`` exactly. NaN becomes the
+    quiet NaN ``0x7fc0``; inf stays inf (its dropped bits are 0)."""
+    x = np.asarray(x, np.float32)
+    raw = x.view(np.uint32)
+    nan = (raw & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    with np.errstate(over="ignore"):
+        rounded = (raw + np.asarray(bits, np.uint16).astype(np.uint32)) & np.uint32(0xFFFF0000)
+    return _store(np.where(nan, np.uint32(0x7FC00000), rounded).view(np.float32), out)
+
+
+def round_stochastic_float16(x: Any, bits: Any, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 ``x`` rounded stochastically to float16 with the 16 random ``bits`` of each
+    element, as float32 (the definition the C kernels implement):
+
+    * ``|x| >= 2**-14`` (float16's normal range, and beyond): the top 13 random bits are added
+      to the 13 bits float16 drops, which carry with probability (dropped / 2**13), exactly
+      unbiased; a result beyond float16's largest value is inf;
+    * below: ``|x|`` in units of ``2**-40`` (cut to an integer: bits below are dropped, a bias
+      of at most ``2**-16`` of float16's smallest step) plus the 16 random bits, shifted to
+      units of ``2**-24`` (float16's subnormal step), with ``x``'s sign;
+    * NaN stays NaN.
+    """
+    x = np.asarray(x, np.float32)
+    raw = x.view(np.uint32)
+    r = np.asarray(bits, np.uint16).astype(np.uint32)
+    normal = (raw & np.uint32(0x7FFFFFFF)) >= np.uint32(0x38800000)
+    with np.errstate(over="ignore", invalid="ignore"):
+        big = ((raw + (r >> np.uint32(3))) & np.uint32(0xFFFFE000)).view(np.float32)
+        small = np.where(normal, np.float32(0), np.abs(x)) * np.float32(2.0**40)
+        count = (small.astype(np.uint32) + r) >> np.uint32(16)
+        tiny = np.copysign(count.astype(np.float32) * np.float32(2.0**-24), x)
+        value = np.where(np.isnan(x), x, np.where(normal, big, tiny))
+        return _store(value.astype(np.float16).astype(np.float32), out)

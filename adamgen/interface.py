@@ -36,6 +36,27 @@ DERIVATIVE_PREFIX = "d_"
 #: Kinds of hyperparameter: a real number, or the step counter (``float(step)``; an optimizer
 #: supplies it, counting from 1).
 KINDS = ("real", "step")
+#: Dtypes a tensor may be stored in when it is narrower than the kernel's compute dtype
+#: (:attr:`Tensor.storage`).
+STORAGE_DTYPES = ("bfloat16", "float16", "float32")
+#: How an optimizer starts an owned state tensor: zeros, or a copy of the parameter
+#: (:attr:`StatePair.init`; master weights start as the parameter, widened exactly).
+INITS = ("zero", "parameter")
+#: Low-precision parameter dtypes a rule's master-weight forms exist for (adamgen.mixed).
+MASTER_DTYPES = ("bfloat16", "float16")
+#: ``SpecRef.derivative`` of a rule's master-weight forms -> (parameter dtype, stochastic).
+MASTER_FORMS: dict[str, tuple[str, bool]] = {
+    **{f"master:{dtype}": (dtype, False) for dtype in MASTER_DTYPES},
+    **{f"stochastic:{dtype}": (dtype, True) for dtype in MASTER_DTYPES},
+}
+
+
+def master_form(dtype: str, stochastic: bool) -> str:
+    """The ``SpecRef.derivative`` of a rule's master-weight form (checked, no SymPy)."""
+    name = f"{'stochastic' if stochastic else 'master'}:{dtype}"
+    if name not in MASTER_FORMS:
+        raise ValueError(f"no master-weight form {name!r}; there are {', '.join(MASTER_FORMS)}")
+    return name
 
 
 @dataclass(frozen=True)
@@ -136,16 +157,32 @@ class Tensor:
         range: the values an element may take, checked where the runtime can do so without a
             copy (a number, or an array with a cheap reduction); ``None``: any value.
         doc: one line for generated docstrings and ``adamgen rules``.
+        storage: the dtype the tensor is stored in when it is narrower than the kernel's
+            compute dtype (one of :data:`STORAGE_DTYPES`): a kernel widens each element exactly
+            when it reads it, and an output that replaces it in place must be rounded to it by
+            the spec (``round_to``), so storing it is exact. ``None``: the kernel's dtype.
     """
 
     name: str
     scalar: bool = False
     range: Range | None = None
     doc: str = ""
+    storage: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.storage is not None and self.storage not in STORAGE_DTYPES:
+            raise ValueError(f"tensor {self.name}: storage must be one of "
+                             f"{', '.join(STORAGE_DTYPES)} or None, got {self.storage!r}")
+        if self.storage is not None and self.scalar:
+            raise ValueError(f"tensor {self.name}: a tensor that may be a scalar is passed as "
+                             "one value in the compute dtype; it has no storage dtype")
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "scalar": self.scalar, "doc": self.doc,
-                "range": None if self.range is None else self.range.to_json()}
+        found = {"name": self.name, "scalar": self.scalar, "doc": self.doc,
+                 "range": None if self.range is None else self.range.to_json()}
+        if self.storage is not None:
+            found["storage"] = self.storage
+        return found
 
 
 @dataclass(frozen=True)
@@ -177,18 +214,29 @@ class Hyperparameter:
 
 @dataclass(frozen=True)
 class StatePair:
-    """``output`` replaces ``input`` in the in-place form; ``name`` labels it in checkpoints."""
+    """``output`` replaces ``input`` in the in-place form; ``name`` labels it in checkpoints;
+    ``init`` says how an optimizer starts the state (one of :data:`INITS`: zeros, or the
+    parameter's value, widened exactly to the state's dtype)."""
 
     output: str
     input: str
     name: str = ""
+    init: str = "zero"
+
+    def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise ValueError(f"state pair {self.output} -> {self.input}: init must be one of "
+                             f"{', '.join(INITS)}, got {self.init!r}")
 
     @property
     def label(self) -> str:
         return self.name or self.input
 
     def to_json(self) -> dict[str, Any]:
-        return {"output": self.output, "input": self.input, "name": self.name}
+        found = {"output": self.output, "input": self.input, "name": self.name}
+        if self.init != "zero":
+            found["init"] = self.init
+        return found
 
 
 @dataclass(frozen=True)
@@ -264,6 +312,23 @@ class Interface:
     def tensor(self, name: str) -> Tensor:
         return _find(self.tensors, name, "tensor", self.rule)
 
+    def storage(self, name: str, compute: str) -> str:
+        """The dtype tensor ``name`` is stored in, for a kernel computing in ``compute``."""
+        return self.tensor(name).storage or compute
+
+    def output_storage(self, output: str, compute: str) -> str:
+        """The dtype output ``output`` is stored in: that of the tensor it replaces in place
+        (its state pair's input), else the compute dtype."""
+        for pair in self.state:
+            if pair.output == output:
+                return self.storage(pair.input, compute)
+        return compute
+
+    @property
+    def narrow(self) -> bool:
+        """Whether some tensor is stored narrower than the compute dtype."""
+        return any(t.storage is not None for t in self.tensors)
+
     def hyperparameter(self, name: str) -> Hyperparameter:
         return _find(self.hyperparameters, name, "hyperparameter", self.rule)
 
@@ -312,14 +377,16 @@ class Interface:
         return cls(
             rule=data["rule"], summary=data.get("summary", ""),
             spec_hash=data.get("spec_hash", ""),
-            tensors=tuple(Tensor(t["name"], t["scalar"], _range(t.get("range")), t.get("doc", ""))
+            tensors=tuple(Tensor(t["name"], t["scalar"], _range(t.get("range")), t.get("doc", ""),
+                                 t.get("storage"))
                           for t in data["tensors"]),
             hyperparameters=tuple(
                 Hyperparameter(h["name"], h["default"], _range(h["range"]) or Range(),
                                h.get("kind", "real"), h.get("doc", ""))
                 for h in data["hyperparameters"]),
             outputs=tuple(data["outputs"]),
-            state=tuple(StatePair(p["output"], p["input"], p.get("name", ""))
+            state=tuple(StatePair(p["output"], p["input"], p.get("name", ""),
+                                  p.get("init", "zero"))
                         for p in data["state"]),
             parameter=data.get("parameter"), gradient=data.get("gradient"),
             options=tuple((str(k), v) for k, v in data.get("options", ())),

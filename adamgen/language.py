@@ -11,8 +11,8 @@ Import them from :mod:`adamgen.spec`, the one public place of the spec language 
 
 For proofs, :func:`exact` replaces every node by its value in exact arithmetic (``fma(a, b, c)``
 is ``a*b + c``, ``element(x)`` is ``x``); rounding to a named narrower dtype has no
-exact-arithmetic value and stays as it is, so a proof that the kernel equals the spec treats it as
-the same uninterpreted function on both sides.
+exact-arithmetic value and stays as it is (so does stochastic rounding), so a proof that the kernel
+equals the spec treats it as the same uninterpreted function on both sides.
 
 How the two square roots differ: ``sqrt`` here is IEEE's correctly rounded square root, in the
 per-call prelude (``math.sqrt``) and on tensors alike. ``x ** Rational(1, 2)`` (what SymPy's own
@@ -31,6 +31,8 @@ from sympy import Piecewise, S
 #: Dtypes a value can be rounded to with :func:`round_to` (narrower than the kernel's compute
 #: type, or equal to it, which is then no operation).
 ROUNDING_DTYPES = ("bfloat16", "float16", "float32")
+#: Dtypes a value can be rounded to stochastically (``round_to(x, dtype, stochastic=True)``).
+STOCHASTIC_DTYPES = ("bfloat16", "float16")
 
 
 class Node(sympy.Function):
@@ -136,7 +138,42 @@ class RoundToElement(RoundToBase):
     dtype = "element"
 
 
+class StochasticRoundBase(Node):
+    """Stochastic rounding into a narrower dtype: ``x`` becomes one of the two values of the
+    dtype around it, the one farther away from zero with probability (its distance from the
+    one nearer zero) / (their distance), so that the expected result is ``x`` (NaN stays NaN,
+    inf stays inf).
+
+    The probability is drawn from 16 random bits of the element's *stream* (the second
+    argument, a small integer): a counter-based generator keyed by the call's seed and step,
+    the tensor's key and the element's index in its tensor (:func:`adamgen.ieee.stream_bits`
+    defines the bits; the kernel's caller supplies seed, step and key), so the bits never
+    depend on threads, chunking or which backend computes them. Two roundings with the same
+    stream use the same bits. Subclassed once per dtype.
+    """
+
+    nargs = 2
+    dtype = ""
+
+
+class StochasticRoundBfloat16(StochasticRoundBase):
+    """``round_to(x, "bfloat16", stochastic=True)``: float32 ``x`` rounded to bfloat16, up or
+    down with probability proportional to its 16 dropped bits (exactly unbiased)."""
+
+    dtype = "bfloat16"
+
+
+class StochasticRoundFloat16(StochasticRoundBase):
+    """``round_to(x, "float16", stochastic=True)``: float32 ``x`` rounded to float16. Where
+    float16 is normal the 13 dropped bits meet 13 random bits (exactly unbiased); below
+    ``2**-14`` the dropped part is cut to 16 bits (unbiased to ``2**-16`` of a unit in the last
+    place); beyond float16's range the value above its largest is inf."""
+
+    dtype = "float16"
+
+
 _ROUNDING = {cls.dtype: cls for cls in (RoundToBfloat16, RoundToFloat16, RoundToFloat32)}
+_STOCHASTIC = {cls.dtype: cls for cls in (StochasticRoundBfloat16, StochasticRoundFloat16)}
 
 
 def element(x: Any) -> RoundToElement:
@@ -184,8 +221,18 @@ def where(condition: Any, a: Any, b: Any) -> Piecewise:
     return Piecewise((a, condition), (b, True), evaluate=False)
 
 
-def round_to(x: Any, dtype: str) -> RoundToBase:
-    """``x`` rounded to nearest even into ``dtype`` (one of :data:`ROUNDING_DTYPES`)."""
+def round_to(x: Any, dtype: str, *, stochastic: bool = False,
+             stream: int = 0) -> RoundToBase | StochasticRoundBase:
+    """``x`` rounded to nearest even into ``dtype`` (one of :data:`ROUNDING_DTYPES`), or with
+    ``stochastic`` rounded stochastically (:class:`StochasticRoundBase`; ``dtype`` one of
+    :data:`STOCHASTIC_DTYPES`) with the random bits of ``stream`` (0 to 255)."""
+    if stochastic:
+        if str(dtype) not in _STOCHASTIC:
+            raise ValueError(f"round_to(stochastic=True): dtype must be one of "
+                             f"{', '.join(STOCHASTIC_DTYPES)}, got {dtype!r}")
+        if type(stream) is not int or not 0 <= stream < 256:
+            raise ValueError(f"round_to: stream must be an int from 0 to 255, got {stream!r}")
+        return _STOCHASTIC[str(dtype)](x, sympy.Integer(stream))
     try:
         return _ROUNDING[str(dtype)](x)
     except KeyError:
@@ -215,8 +262,8 @@ def exact(expr: sympy.Basic, *, drop_rounding: bool = False) -> sympy.Basic:
                 result = sympy.sqrt(args[0])
             elif isinstance(node, Sign):
                 result = sympy.sign(args[0])
-            elif isinstance(node, RoundToElement) or (drop_rounding
-                                                       and isinstance(node, RoundToBase)):
+            elif isinstance(node, RoundToElement) or (
+                    drop_rounding and isinstance(node, (RoundToBase, StochasticRoundBase))):
                 result = args[0]
             elif isinstance(node, Maximum):
                 result = sympy.Max(*args)
@@ -232,4 +279,5 @@ def exact(expr: sympy.Basic, *, drop_rounding: bool = False) -> sympy.Basic:
 
 #: Every node of the language.
 NODES: tuple[type[sympy.Function], ...] = (Fma, Sqrt, Sign, Maximum, Minimum, RoundToBfloat16,
-                                           RoundToFloat16, RoundToFloat32, RoundToElement)
+                                           RoundToFloat16, RoundToFloat32, RoundToElement,
+                                           StochasticRoundBfloat16, StochasticRoundFloat16)

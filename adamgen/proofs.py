@@ -24,7 +24,7 @@ import sympy
 from sympy import Piecewise, Rational, S, Symbol
 
 from . import ieee, language
-from .codegen.ir import COMPARISONS, KernelIR, Operand, comparison, rounding
+from .codegen.ir import COMPARISONS, KernelIR, Operand, comparison, rounding, stochastic
 from .config import KernelConfig
 from .interface import Hyperparameter
 from .spec import UpdateSpec
@@ -78,6 +78,11 @@ def _step_value(op: str, args: Sequence[sympy.Expr]) -> sympy.Expr:
     target = rounding(op)
     if target is not None:
         return args[0] if target == "element" else _ROUNDINGS[target](args[0])
+    target = stochastic(op)
+    if target is not None:  # uninterpreted, as in the spec: the same node on both sides
+        node = {"bfloat16": language.StochasticRoundBfloat16,
+                "float16": language.StochasticRoundFloat16}[target]
+        return node(args[0], sympy.Integer(int(args[1])))
     relation = comparison(op)
     if relation is not None:
         name = next(k for k, v in COMPARISONS.items() if v == relation)

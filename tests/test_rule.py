@@ -101,7 +101,8 @@ def test_a_new_rule_is_served_by_the_in_place_optimizer(rule):
     for param, (p, b), buf in zip(params, expected, opt.state["buf"]):
         assert_bitwise_equal(param, p, "p")
         assert_bitwise_equal(buf, b, "buf")
-    assert set(opt.state_dict()) == {"step", "lr", "mu", "buf"}
+    assert set(opt.state_dict()) == {"step", "lr", "mu", "buf", "master_weights",
+                                     "stochastic_rounding", "seed"}
     copy = pickle.loads(pickle.dumps(opt))  # a user rule's optimizer pickles too
     assert copy.step_count == 5 and copy.hyperparameters == {"lr": 0.1, "mu": 0.8}
 

@@ -13,8 +13,16 @@ multi-tensor entry point for the form whose outputs all overwrite their inputs.
 
 Parameter order of every entry point (the runtime relies on it, via :class:`CFunction`): the
 tensors in the IR's order (a scalar tensor as a value, an input its output overwrites as one
-read-write pointer), the kernel scalars, the outputs that overwrite nothing, then ``n`` (or
-``sizes, count``), then ``nthreads, threshold`` for threaded forms.
+read-write pointer), the kernel scalars, the random stream's ``adamgen_seed, adamgen_step,
+adamgen_key`` (only in a kernel that rounds stochastically; ``adamgen_key`` is one key per
+tensor in multi-tensor forms), the outputs that overwrite nothing, then ``n`` (or ``sizes,
+count``), then ``nthreads, threshold`` for threaded forms.
+
+**Storage dtypes.** A tensor declared with a narrower ``storage`` than the kernel computes in
+(bfloat16 or float16 in a float32 kernel) is passed as ``uint16_t`` bits; the body widens each
+element exactly where it reads it (``adamgen_load_<dtype>``), and an output replacing it is
+stored with ``adamgen_store_<dtype>``, which is exact because the spec rounded the value to that
+dtype last (lowering checks it).
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from ..config import KernelConfig
 from ..errors import BackendUnsupportedError
 from ..spec import RESERVED_NAMES
 from .c_literals import c_literal
-from .ir import KernelIR, Step, rounding
+from .ir import KernelIR, Step, rounding, stochastic
 from .steps import step_expression
 from .templating import render
 
@@ -42,8 +50,35 @@ ELEMENT_TYPES = {"float32": ("float", float32), "float64": ("double", float64)}
 #: Roundings a kernel can do, per element dtype (to bfloat16/float16 from float32 compute;
 #: to float32 from float64).
 ROUNDINGS = {"float32": ("bfloat16", "float16", "float32"), "float64": ("float32", "float64")}
+#: Storage dtype -> the C type of its elements (bfloat16 and float16 as their bits).
+STORAGE_CTYPES = {"bfloat16": "uint16_t", "float16": "uint16_t", "float32": "float",
+                  "float64": "double"}
+#: Storage dtypes a kernel can widen from and store to, per compute dtype.
+STORAGE = {"float32": ("bfloat16", "float16", "float32"),
+           "float64": ("float32", "float64")}
 #: Multi-tensor chunks start on multiples of this many elements (whole cache lines).
 CHUNK_ALIGN = 64
+
+
+class WidenStored(sympy.Function):
+    """``WidenStored(dtype, element)``: an element stored as ``dtype`` (a Symbol naming it),
+    widened exactly to the compute type. Printing only: it never evaluates."""
+
+    nargs = 2
+
+    @classmethod
+    def eval(cls, *args: object) -> None:
+        return None
+
+
+class NarrowStored(sympy.Function):
+    """``NarrowStored(dtype, value)``: a value already rounded to ``dtype``, as stored bits."""
+
+    nargs = 2
+
+    @classmethod
+    def eval(cls, *args: object) -> None:
+        return None
 
 
 class KernelCPrinter(C99CodePrinter):
@@ -95,6 +130,17 @@ class KernelCPrinter(C99CodePrinter):
             return f"(double)(float)({x})"
         return f"adamgen_round_{expr.dtype}({x})"
 
+    def _print_StochasticRoundBase(self, expr: language.StochasticRoundBase) -> str:
+        x, stream = self._print(expr.args[0]), int(expr.args[1])
+        return (f"adamgen_round_stochastic_{expr.dtype}({x}, "
+                f"adamgen_bits{stream}[i - adamgen_base])")
+
+    def _print_WidenStored(self, expr: WidenStored) -> str:
+        return f"adamgen_load_{expr.args[0]}({self._print(expr.args[1])})"
+
+    def _print_NarrowStored(self, expr: NarrowStored) -> str:
+        return f"adamgen_store_{expr.args[0]}({self._print(expr.args[1])})"
+
     def _print_Piecewise(self, expr: sympy.Piecewise) -> str:
         (value, condition), (otherwise, _) = expr.args
         return f"({self._print(condition)} ? {self._print(value)} : {self._print(otherwise)})"
@@ -115,9 +161,17 @@ class CParameter:
 
 
 #: in/inout/out: one array; *_list: an array of pointers (multi-tensor); value: a scalar tensor;
-#: scalar: a kernel scalar; n, sizes, count, nthreads, threshold: sizes and threading.
-ROLES = ("in", "inout", "out", "in_list", "inout_list", "value", "scalar", "n", "sizes",
-         "count", "nthreads", "threshold")
+#: scalar: a kernel scalar; rng_seed, rng_step, rng_key (rng_key_list: one per tensor): the
+#: random stream of stochastic rounding; n, sizes, count, nthreads, threshold: sizes and
+#: threading.
+ROLES = ("in", "inout", "out", "in_list", "inout_list", "value", "scalar", "rng_seed",
+         "rng_step", "rng_key", "rng_key_list", "n", "sizes", "count", "nthreads", "threshold")
+#: The random stream's parameters (see the module docstring), single-tensor and multi-tensor.
+RNG_PARAMETERS = (("adamgen_seed", "uint64_t", "rng_seed"), ("adamgen_step", "uint32_t", "rng_step"),
+                  ("adamgen_key", "uint32_t", "rng_key"))
+RNG_LIST_PARAMETERS = (("adamgen_seed", "uint64_t", "rng_seed"),
+                       ("adamgen_step", "uint32_t", "rng_step"),
+                       ("adamgen_key", "const uint32_t *", "rng_key_list"))
 
 
 @dataclass(frozen=True)
@@ -161,6 +215,9 @@ def _symbol_map(ir: KernelIR, aliases: Mapping[str, str], scalar_tensors: frozen
             leaves[name] = sympy.Symbol(name, real=True)
         else:
             leaves[name] = sympy.IndexedBase(name, shape=(length,))[element_index]
+            storage = ir.storage(name)
+            if storage != ir.config.dtype:
+                leaves[name] = WidenStored(sympy.Symbol(storage), leaves[name])
     for name in ir.kernel_scalars:
         leaves[name] = sympy.Symbol(name, real=True)
     for step in ir.body:
@@ -188,6 +245,7 @@ class FormPlan:
     multi: bool
     outputs: tuple[str, ...]
     streamed: str | None  # the functional form's streaming-store wrapper around ``chunk``
+    streams: tuple[int, ...] = ()  # the random streams the body draws from
 
     @property
     def entry(self) -> str:
@@ -212,6 +270,13 @@ def plan_form(name: str, ir: KernelIR, ctype: str, *, multi: bool = True) -> For
             raise BackendUnsupportedError(
                 f"{step}: a {config.dtype} C kernel cannot round to {target} "
                 f"(it rounds to {', '.join(ROUNDINGS[config.dtype])}); NumPy serves it")
+        if stochastic(step.op) is not None and config.dtype != "float32":
+            raise ValueError(f"{step}: stochastic rounding to {stochastic(step.op)} needs a "
+                             f"float32 kernel, not {config.dtype}")
+    for tensor in ir.tensors:
+        if ir.storage(tensor) not in STORAGE[config.dtype]:
+            raise ValueError(f"tensor {tensor} is stored as {ir.storage(tensor)}; a "
+                             f"{config.dtype} kernel reads {', '.join(STORAGE[config.dtype])}")
     for output, source in aliases.items():
         if source in scalar_tensors:
             raise ValueError(f"{output} cannot overwrite {source}: it is a scalar tensor")
@@ -220,22 +285,28 @@ def plan_form(name: str, ir: KernelIR, ctype: str, *, multi: bool = True) -> For
     parameters: list[CParameter] = []
     list_parameters: list[CParameter] = []
     for tensor in ir.tensors:
+        stored = STORAGE_CTYPES[ir.storage(tensor)]
         if tensor in scalar_tensors:
             parameters.append(CParameter(tensor, ctype, "value"))
             list_parameters.append(CParameter(tensor, ctype, "value"))
         elif tensor in overwritten:
-            parameters.append(CParameter(tensor, f"{ctype} *{restrict}", "inout"))
-            list_parameters.append(CParameter(tensor, f"{ctype} *const *", "inout_list"))
+            parameters.append(CParameter(tensor, f"{stored} *{restrict}", "inout"))
+            list_parameters.append(CParameter(tensor, f"{stored} *const *", "inout_list"))
         else:
-            parameters.append(CParameter(tensor, f"const {ctype} *{restrict}", "in"))
-            list_parameters.append(CParameter(tensor, f"const {ctype} *const *", "in_list"))
+            parameters.append(CParameter(tensor, f"const {stored} *{restrict}", "in"))
+            list_parameters.append(CParameter(tensor, f"const {stored} *const *", "in_list"))
     scalars = [CParameter(s, ctype, "scalar") for s in ir.kernel_scalars]
     parameters += scalars
     list_parameters += scalars
+    streams = ir.streams
+    if streams:
+        parameters += [CParameter(*p) for p in RNG_PARAMETERS]
+        list_parameters += [CParameter(*p) for p in RNG_LIST_PARAMETERS]
     buffers = ir.buffer_names()
     for output in ir.output_names:
         if output not in aliases:
-            parameters.append(CParameter(buffers[output], f"{ctype} *{restrict}", "out"))
+            stored = STORAGE_CTYPES[ir.output_storage(output)]
+            parameters.append(CParameter(buffers[output], f"{stored} *{restrict}", "out"))
     printer = KernelCPrinter(config.dtype)
     sympy_type = ELEMENT_TYPES[config.dtype][1]
     leaves = _symbol_map(ir, aliases, scalar_tensors, sympy.Symbol("i", integer=True))
@@ -248,18 +319,26 @@ def plan_form(name: str, ir: KernelIR, ctype: str, *, multi: bool = True) -> For
 
     uniform = tuple(declare(s) for s in ir.body if s.target in hoisted)
     body = tuple(declare(s) for s in ir.body if s.target not in hoisted)
-    stores = tuple(printer.doprint(Assignment(leaves[f"out:{o}"], leaves[v]))
-                   for o, v in ir.outputs)
+    def store(output: str, value: str) -> str:
+        storage = ir.output_storage(output)
+        stored = leaves[value] if storage == config.dtype else \
+            NarrowStored(sympy.Symbol(storage), leaves[value])
+        return printer.doprint(Assignment(leaves[f"out:{output}"], stored))
+
+    stores = tuple(store(o, v) for o, v in ir.outputs)
     multi = multi and in_place and set(aliases) == set(ir.output_names)
     overwrites = [(o, aliases[o]) for o in ir.output_names if o in aliases]
     summary = (f"{', '.join(o for o, _ in overwrites)} overwrite{'s' * (len(overwrites) == 1)} "
                f"{', '.join(i for _, i in overwrites)} (may alias)" if in_place
                else "inputs and outputs distinct (restrict)")
     outputs = tuple(p.name for p in parameters if p.role == "out")
-    streamed = None if in_place else f"{ir.spec_name}_{name}_streamed"
+    # streaming stores copy blocks of the compute type, and restart the element index at each
+    # block: not for narrow outputs or random streams (whose bits follow the element index)
+    plain = not streams and all(ir.output_storage(o) == config.dtype for o in ir.output_names)
+    streamed = None if in_place or not plain else f"{ir.spec_name}_{name}_streamed"
     return FormPlan(name, summary, f"{ir.spec_name}_{name}_chunk", tuple(parameters),
                     tuple(list_parameters), uniform, body, stores, in_place, multi, outputs,
-                    streamed)
+                    streamed, streams)
 
 
 def entry_points(spec_name: str, plan: FormPlan, openmp: bool) -> list[CFunction]:
@@ -360,6 +439,9 @@ def render_c_module(irs: Mapping[str, KernelIR], *, openmp: bool,
     variant = variant_name(base)
     roundings = sorted({r for ir in irs.values() for step in ir.body
                         if (r := rounding(step.op)) is not None and r != base.dtype})
+    stochastic_roundings = sorted({r for ir in irs.values() for step in ir.body
+                                   if (r := stochastic(step.op)) is not None})
+    storages = sorted({ir.storage(t) for ir in irs.values() for t in ir.tensors} - {base.dtype})
     context = {
         "version": __version__, "ir": first, "config": base, "variant": variant,
         "ctype": ctype, "openmp": openmp,
@@ -370,7 +452,8 @@ def render_c_module(irs: Mapping[str, KernelIR], *, openmp: bool,
         "vector_suffix": "ps" if ctype == "float" else "pd",  # the intrinsics' element suffix
         "spec": first.spec_name, "signature": wrap_signature, "call": wrap_call,
         "range": (CParameter("begin", "int64_t", "n"), CParameter("end", "int64_t", "n")),
-        "roundings": roundings,
+        "roundings": roundings, "stochastic_roundings": stochastic_roundings,
+        "storages": storages, "random": any(plan.streams for plan in plans),
     }
     source = render("c_kernel.c.j2", **context)
     cdef = render("cffi_cdef.h.j2", **context)

@@ -36,6 +36,9 @@ COMPARISONS: dict[str, str] = {"gt": ">", "ge": ">=", "lt": "<", "le": "<=", "eq
                                "ne": "!="}
 #: Dtypes ``round_<dtype>`` rounds to (to nearest even; the result is held in the kernel's type).
 ROUNDINGS = ("bfloat16", "float16", "float32", "element")
+#: Dtypes ``round_stochastic_<dtype>(x, stream)`` rounds to, stochastically, with the random bits
+#: of ``stream`` (an int constant) at each element (:func:`adamgen.ieee.stream_bits`).
+STOCHASTIC_ROUNDINGS = ("bfloat16", "float16")
 
 #: op name -> arity. Each op is rounded once in the kernel's element type (the prelude: in IEEE
 #: double, with Python's semantics). ``pow`` is Python's ``**`` and appears only in the prelude;
@@ -48,6 +51,7 @@ OPS: dict[str, int] = {
     "sign": 1, "maximum": 2, "minimum": 2,
     **{f"select_{cmp}": 4 for cmp in COMPARISONS},
     **{f"round_{dtype}": 1 for dtype in ROUNDINGS},
+    **{f"round_stochastic_{dtype}": 2 for dtype in STOCHASTIC_ROUNDINGS},
 }
 #: Ops the prelude can compute (Python floats); the others exist only element by element.
 PRELUDE_OPS = frozenset({"add", "sub", "mul", "div", "neg", "pow", "sqrt",
@@ -63,8 +67,16 @@ def comparison(op: str) -> str | None:
 
 
 def rounding(op: str) -> str | None:
-    """``"bfloat16"`` for ``round_bfloat16`` and so on; ``None`` for other ops."""
-    return op[len("round_"):] if op.startswith("round_") else None
+    """``"bfloat16"`` for ``round_bfloat16`` and so on; ``None`` for other ops (stochastic
+    rounding included: see :func:`stochastic`)."""
+    if op.startswith("round_") and not op.startswith("round_stochastic_"):
+        return op[len("round_"):]
+    return None
+
+
+def stochastic(op: str) -> str | None:
+    """``"bfloat16"`` for ``round_stochastic_bfloat16``; ``None`` for other ops."""
+    return op[len("round_stochastic_"):] if op.startswith("round_stochastic_") else None
 
 
 @dataclass(frozen=True)
@@ -135,13 +147,30 @@ class KernelIR:
     def dependencies(self, output: str) -> tuple[str, ...]:
         return self.interface.dependencies(output)
 
+    @property
+    def streams(self) -> tuple[int, ...]:
+        """The random streams the body's stochastic roundings draw from (sorted; empty for a
+        kernel without randomness). A kernel with streams takes a seed, a step and a key per
+        tensor (see :func:`adamgen.ieee.stream_bits`)."""
+        return tuple(sorted({int(step.args[1]) for step in self.body
+                             if stochastic(step.op) is not None}))
+
+    def storage(self, tensor: str) -> str:
+        """The dtype tensor ``tensor`` is stored in (its declared storage, else the kernel's)."""
+        return self.interface.storage(tensor, self.config.dtype)
+
+    def output_storage(self, output: str) -> str:
+        """The dtype output ``output`` is stored in (that of the input it replaces)."""
+        return self.interface.output_storage(output, self.config.dtype)
+
     def uniform_steps(self) -> tuple[str, ...]:
         """Body steps that read no array (only per-call scalars, scalar tensors, constants and
-        earlier such steps): a backend computes each once per call, in the element type."""
+        earlier such steps): a backend computes each once per call, in the element type. A
+        stochastic rounding is never uniform: its bits differ per element."""
         uniform = set(self.kernel_scalars) | set(self.config.scalar_tensors)
         found: list[str] = []
         for step in self.body:
-            if all(name in uniform for name in step.names()):
+            if stochastic(step.op) is None and all(name in uniform for name in step.names()):
                 uniform.add(step.target)
                 found.append(step.target)
         return tuple(found)

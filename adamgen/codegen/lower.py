@@ -30,7 +30,7 @@ from .. import ieee, language
 from ..config import KernelConfig
 from ..errors import LoweringError
 from ..spec import UpdateSpec
-from .ir import COMMUTATIVE, PRELUDE_OPS, KernelIR, Operand, Step
+from .ir import COMMUTATIVE, COMPARISONS, PRELUDE_OPS, KernelIR, Operand, Step
 
 
 def _select(test: Callable[[float, float], bool]) -> Callable[..., float]:
@@ -95,6 +95,8 @@ _NODES: dict[type, str] = {
     language.Maximum: "maximum", language.Minimum: "minimum",
     **{cls: f"round_{cls.dtype}" for cls in (language.RoundToBfloat16, language.RoundToFloat16,
                                                language.RoundToFloat32, language.RoundToElement)},
+    **{cls: f"round_stochastic_{cls.dtype}" for cls in (language.StochasticRoundBfloat16,
+                                                          language.StochasticRoundFloat16)},
 }
 
 
@@ -421,10 +423,48 @@ def assemble(program: Program) -> KernelIR:
     for name, value in program.outputs:
         if not isinstance(value, str) or value in scalar_names or value in program.tensor_names:
             raise LoweringError(f"output {name} must be computed element by element, got {value}")
+    _check_narrow_outputs(program, {s.target: s for s in body})
     return KernelIR(
         interface=program.spec.interface, config=program.config, prelude=prelude,
         kernel_scalars=tuple(kernel_scalars), body=body,
         outputs=tuple((n, str(v)) for n, v in program.outputs))
+
+
+#: Ops whose result is one of their operands (or its negation): a value of a narrow dtype
+#: stays one through them.
+_SELECTING = frozenset({"maximum", "minimum", "neg", *(f"select_{c}" for c in COMPARISONS)})
+
+
+def _check_narrow_outputs(program: Program, steps: dict[str, Step]) -> None:
+    """An output stored in a narrower dtype than the kernel computes in (it replaces a tensor
+    declared with ``storage``) must be a value of that dtype by construction, so that storing
+    it is exact: a kernel never rounds where the spec does not say so. A value is one if it is
+    rounded to the dtype (``round_to``, stochastic or not), read from a tensor stored in it, or
+    chosen among such values (``maximum``, ``minimum``, ``where``, negation)."""
+    interface = program.spec.interface
+    compute = program.config.dtype
+
+    def representable(value: Operand, storage: str, depth: int = 0) -> bool:
+        if not isinstance(value, str):
+            return False
+        if value in program.tensor_names:
+            return interface.storage(value, compute) == storage
+        step = steps.get(value)
+        if step is None or depth > 64:
+            return False
+        if step.op in (f"round_{storage}", f"round_stochastic_{storage}"):
+            return True
+        if step.op in _SELECTING:
+            chosen = step.args[2:] if step.op.startswith("select_") else step.args
+            return all(representable(a, storage, depth + 1) for a in chosen)
+        return False
+
+    for name, value in program.outputs:
+        storage = interface.output_storage(name, compute)
+        if storage != compute and not representable(value, storage):
+            raise LoweringError(
+                f"output {name} replaces a tensor stored as {storage}, but the spec does not "
+                f"make it a {storage} value (round it last: round_to(..., {storage!r}))")
 
 
 def lower(spec: UpdateSpec, config: KernelConfig,

@@ -19,6 +19,13 @@ The two forms, both from the same IR:
   integer arrays), ``update`` is the plain expression in the reference order, so NumPy applies
   exactly the reference's promotions step by step.
 
+Tensors stored narrower than the compute dtype (``Tensor.storage``: bfloat16 as ``uint16``
+bits, float16) are widened exactly on entry (:func:`adamgen.ieee.widen`); an output replacing
+one is computed into a buffer of the compute dtype and stored at the end
+(:func:`adamgen.ieee.narrow`, exact: the spec rounded it). A kernel that rounds stochastically
+takes ``rng = (seed, step, key)`` after ``scalars`` and draws each element's bits from
+:func:`adamgen.ieee.stream_bits_like`, the C kernels' stream, element by element in memory order.
+
 The spec language's nodes print as calls into :mod:`adamgen.ieee` (exact fused
 multiply-add, torch's sign, NaN-propagating maximum, roundings). A module that cannot compute some
 node exactly (a float64 ``fma``: NumPy has no wider type) *declines*: it says why in ``INEXACT``,
@@ -41,7 +48,7 @@ from sympy.printing.pycode import PythonCodePrinter
 
 from .. import language
 from .._version import __version__
-from .ir import KernelIR, Step, rounding
+from .ir import KernelIR, Step, rounding, stochastic
 from .steps import step_expression
 from .templating import render
 
@@ -134,6 +141,10 @@ class KernelNumPyPrinter(NumPyPrinter):
                 return f"{_IEEE[name]}({', '.join(self._print(a) for a in expr.args)})"
         if isinstance(expr, language.RoundToBase):
             return f"{_IEEE['round_' + expr.dtype]}({self._print(expr.args[0])})"
+        if isinstance(expr, language.StochasticRoundBase):
+            x = self._print(expr.args[0])
+            return (f"ieee.round_stochastic_{expr.dtype}({x}, ieee.stream_bits_like({x}, *rng, "
+                    f"{int(expr.args[1])}))")
         return super()._print_Function(expr)
 
     def expression(self, step: Step) -> str:
@@ -146,8 +157,12 @@ class KernelNumPyPrinter(NumPyPrinter):
         args = [buffers.get(a, a) if isinstance(a, str) else python_literal(a)
                 for a in step.args]
         out = buffers[step.target]
+        target = stochastic(step.op)
         if step.op in _UFUNCS:
             call = f"{_UFUNCS[step.op]}({', '.join(args)}, out={out})"
+        elif target is not None:  # the bits of each element, laid out as the output
+            call = (f"ieee.round_stochastic_{target}({args[0]}, ieee.stream_bits_like({out}, "
+                    f"*rng, {int(step.args[1])}), out={out})")
         elif step.op in _IEEE:
             call = f"{_IEEE[step.op]}({', '.join(args)}, out={out})"
         else:  # a select: no ufunc selects; np.where allocates, copyto rounds once
@@ -168,9 +183,11 @@ def inexact_reason(ir: KernelIR) -> str:
         if step.op == "fma" and dtype not in EXACT_FMA:
             return (f"{step}: NumPy cannot round a {dtype} fused multiply-add once (no wider "
                     "type holds the exact product); the C kernel computes this rule")
-        target = rounding(step.op)
+        target = rounding(step.op) or stochastic(step.op)
         if target is not None and dtype == "mixed":
             return f"{step}: rounding to {target} needs one known element dtype"
+    if dtype == "mixed" and ir.interface.narrow:
+        return "narrow storage dtypes need one known compute dtype"
     return ""
 
 
@@ -255,6 +272,13 @@ def render_numpy_module(ir: KernelIR) -> str:
     """The source of one NumPy kernel module."""
     mixed = ir.config.dtype == "mixed"
     reason = inexact_reason(ir)
+    compute = ir.config.dtype
+    read = {name for step in ir.body for name in step.names()}
+    widened = [(t, ir.storage(t)) for t in ir.tensors
+               if t in read and t not in ir.config.scalar_tensors and ir.storage(t) != compute]
+    buffer_of = ir.buffer_names()
+    narrowed = [(buffer_of[o], ir.output_storage(o)) for o in ir.output_names
+                if ir.output_storage(o) != compute]
     printer = KernelNumPyPrinter()
     plan = None if mixed else allocate_buffers(ir)
     body = ([printer.expression(s) for s in ir.body] if plan is None
@@ -277,11 +301,15 @@ def render_numpy_module(ir: KernelIR) -> str:
         returns=[value for _, value in ir.outputs],
         inexact=reason,
         uses_math="sqrt" in {s.op for s in ir.prelude},
-        uses_ieee=any(step.op in _IEEE for step in ir.body)
-        or any(rounding(step.op) for step in ir.prelude),
+        uses_ieee=any(step.op in _IEEE or stochastic(step.op) for step in ir.body)
+        or any(rounding(step.op) for step in ir.prelude) or ir.interface.narrow,
         as_element=[] if mixed else uniform_operands(ir),
         numbers_as_element=[] if mixed else [
             t.name for t in ir.interface.tensors
             if t.scalar and t.name not in ir.config.scalar_tensors],
+        streams=list(ir.streams),
+        storage={t: ir.storage(t) for t in ir.tensors if ir.storage(t) != compute},
+        widened=[] if mixed else widened,
+        narrowed=[] if mixed else narrowed,
     )
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import sympy
 
 from .. import language
-from .ir import Operand, Step, comparison, rounding
+from .ir import Operand, Step, comparison, rounding, stochastic
 
 _RELATIONALS: dict[str, type] = {
     ">": sympy.StrictGreaterThan, ">=": sympy.GreaterThan, "<": sympy.StrictLessThan,
@@ -28,6 +28,8 @@ _ROUNDING: dict[str, type] = {"bfloat16": language.RoundToBfloat16,
                               "float16": language.RoundToFloat16,
                               "float32": language.RoundToFloat32,
                               "element": language.RoundToElement}
+_STOCHASTIC: dict[str, type] = {"bfloat16": language.StochasticRoundBfloat16,
+                                "float16": language.StochasticRoundFloat16}
 
 
 def step_expression(step: Step, leaves: Mapping[str, sympy.Basic]) -> sympy.Basic:
@@ -39,9 +41,12 @@ def step_expression(step: Step, leaves: Mapping[str, sympy.Basic]) -> sympy.Basi
     def leaf(operand: Operand) -> sympy.Basic:
         return leaves[operand] if isinstance(operand, str) else sympy.Float(float(operand))
 
+    op = step.op
+    target = stochastic(op)
+    if target is not None:  # the stream stays an integer: it selects bits, it is no value
+        return _STOCHASTIC[target](leaf(step.args[0]), sympy.Integer(int(step.args[1])))
     args = [leaf(a) for a in step.args]
     minus_one = sympy.Integer(-1)
-    op = step.op
     if op == "add":
         return sympy.Add(args[0], args[1], evaluate=False)
     if op == "sub":

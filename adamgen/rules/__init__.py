@@ -86,6 +86,9 @@ _ADAM_OPTIONS = (
     Option("lr_dtype", "float64", "the dtype torch computes lr's scalars in: float64 for a "
            "Python float (or a float64 0-d tensor), float32 for a float32 0-d tensor",
            ("float64", "float32")),
+    Option("precision", "native", "the tensors' dtype: native (float32/float64), or bfloat16/"
+           "float16 tensors with torch's per-op rounding (each op in float32, rounded once)",
+           ("native", "bfloat16", "float16")),
 )
 
 BUILTINS: Mapping[str, BuiltinRule] = {rule.name: rule for rule in (
@@ -122,4 +125,8 @@ def resolve(ref: SpecRef) -> Any:
         from ..derivatives import vjp_spec
 
         return vjp_spec(spec)
+    from ..mixed import DERIVATIVES, derived
+
+    if ref.derivative in DERIVATIVES:
+        return derived(spec, ref.derivative)
     raise ArgumentValueError(f"unknown derived spec {ref.derivative!r} of {ref.name}")

@@ -27,6 +27,30 @@ torch's step (``_single_tensor_adam``, the non-capturable branch), and the spec'
 with ``bc1 = 1 - beta1**step`` and ``bc2 = 1 - beta2**step`` in Python floats. An ``lr`` held in
 a float32 0-d tensor makes torch compute ``lr/bc1`` and ``1 - lr*wd`` in float32
 (``lr_dtype="float32"``).
+
+**bfloat16 and float16 tensors** (``precision="bfloat16"``/``"float16"``: parameter, gradient and
+state all stored in that dtype, the kernel computing in float32). torch computes each op in
+float32 and rounds its result once to the tensors' dtype, written R below; its scalars are
+rounded to float32, except the scalars of add/sub (``eps``, ``alpha``), which are rounded to
+the low dtype first; its square root is then ``sqrtf`` (correctly rounded), not MKL's, so this
+variant is torch's arithmetic exactly. Measured on the development machine (torch 2.13,
+AVX-512; /work/research/torch_rounding.md, section 5, re-checked by the tests)::
+
+    param.mul_(1 - lr*wd)            (AdamW)          p = R(param * (1 - lr*wd))
+    grad.add(param, alpha=wd)        (Adam, wd != 0)  g = R(fma(param, R(wd), g))
+    exp_avg.lerp_(grad, 1 - beta1)                    m = R(lerp as above, in float32)
+    exp_avg_sq.mul_(beta2)                            v = R(v * beta2)
+        .addcmul_(grad, grad, value=1 - beta2)        v = R(fma((1 - beta2)*g, g, v))
+    denom = src.sqrt()                                den = R(sqrt(src))
+        / (bc2 ** 0.5)                                den = R(den / bc2**0.5)
+        .add_(eps)                                    den = R(den + R(eps))
+    param.addcdiv_(exp_avg, denom, value=-lr/bc1)     p = R(((-lr/bc1)*m)/den + p)
+
+The coupled decay is the one op whose rounding depends on where an element lies: torch's
+vectorised loop computes ``R(fma(p, R(wd), g))`` (``p*R(wd)`` is exact in float32), but its
+scalar tail (the last ``n mod 32`` elements of each parallel chunk) and every element of a
+non-contiguous tensor compute ``R(g + R(R(wd)*p))``. This spec says the vectorised form for
+every element; docs/mixed-precision.md lists the elements where torch's tail differs.
 """
 
 from __future__ import annotations
@@ -44,41 +68,63 @@ from ..spec import Hyperparameter, Range, Tensor, UpdateSpec, symbols, unevaluat
 UNIT = Range(0.0, 1.0, high_open=True)
 #: The dtypes torch computes ``lr``'s scalars in: a Python float's, or a 0-d tensor's.
 LR_DTYPES = ("float64", "float32")
+#: The tensors' dtype: ``native`` (the kernel's: float32 or float64), or a low precision whose
+#: tensors are stored in it while torch's ops compute in float32 and round each result.
+PRECISIONS = ("native", "bfloat16", "float16")
 
 
 def spec(amsgrad: bool = False, maximize: bool = False, decoupled: bool = False,
-         lr_dtype: str = "float64") -> UpdateSpec:
+         lr_dtype: str = "float64", precision: str = "native") -> UpdateSpec:
     """Adam (``decoupled=False``) or AdamW (``decoupled=True``)."""
     if lr_dtype not in LR_DTYPES:
         raise ValueError(f"lr_dtype must be one of {LR_DTYPES}, got {lr_dtype!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq = symbols(
         "param grad exp_avg exp_avg_sq max_exp_avg_sq")
     lr, beta1, beta2, eps, weight_decay, step = symbols("lr beta1 beta2 eps weight_decay step")
+    low_precision = precision != "native"
 
     def in_lr_dtype(x: sympy.Expr) -> sympy.Expr:
         return round_to(x, "float32") if lr_dtype == "float32" else x
 
+    def op(x: sympy.Expr) -> sympy.Expr:
+        """One torch op's result, rounded to the tensors' dtype (no-op in native precision)."""
+        return round_to(x, precision) if low_precision else x
+
     with unevaluated():
         g = -grad if maximize else grad
         if decoupled:
-            p = param * in_lr_dtype(1 - in_lr_dtype(in_lr_dtype(lr) * in_lr_dtype(weight_decay)))
+            p = op(param * in_lr_dtype(1 - in_lr_dtype(in_lr_dtype(lr) *
+                                                       in_lr_dtype(weight_decay))))
         else:
             p = param
-            g = where(Ne(weight_decay, 0), fma(param, weight_decay, g), g)
+            alpha = op(weight_decay)  # add's alpha is rounded to the tensors' dtype first
+            g = where(Ne(weight_decay, 0), op(fma(param, alpha, g)), g)
         weight = element(1 - beta1)  # lerp_ rounds its weight first, then branches on it
         low = weight < Rational(1, 2)
-        m = fma(where(low, weight, weight - 1), g - exp_avg, where(low, exp_avg, g))
-        v = fma((1 - beta2) * g, g, exp_avg_sq * beta2)
+        m = op(fma(where(low, weight, weight - 1), g - exp_avg, where(low, exp_avg, g)))
+        if low_precision:  # mul_ and addcmul_ round their results separately
+            v = op(fma((1 - beta2) * g, g, op(exp_avg_sq * beta2)))
+        else:
+            v = fma((1 - beta2) * g, g, exp_avg_sq * beta2)
         source = maximum(max_exp_avg_sq, v) if amsgrad else v
         step_size = in_lr_dtype(in_lr_dtype(lr) / in_lr_dtype(1 - beta1**step))
-        denom = sqrt(source) / (1 - beta2**step) ** Rational(1, 2) + eps
-        p_new = ((-step_size) * m) / denom + p
+        if low_precision:  # sqrt, the division and add_(eps) round each; eps rounded first
+            denom = op(op(op(sqrt(source)) / (1 - beta2**step) ** Rational(1, 2)) + op(eps))
+        else:
+            denom = sqrt(source) / (1 - beta2**step) ** Rational(1, 2) + eps
+        p_new = op(((-step_size) * m) / denom + p)
+    storage = precision if low_precision else None
     outputs = {"param": p_new, "exp_avg": m, "exp_avg_sq": v}
-    tensors = [Tensor("param", doc="the parameter"), Tensor("grad", doc="its gradient"),
-               Tensor("exp_avg", doc="first moment"), Tensor("exp_avg_sq", doc="second moment")]
+    tensors = [Tensor("param", doc="the parameter", storage=storage),
+               Tensor("grad", doc="its gradient", storage=storage),
+               Tensor("exp_avg", doc="first moment", storage=storage),
+               Tensor("exp_avg_sq", doc="second moment", storage=storage)]
     if amsgrad:
         outputs["max_exp_avg_sq"] = source
-        tensors.append(Tensor("max_exp_avg_sq", doc="running maximum of exp_avg_sq"))
+        tensors.append(Tensor("max_exp_avg_sq", doc="running maximum of exp_avg_sq",
+                              storage=storage))
     name = "torch_adamw" if decoupled else "torch_adam"
     return UpdateSpec(
         name, tensors=tensors,
@@ -95,7 +141,8 @@ def spec(amsgrad: bool = False, maximize: bool = False, decoupled: bool = False,
         parameter="param", gradient="grad",
         names={"m_weight": weight, "step_size": step_size, "denom": denom,
                "grad_decayed": g, "param_decayed": p},
-        options={"amsgrad": amsgrad, "maximize": maximize, "lr_dtype": lr_dtype},
+        options={"amsgrad": amsgrad, "maximize": maximize, "lr_dtype": lr_dtype,
+                 **({"precision": precision} if low_precision else {})},
         summary=f"torch.optim.{'AdamW' if decoupled else 'Adam'}(foreach=False): torch's "
                 "arithmetic, an IEEE square root")
 

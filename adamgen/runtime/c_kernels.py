@@ -121,15 +121,33 @@ class PointerList:
 
 _ARRAY_ROLES = {"in": "", "inout": ", True", "out": ", True"}  # role -> from_buffer's writable
 _LIST_ROLES = {"in_list": "False", "inout_list": "True"}
+#: the random stream's roles -> which item of the Python argument ``rng`` they take
+_RNG_ROLES = {"rng_seed": 0, "rng_step": 1, "rng_key": 2, "rng_key_list": 2}
+
+
+def element_ctype(ctype: str) -> str:
+    """The element type of a C parameter type: ``uint16_t`` for ``const uint16_t *const *``."""
+    words = ctype.replace("*", " ").replace("restrict", " ").split()
+    return " ".join(word for word in words if word != "const")
+
+
+def _keys(ffi: Any, value: Any) -> Any:
+    """Per-tensor stream keys as a C ``uint32_t`` array (cdata passes through)."""
+    if isinstance(value, ffi.CData):
+        return value
+    return ffi.new("uint32_t[]", [int(key) & 0xFFFFFFFF for key in value])
 
 
 class KernelFunction:
     """One C entry point, called with NumPy arrays in the order of its C parameters.
 
     Python arguments: the tensors (arrays; a scalar tensor as a number; for multi-tensor
-    entry points, sequences of arrays or :class:`PointerList`), the ``scalars`` tuple, then
-    the outputs that overwrite nothing. ``n`` (or ``sizes, count``) is taken from the first
-    written array; threaded entry points also take ``threads`` and ``threshold`` (keywords).
+    entry points, sequences of arrays or :class:`PointerList`), the ``scalars`` tuple, for a
+    kernel that rounds stochastically ``rng = (seed, step, key)`` (multi-tensor: one key per
+    tensor), then the outputs that overwrite nothing. Each array has its parameter's element
+    type (a narrow storage dtype's: ``uint16`` bits for bfloat16). ``n`` (or ``sizes,
+    count``) is taken from the first written array; threaded entry points also take
+    ``threads`` and ``threshold`` (keywords).
 
     The call is a small Python function generated from the signature (kept as
     :attr:`python_source`): one ``from_buffer`` per array and the C call, with no per-argument
@@ -147,13 +165,19 @@ class KernelFunction:
         self.python_names = tuple(self._python_names())
         namespace: dict[str, Any] = {
             "from_buffer": ffi.from_buffer, "array_type": ffi.typeof(f"{ctype}[]"),
-            "pointers": functools.partial(_pointer_list, ffi, ctype),
+            "keys": functools.partial(_keys, ffi),
             "same_sizes": functools.partial(_same_sizes, self.symbol),
             "c_function": getattr(lib, self.symbol), "resolve_threads": resolve_threads,
             "owner": self}
         #: the cffi function itself, for callers that hold its C arguments already (pointer
         #: tables gathered once): no conversion, no check
         self.c_function: Callable[..., None] = namespace["c_function"]
+        for name, ct, role in self.parameters:
+            if role in _ARRAY_ROLES:
+                namespace[f"array_type_{name}"] = ffi.typeof(f"{element_ctype(ct)}[]")
+            elif role in _LIST_ROLES:
+                namespace[f"pointers_{name}"] = functools.partial(_pointer_list, ffi,
+                                                                  element_ctype(ct))
         self.python_source = self._generate()
         exec(compile(self.python_source, f"<adamgen {self.symbol}>", "exec"),  # noqa: S102
              namespace)
@@ -179,6 +203,11 @@ class KernelFunction:
         for name, _, role in self.parameters:
             if role in ("in", "inout", "value", *_LIST_ROLES):
                 names.append(name)
+            elif role in _RNG_ROLES:
+                if "scalars" not in names:
+                    names.append("scalars")
+                if "rng" not in names:
+                    names.append("rng")
             elif "scalars" not in names:
                 names.append("scalars")
             if role == "out":
@@ -193,13 +222,18 @@ class KernelFunction:
         lines, c_args, lists = [], [], []
         for name, _, role in self.parameters:
             if role in _ARRAY_ROLES:
-                lines.append(f"    p_{name} = from_buffer(array_type, a_{name}"
+                lines.append(f"    p_{name} = from_buffer(array_type_{name}, a_{name}"
                              f"{_ARRAY_ROLES[role]})")
                 c_args.append(f"p_{name}")
             elif role in _LIST_ROLES:
-                lines.append(f"    p_{name} = pointers(a_{name}, {_LIST_ROLES[role]})")
+                lines.append(f"    p_{name} = pointers_{name}(a_{name}, {_LIST_ROLES[role]})")
                 c_args.append(f"p_{name}.cdata")
                 lists.append(f"p_{name}")
+            elif role == "rng_key_list":
+                lines.append(f"    p_{name} = keys(a_rng[2])")
+                c_args.append(f"p_{name}")
+            elif role in _RNG_ROLES:
+                c_args.append(f"a_rng[{_RNG_ROLES[role]}]")
             elif role == "value":
                 c_args.append(f"a_{name}")
             elif role == "scalar" and "*a_scalars" not in c_args:
@@ -327,9 +361,23 @@ class CKernel:
         arrays or a :class:`PointerList` (cache those), scalar tensors one number for all."""
         self.call("multi_inplace", *args, threads=threads, threshold=threshold)
 
-    def pointers(self, arrays: Sequence[Any], *, writable: bool = False) -> PointerList:
-        """Gather the pointers of ``arrays`` once, for repeated :meth:`multi_inplace` calls."""
-        return PointerList(self.ffi, self.ctype, arrays, writable)
+    def pointers(self, arrays: Sequence[Any], *, writable: bool = False,
+                 ctype: str | None = None) -> PointerList:
+        """Gather the pointers of ``arrays`` once, for repeated :meth:`multi_inplace` calls
+        (``ctype``: their element type, when a tensor is stored narrower than the kernel's)."""
+        return PointerList(self.ffi, ctype or self.ctype, arrays, writable)
+
+    def element_ctypes(self, form: str = "multi_inplace") -> dict[str, str]:
+        """Each array parameter's element type in ``form`` (``uint16_t`` for bfloat16)."""
+        function = next(f for f in self.functions.values() if f.form == form)
+        return {name: element_ctype(ct) for name, ct, role in function.parameters
+                if role in (*_ARRAY_ROLES, *_LIST_ROLES)}
+
+    @property
+    def random(self) -> bool:
+        """Whether the kernel rounds stochastically (its calls take ``rng``)."""
+        first = next(iter(self.functions.values()))
+        return any(role in _RNG_ROLES for _, _, role in first.parameters)
 
 
 # -- building and loading ------------------------------------------------------------------------

@@ -157,14 +157,20 @@ class Adam(Optimizer):
         lr: the learning rate, finite and >= 0 (torch accepts inf; adamgen does not); may be
             changed between steps (``opt.lr = ...``, checked at the next step).
         beta1, beta2, epsilon: as in :func:`adamgen.adam_update`.
+        master_weights, stochastic_rounding, seed: for float16 parameters (Ivy's rule has no
+            float16 arithmetic of its own, so they need ``master_weights=True`` or
+            ``stochastic_rounding=True``): see :class:`adamgen.runtime.optimizer.Optimizer`.
     """
 
     display_name = "Adam"
 
     def __init__(self, params: Sequence[Any] | Tree, lr: float = 1e-3, beta1: float = BETA1,
-                 beta2: float = BETA2, epsilon: float = EPSILON) -> None:
+                 beta2: float = BETA2, epsilon: float = EPSILON, *,
+                 master_weights: bool = False, stochastic_rounding: bool = False,
+                 seed: int = 0) -> None:
         super().__init__(ivy_source(), params, lr=lr, beta1=beta1, beta2=beta2,
-                         epsilon=epsilon)
+                         epsilon=epsilon, master_weights=master_weights,
+                         stochastic_rounding=stochastic_rounding, seed=seed)
 
     @property
     def lr(self) -> Any:

@@ -36,7 +36,8 @@ from .c_kernels import resolve_threads
 from .guard import ThreadGuard
 from .source import KernelSource
 
-DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
+DTYPE_NAMES = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32",
+               np.dtype(np.float64): "float64"}
 #: a pointer table read as unsigned integers (struct format of uintptr_t)
 _POINTER_FORMAT: Any = np.dtype(np.uintp).char
 
@@ -79,17 +80,21 @@ class MultiTensorGroup:
     """The parameters of one dtype and their optimizer-owned state.
 
     Args:
-        source: the rule's kernels.
+        source: the rule's kernels (for low-precision parameters: the mode's variant).
         roles: what each tensor of the rule is.
-        dtype: the group's dtype.
-        arrays: per tensor name of the rule (parameter, gradient, state), the group's arrays.
+        dtype: the group's (parameters') dtype.
+        arrays: per tensor name of the rule (parameter, gradient, state), the group's arrays,
+            each in its storage dtype.
         indices: each member's position among all the optimizer's parameters.
         step_name: the rule's step counter hyperparameter, if it has one.
+        compute: the kernels' dtype (float32 for float16 parameters), default ``dtype``.
+        stream: for stochastic rounding, (seed, each member's key).
     """
 
     def __init__(self, source: KernelSource, roles: Roles, dtype: np.dtype,
                  arrays: Mapping[str, Sequence[np.ndarray]], indices: Sequence[int],
-                 step_name: str | None = None) -> None:
+                 step_name: str | None = None, *, compute: str | None = None,
+                 stream: tuple[int, Sequence[int]] | None = None) -> None:
         self.roles = roles
         self._rule = source.name  # the loader's problem names the rule (``adamgen info``)
         self._step_name = step_name
@@ -101,7 +106,11 @@ class MultiTensorGroup:
         self.size = sum(p.size for p in self.params)
         #: each gradient's bytes (it has its parameter's size), for the overlap check
         self._nbytes = memory.sizes([p.nbytes for p in self.params])
-        name = DTYPE_NAMES[self.dtype]
+        name = compute or DTYPE_NAMES[self.dtype]
+        self._seed = stream[0] if stream is not None else 0
+        self._step = 0
+        self._keys = np.array([key & 0xFFFFFFFF for key in stream[1]] if stream else [],
+                              dtype=np.uint32)
         interface = source.interface
         scalars = frozenset(roles.scalars)
         numpy_module = source.numpy_module(name, aliases=interface.in_place,
@@ -112,22 +121,29 @@ class MultiTensorGroup:
         #: outputs in the module's order, each the tensor it overwrites
         self._outputs = tuple({p.output: p.input for p in interface.state}[o]
                               for o in self.numpy_module.OUTPUTS)
+        self.random = bool(getattr(self.numpy_module, "STREAMS", ()))
         self.kernel = source.c_kernel(name, scalars)
         if self.kernel is not None and "multi_inplace" not in self.kernel.forms:
             self.kernel = None
         self._writable = {roles.parameter, *roles.state}
         if self.kernel is not None:  # pointers gathered once, reused every step
+            ctypes = self.kernel.element_ctypes()
+            self._ctypes = ctypes
             self.pointers = {t: self.kernel.pointers(flat(self.arrays[t]),
-                                                     writable=t in self._writable)
+                                                     writable=t in self._writable,
+                                                     ctype=ctypes[t])
                              for t in (roles.parameter, roles.gradient, *roles.state)}
             # step(grads): the same sizes as the owned gradients (checked by the optimizer), so
             # one pointer table is refilled in place instead of a new list per step
-            self._external = self.kernel.pointers(flat(self.arrays[roles.gradient]))
+            self._external = self.kernel.pointers(flat(self.arrays[roles.gradient]),
+                                                  ctype=ctypes[roles.gradient])
             # cffi reads C-contiguous memory: a Fortran-ordered gradient is passed flattened
             self._fortran = [p.flags.f_contiguous and not p.flags.c_contiguous
                              for p in self.params]
             self._from_buffer = self.kernel.ffi.from_buffer
-            self._array_type = self.kernel.ffi.typeof(f"{self.kernel.ctype}[]")
+            self._array_type = self.kernel.ffi.typeof(f"{ctypes[roles.gradient]}[]")
+            self._keys_cdata = self.kernel.ffi.new("uint32_t[]", self._keys.tolist()) \
+                if self.random else None
             # the C entry points themselves: the pointer tables above are all they take
             symbol = f"{self.kernel.config.spec.name}_multi_inplace"
             self._serial = self.kernel.function(symbol).c_function
@@ -176,8 +192,8 @@ class MultiTensorGroup:
             if index in moved:
                 self.params[position] = moved[index]
         if self.kernel is not None:
-            self.pointers[self.roles.parameter] = self.kernel.pointers(flat(self.params),
-                                                                       writable=True)
+            self.pointers[self.roles.parameter] = self.kernel.pointers(
+                flat(self.params), writable=True, ctype=self._ctypes[self.roles.parameter])
             self._template = None
             self._values = None  # the C arguments are rebuilt at the next step
 
@@ -202,6 +218,7 @@ class MultiTensorGroup:
             arguments = arguments.copy()
             arguments[self._step_slot] = step
         scalars = self.numpy_module.prelude(*arguments)
+        self._step = int(step or 0) & 0xFFFFFFFF  # the random stream's counter
         variant = self._variant or self.variant(values, scalars)
         roles = self.roles
         if variant == "numpy":
@@ -213,6 +230,7 @@ class MultiTensorGroup:
                     grads[position] = np.array(grads[position], order="K")
             self._run_numpy({**self.arrays, roles.gradient: grads}, values, scalars)
             return
+        stream = (self._seed, self._step, self._keys_cdata) if self.random else ()
         buffers = None
         if external_grads is None:  # the owned buffers: the pointer tables gathered once
             leading = self._c_arguments
@@ -221,15 +239,20 @@ class MultiTensorGroup:
             leading = self._c_arguments.copy()
             leading[self._gradient_slot] = self._external.cdata
         if variant == "c" or self._threaded is None:
-            self._serial(*leading, *scalars, *self._tail)
+            self._serial(*leading, *scalars, *stream, *self._tail)
         elif self._guard is None:  # as dispatch.threading("c-omp"): every thread from element 0
-            self._threaded(*leading, *scalars, *self._tail, resolve_threads(None), 0)
+            self._threaded(*leading, *scalars, *stream, *self._tail, resolve_threads(None), 0)
         else:  # threads while they keep their promise (a busy neighbour breaks it)
             serial, threaded = self._serial, self._threaded
             self._guard.run(
-                lambda: threaded(*leading, *scalars, *self._tail, resolve_threads(None), 0),
-                lambda: serial(*leading, *scalars, *self._tail), self.size)
+                lambda: threaded(*leading, *scalars, *stream, *self._tail,
+                                 resolve_threads(None), 0),
+                lambda: serial(*leading, *scalars, *stream, *self._tail), self.size)
         del buffers  # the C call is over: the gradients' buffers may be released
+
+    def reseed(self, seed: int) -> None:
+        """The random stream's seed from now on (a loaded checkpoint's)."""
+        self._seed = seed
 
     def _adopt(self, values: Mapping[str, float]) -> None:
         """What a step derives from the hyperparameters: the prelude's arguments (the step's
@@ -273,10 +296,13 @@ class MultiTensorGroup:
                    scalars: tuple[float, ...]) -> None:
         update = self.numpy_module.update
         order, outputs = self.roles.order, self._outputs
+        step = getattr(self, "_step", 0)
         with np.errstate(all="ignore"):
             for position in range(len(arrays[self.roles.parameter])):
                 tensors = {t: arrays[t][position] if t in arrays else values[t] for t in order}
-                update(*(tensors[t] for t in order), scalars, *(tensors[t] for t in outputs))
+                stream = ((self._seed, step, int(self._keys[position])),) if self.random else ()
+                update(*(tensors[t] for t in order), scalars, *stream,
+                       *(tensors[t] for t in outputs))
 
     def _timers(self, limit: int, values: Mapping[str, float],
                 scalars: tuple[float, ...]) -> dict[str, Callable[[], None]]:
@@ -291,20 +317,26 @@ class MultiTensorGroup:
         if not sizes:
             sizes, total = [limit], limit
 
-        def scratch(fill: float) -> list[np.ndarray]:
-            return np.split(np.full(total, fill, self.dtype), np.cumsum(sizes)[:-1])
+        def scratch(fill: float, like: np.ndarray) -> list[np.ndarray]:
+            values = np.full(total, fill, np.float32).astype(like.dtype) \
+                if like.dtype.kind == "f" else np.full(total, 0x3F80, like.dtype)
+            return np.split(values, np.cumsum(sizes)[:-1])
 
         names = (self.roles.parameter, self.roles.gradient, *self.roles.state)
-        arrays = {name: scratch(1.0 / (2 ** k)) for k, name in enumerate(names)}
+        arrays = {name: scratch(1.0 / (2 ** k), self.arrays[name][0])
+                  for k, name in enumerate(names)}
         timers: dict[str, Callable[[], None]] = {}
         if "numpy" in self.variants:
             timers["numpy"] = functools.partial(self._run_numpy, arrays, values, scalars)
         if self.kernel is not None:
             kernel = self.kernel
-            tables = {t: kernel.pointers(arrays[t], writable=t in self._writable) for t in names}
+            tables = {t: kernel.pointers(arrays[t], writable=t in self._writable,
+                                         ctype=self._ctypes[t]) for t in names}
             ordered = [tables[t] if t in tables else values[t] for t in self.roles.order]
+            stream = ((self._seed, 1, self._keys[:len(sizes)].tolist()),) if self.random \
+                else ()
             for variant in self.variants:
                 if variant != "numpy":
                     timers[variant] = functools.partial(kernel.multi_inplace, *ordered, scalars,
-                                                        **dispatch.threading(variant))
+                                                        *stream, **dispatch.threading(variant))
         return timers

@@ -39,18 +39,20 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .. import ieee
 from ..errors import ArgumentTypeError, ArgumentValueError
 from ..interface import Hyperparameter, Range
 from . import memory
 from .follow import StorageWatch, torch_of
 from .multitensor import MultiTensorGroup, Roles
 from .params import aligned_empty, as_parameter, checked_step, is_fortran, shared_memory_error
-from .source import KernelSource
+from .precision import LOW_PRECISION, check_arguments, mode_of, variant_ref
+from .source import KernelSource, variant_source
 from .tree import Tree
 
 
 class Optimizer:
-    """A rule's in-place optimizer over a list (or a Container) of float32/float64 arrays.
+    """A rule's in-place optimizer over a list (or a Container) of float16/32/64 arrays.
 
     Args:
         source: the rule's kernels (``adamgen.rule(name).optimizer(...)`` builds this).
@@ -60,13 +62,24 @@ class Optimizer:
             as Ivy's ``lr``), checked against the rule's ranges; omitted ones take their
             defaults. They may be changed between steps (``opt.hyperparameters[name] = ...``),
             checked at the next step.
+        master_weights, stochastic_rounding, seed: how float16 parameters are updated
+            (:mod:`adamgen.runtime.precision`): by default with the rule's own float16
+            arithmetic (its ``precision`` option: ``torch_adam``'s is torch's per-op
+            rounding, state in float16); with ``master_weights`` from a float32 master copy
+            and float32 state, the parameter the master rounded to nearest even; with
+            ``stochastic_rounding`` (which implies master weights) rounded stochastically, with
+            bits from a counter-based stream of ``seed``, the step, the parameter's position
+            and the element. float32/float64 parameters are not affected.
     """
 
     #: how errors name this optimizer
     display_name = "the optimizer"
 
-    def __init__(self, source: KernelSource, params: Sequence[Any] | Tree,
-                 **hyperparameters: Any) -> None:
+    def __init__(self, source: KernelSource, params: Sequence[Any] | Tree, *,
+                 master_weights: bool = False, stochastic_rounding: bool = False,
+                 seed: int = 0, **hyperparameters: Any) -> None:
+        self.seed = check_arguments(master_weights, stochastic_rounding, seed)
+        self.master_weights, self.stochastic_rounding = master_weights, stochastic_rounding
         self._source = source
         interface = source.interface
         self._roles = Roles.of(interface)
@@ -137,35 +150,45 @@ class Optimizer:
             raise shared_memory_error(*clash)
         #: what each gradient must be: the parameter's shape, dtype and memory order
         self._expected = [(p.shape, p.dtype, is_fortran(p)) for p in self.params]
-        roles = self._roles
-        owned = (roles.gradient, *roles.state)
-        #: per owned tensor (gradient, state), one view per parameter
-        self._owned: dict[str, list[np.ndarray]] = {name: [np.empty(0)] * len(raw)
-                                                     for name in owned}
+        #: per owned tensor (gradient, state), one view per parameter (None where the
+        #: parameter's group has no such tensor: a master copy exists for float16 only)
+        self._owned: dict[str, list[Any]] = {}
         #: every group's flat buffers, by description: the state (which a step writes) and
         #: the gradient (which it only reads)
         self._written_buffers: dict[str, np.ndarray] = {}
         self._read_buffers: dict[str, np.ndarray] = {}
         self._groups: list[MultiTensorGroup] = []
+        mode = mode_of(self.master_weights, self.stochastic_rounding)
         for dtype in sorted({p.dtype for p in self.params}, key=str):
             members = [i for i, p in enumerate(self.params) if p.dtype == dtype]
             total = sum(self.params[i].size for i in members)
-            for name in owned:
-                buffer = aligned_empty(total, dtype)
+            low = dtype.name in LOW_PRECISION
+            source = self._source if not low else \
+                variant_source(self._source, variant_ref(self._source.spec, dtype.name, mode))
+            compute = "float32" if low else dtype.name
+            roles = Roles.of(source.interface) if low else self._roles
+            inits = {p.input: p.init for p in source.interface.owned_state}
+            for name in (roles.gradient, *roles.state):
+                storage = ieee.STORAGE_NUMPY[source.interface.storage(name, compute)]
+                buffer = aligned_empty(total, storage)
                 buffer[:] = 0
                 kept = self._read_buffers if name == roles.gradient else self._written_buffers
                 kept[f"the optimizer's {dtype} {self._label(name)} buffer"] = buffer
+                views = self._owned.setdefault(name, [None] * len(raw))
                 offset = 0
                 for i in members:
                     p = self.params[i]
                     order: Literal["C", "F"] = "F" if is_fortran(p) else "C"
-                    self._owned[name][i] = buffer[offset:offset + p.size].reshape(p.shape,
-                                                                                  order=order)
+                    views[i] = buffer[offset:offset + p.size].reshape(p.shape, order=order)
+                    if inits.get(name) == "parameter":  # master weights: the parameter, widened
+                        views[i][...] = p
                     offset += p.size
-            arrays = {name: [self._owned[name][i] for i in members] for name in owned}
+            arrays = {name: [self._owned[name][i] for i in members]
+                      for name in (roles.gradient, *roles.state)}
             arrays[roles.parameter] = [self.params[i] for i in members]
-            self._groups.append(MultiTensorGroup(self._source, roles, dtype, arrays, members,
-                                                 self._step_name))
+            self._groups.append(MultiTensorGroup(
+                source, roles, dtype, arrays, members, self._step_name, compute=compute,
+                stream=(self.seed, members) if mode == "stochastic" and low else None))
         self._written = self._written_memory()
         self._watched = [i for i, p in enumerate(raw) if torch_of(p) is not None]
         self._watch = StorageWatch([raw[i] for i in self._watched]) if self._watched else None
@@ -191,9 +214,16 @@ class Optimizer:
         return self._shaped(self._owned[self._roles.gradient])
 
     @property
+    def _state_names(self) -> list[str]:
+        """Every owned state tensor of any group (the rule's, then a master copy's)."""
+        gradient = self._roles.gradient
+        return [name for name in self._owned if name != gradient]
+
+    @property
     def state(self) -> dict[str, Any]:
-        """The state tensors by their checkpoint names, each shaped like ``params``."""
-        return {self._label(name): self._shaped(self._owned[name]) for name in self._roles.state}
+        """The state tensors by their checkpoint names, each shaped like ``params`` (a master
+        copy, in the master-weight modes: None for parameters that have none)."""
+        return {self._label(name): self._shaped(self._owned[name]) for name in self._state_names}
 
     def _shaped(self, arrays: list[np.ndarray]) -> list[np.ndarray] | Tree:
         if self._structure is None:
@@ -296,10 +326,15 @@ class Optimizer:
     # -- checkpoints and copies -----------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Copies of the state tensors, the step counter and the hyperparameters."""
-        state: dict[str, Any] = {"step": self.step_count, **self.hyperparameters}
-        for name in self._roles.state:
-            state[self._label(name)] = [x.copy() for x in self._owned[name]]
+        """Copies of the state tensors (in their own dtypes; None where a parameter has no
+        master copy), the step counter, the hyperparameters and the mixed-precision mode."""
+        state: dict[str, Any] = {"step": self.step_count, **self.hyperparameters,
+                                 "master_weights": self.master_weights,
+                                 "stochastic_rounding": self.stochastic_rounding,
+                                 "seed": self.seed}
+        for name in self._state_names:
+            state[self._label(name)] = [None if x is None else x.copy()
+                                        for x in self._owned[name]]
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -307,30 +342,56 @@ class Optimizer:
         every error names the entry (``state_dict['m'][1]``)."""
         if not isinstance(state, Mapping):
             raise ArgumentTypeError(f"state_dict must be a mapping, got {type(state).__name__}")
-        labels = [self._label(name) for name in self._roles.state]
+        self._check_mode(state)
+        names = self._state_names
+        labels = [self._label(name) for name in names]
         missing = [key for key in ("step", *self._settable, *labels) if key not in state]
         if missing:
             raise ArgumentValueError(f"state_dict lacks {missing}")
         step = checked_step("state_dict['step']", state["step"])
         values = self._checked_values({k: state[k] for k in self._settable}, defaults=False,
                                       where="state_dict[{!r}]")
-        sources = {name: self._checked_state_arrays(label, state[label])
-                   for name, label in zip(self._roles.state, labels)}
+        seed = check_arguments(False, False, state.get("seed", self.seed))
+        sources = {name: self._checked_state_arrays(label, state[label], self._owned[name])
+                   for name, label in zip(names, labels)}
         for name, arrays in sources.items():
             for target, source in zip(self._owned[name], arrays):
-                np.copyto(target, source, casting="same_kind")
+                if target is not None:
+                    np.copyto(target, source, casting="same_kind")
         self.step_count = step
         self.hyperparameters = values
+        self.seed = seed
+        for group in self._groups:
+            group.reseed(seed)
 
-    def _checked_state_arrays(self, key: str, values: Any) -> list[np.ndarray]:
+    def _check_mode(self, state: Mapping[str, Any]) -> None:
+        """A checkpoint with master weights loads only into an optimizer that keeps them (and
+        the other way round), where some parameter is low precision: nothing changes else."""
+        if "master_weights" not in state or not any(
+                p.dtype.name in LOW_PRECISION for p in self.params):
+            return
+        saved = bool(state["master_weights"]) or bool(state.get("stochastic_rounding"))
+        mine = self.master_weights or self.stochastic_rounding
+        if saved != mine:
+            kinds = {True: "float32 master weights and state (master_weights=True)",
+                     False: "state in the parameters' dtype (master_weights=False)"}
+            raise ArgumentValueError(f"state_dict was saved with {kinds[saved]}, but this "
+                                     f"optimizer keeps {kinds[mine]}; nothing was loaded")
+
+    def _checked_state_arrays(self, key: str, values: Any,
+                              targets: Sequence[Any]) -> list[Any]:
         count = len(self.params)
         if not isinstance(values, (list, tuple)) or len(values) != count:
             got = f"{len(values)} entries" if isinstance(values, (list, tuple)) else \
                 type(values).__name__
             raise ArgumentValueError(f"state_dict[{key!r}] must be a list of {count} arrays, "
                                      f"one per parameter; got {got}")
-        arrays = []
-        for i, (param, value) in enumerate(zip(self.params, values)):
+        arrays: list[Any] = []
+        for i, (target, value) in enumerate(zip(targets, values)):
+            if target is None:  # this parameter keeps no such state (no master copy)
+                arrays.append(None)
+                continue
+            param = target  # the state's own dtype and shape
             entry = f"state_dict[{key!r}][{i}] (parameter {self._names[i]})"
             try:
                 array = np.asarray(value)
@@ -356,6 +417,9 @@ class Optimizer:
                 "mode": self._source.fixed_mode,
                 "params": self._structure if self._structure is not None else self._originals,
                 "step": self.step_count, "hyperparameters": dict(self.hyperparameters),
+                "precision": {"master_weights": self.master_weights,
+                              "stochastic_rounding": self.stochastic_rounding,
+                              "seed": self.seed},
                 "owned": {name: list(views) for name, views in self._owned.items()}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -366,11 +430,13 @@ class Optimizer:
             from dataclasses import replace
 
             source = replace(source, constants=state["constants"], fixed_mode=state["mode"])
-        Optimizer.__init__(self, source, state["params"], **state["hyperparameters"])
+        Optimizer.__init__(self, source, state["params"], **state.get("precision", {}),
+                           **state["hyperparameters"])
         self.step_count = state["step"]
         for name, views in state["owned"].items():
             for target, saved in zip(self._owned[name], views):
-                target[...] = saved
+                if target is not None:
+                    target[...] = saved
 
     def __repr__(self) -> str:
         sizes = sum(p.size for p in self.params)

@@ -17,7 +17,7 @@ from . import validate
 from .follow import storage_problem, torch_of
 
 ALIGNMENT = 64
-SUPPORTED_DTYPES = "float32 and float64"
+SUPPORTED_DTYPES = "float16, float32 and float64"
 _LARGEST_STEP = int(np.finfo(np.float64).max)
 
 
@@ -39,9 +39,9 @@ def as_parameter(name: str, value: Any, role: str = "parameter",
         dtype = str(getattr(value, "dtype", "")).removeprefix("torch.")
         if dtype == "bfloat16":
             raise ArgumentTypeError(
-                f"{role} {name} is a bfloat16 tensor; bfloat16 is not supported yet (it needs "
-                f"mixed precision: float32 state and master weights); {owner} updates "
-                f"{SUPPORTED_DTYPES} {role}s in place")
+                f"{role} {name} is a bfloat16 tensor, which NumPy cannot view; {owner} updates "
+                f"{SUPPORTED_DTYPES} {role}s in place (adamgen.torch.Adam/AdamW update bfloat16 "
+                "parameters, with torch's rounding, master weights or stochastic rounding)")
         problem = storage_problem(value) if torch_of(value) is not None else None
         if problem:
             raise ArgumentValueError(f"{role} {name}: {problem}")
@@ -57,7 +57,7 @@ def as_parameter(name: str, value: Any, role: str = "parameter",
     else:
         raise ArgumentTypeError(f"{role} {name} is a {type(value).__name__}; expected a "
                                 "float array or a CPU tensor with __dlpack__")
-    if array.dtype not in (np.float32, np.float64):
+    if array.dtype not in (np.float16, np.float32, np.float64):
         raise ArgumentTypeError(f"{role} {name} has dtype {array.dtype}; {owner} updates "
                                 f"{SUPPORTED_DTYPES} {role}s in place")
     if not (array.flags.c_contiguous or array.flags.f_contiguous):

@@ -115,11 +115,15 @@ class Rule:
         """
         return self._bound()["update"](*tensors, out=out, **hyperparameters)
 
-    def optimizer(self, params: Sequence[Any] | Tree, **hyperparameters: Any) -> Optimizer:
+    def optimizer(self, params: Sequence[Any] | Tree, *, master_weights: bool = False,
+                  stochastic_rounding: bool = False, seed: int = 0,
+                  **hyperparameters: Any) -> Optimizer:
         """The in-place multi-tensor optimizer over ``params`` (arrays or CPU tensors, a list
         or a Container): ``opt.grads``, ``opt.step()``, ``opt.step(grads)``, ``opt.state``,
-        ``state_dict()``/``load_state_dict()``."""
-        return Optimizer(self._source, params, **hyperparameters)
+        ``state_dict()``/``load_state_dict()``. float16 parameters run in one of the
+        mixed-precision modes (:class:`~adamgen.runtime.optimizer.Optimizer`)."""
+        return Optimizer(self._source, params, master_weights=master_weights,
+                         stochastic_rounding=stochastic_rounding, seed=seed, **hyperparameters)
 
     def vjp(self, *tensors: Any, cotangents: Sequence[Any], backend: str = "auto",
             **hyperparameters: Any) -> tuple[np.ndarray, ...]:

@@ -93,6 +93,14 @@ class KernelSource:
         return self._interface
 
 
+def variant_source(source: KernelSource, spec: SpecRef) -> KernelSource:
+    """The kernels of ``spec`` (a variant of ``source``'s rule: another option, a master-weight
+    form) from the same providers, constants and mode."""
+    if spec == source.spec:
+        return source
+    return KernelSource(spec, source.numpy, source.c, source.constants, source.fixed_mode)
+
+
 def jit_source(spec: SpecRef) -> KernelSource:
     """The rule's kernels from the process's JIT cache (generated and compiled on a miss)."""
     from .c_kernels import c_kernel

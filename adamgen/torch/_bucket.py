@@ -37,7 +37,21 @@ import numpy as np
 import torch
 
 from ._kernels import RuleKernel, Tables
-from ._layout import DTYPE_NAMES, NUMPY_DTYPES, FlatBuffer, describe, is_dense, span
+from ._layout import (
+    DTYPE_NAMES,
+    LOW_PRECISION,
+    NUMPY_DTYPES,
+    FlatBuffer,
+    describe,
+    is_dense,
+    owned,
+    rebind,
+    span,
+)
+
+#: The state key of the float32 master copy of a bfloat16/float16 parameter (master-weight
+#: modes): the master-weight spec's name for it (``master_<parameter>``, adamgen.mixed).
+MASTER = "master_param"
 
 _data_ptr = torch.Tensor.data_ptr
 _numel = torch.Tensor.numel
@@ -54,36 +68,46 @@ class Bucket:
         names: how errors name each one (``"parameter 3 of group 0"``).
         state_keys: the rule's state tensors, in torch's order (``exp_avg``, ...).
         step_dtype: the dtype of ``state["step"]`` (None: the rule counts no steps).
+        mode: how bfloat16/float16 parameters are updated (``torch``: state in their dtype;
+            ``master``/``stochastic``: float32 state and a float32 master copy, ``MASTER``).
+        keys: each parameter's key in the random stream of stochastic rounding.
 
     The owner sets :attr:`written` (which gradients overlap memory a step writes) once it
     knows every bucket's memory.
     """
 
     def __init__(self, params: Sequence[torch.Tensor], names: Sequence[str],
-                 state_keys: tuple[str, ...], step_dtype: torch.dtype | None) -> None:
+                 state_keys: tuple[str, ...], step_dtype: torch.dtype | None,
+                 mode: str = "torch", keys: Sequence[int] = ()) -> None:
         self.params = list(params)
         self.names = list(names)
-        self.state_keys = state_keys
         self.step_dtype = step_dtype
         self.count = len(self.params)
         self.dtype = self.params[0].dtype
         self.dtype_name = DTYPE_NAMES[self.dtype]
+        self.mode = mode if self.dtype in LOW_PRECISION else "torch"
+        #: master weights: float32 state, and a float32 copy of each parameter
+        self.master = self.mode != "torch"
+        self.state_keys = (*state_keys, MASTER) if self.master else state_keys
+        self.state_dtype = torch.float32 if self.master else self.dtype
+        self.keys = np.array(list(keys) or [0] * len(self.params), dtype=np.uint32)
         self.numels = [p.numel() for p in self.params]
         self.nbytes = [n * self.params[0].element_size() for n in self.numels]
         self.dense = [is_dense(p) for p in self.params]
         self.contiguous = all(p.is_contiguous() for p in self.params)
         #: aliases holding each parameter's storage: an unchanged pointer is live memory
         self.keep = [p.detach() for p in self.params]
-        self.buffers = {key: FlatBuffer(self.params, self.dtype) for key in state_keys}
+        self.buffers = {key: FlatBuffer(self.params, self.state_dtype)
+                        for key in self.state_keys}
         self.views: dict[str, list[torch.Tensor | None]] = {
-            key: [None] * self.count for key in state_keys}
+            key: [None] * self.count for key in self.state_keys}
         # non-dense parameters are copied to a contiguous row around the call
         self.staged = [row for row, dense in enumerate(self.dense) if not dense]
         self.scratch = FlatBuffer(self.params, self.dtype) if self.staged else None
         self.has_state = [False] * self.count
         self.all_have_state = False
         if step_dtype is not None:
-            self.steps = np.zeros(self.count, NUMPY_DTYPES[step_dtype])
+            self.steps = owned(np.zeros(self.count, NUMPY_DTYPES[step_dtype]))
             steps = torch.from_numpy(self.steps)
             self.step_views = [steps[row] for row in range(self.count)]
             self._step_bytes = self.steps.data.cast("B")
@@ -91,7 +115,7 @@ class Bucket:
             self._step_pack = struct.Struct("<f" if self.steps.itemsize == 4 else "<d")
         # pointer tables, in the rule's tensor order: param, grad, then the state keys
         self.pointers = {name: np.zeros(self.count, np.uintp)
-                         for name in ("param", "grad", *state_keys)}
+                         for name in ("param", "grad", *self.state_keys)}
         for key, buffer in self.buffers.items():
             self.pointers[key][:] = [buffer.pointer(row) for row in range(self.count)]
         self.sizes = np.array(self.numels, dtype=np.int64)
@@ -108,6 +132,7 @@ class Bucket:
         self._rows: list[int] | None = None  # rows with a gradient (None: all of them)
         self._grad_copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._plain = False
+        self.seed = 0
         self.written: Callable[[list[int], list[int]], list[int]] = lambda s, n: []
 
     # -- binding ---------------------------------------------------------------------------------
@@ -140,11 +165,11 @@ class Bucket:
             found = self._tables.get(kernel)
             if found is None:
                 arrays = [self.pointers[name] for name in kernel.tensors]
-                found = self._tables[kernel] = kernel.tables(arrays, self.sizes)
+                found = self._tables[kernel] = kernel.tables(arrays, self.sizes, self.keys)
             return found
         index = np.asarray(rows, dtype=np.intp)
         return kernel.tables([self.pointers[name][index] for name in kernel.tensors],
-                             self.sizes[index])
+                             self.sizes[index], self.keys[index])
 
     # -- state -----------------------------------------------------------------------------------
     def state_row(self, row: int, key: str) -> torch.Tensor:
@@ -154,21 +179,26 @@ class Bucket:
         return view
 
     def init_state(self, row: int, state: dict[Any, Any]) -> None:
-        """torch's lazy initialisation: a zero step count and zero state, in torch's key order."""
+        """torch's lazy initialisation: a zero step count and zero state, in torch's key order
+        (the master copy, last, starts as the parameter, widened exactly)."""
         with torch.no_grad():
             if self.step_dtype is not None:
                 self.steps[row] = 0
                 state["step"] = self.step_views[row]
             for key in self.state_keys:
                 view = self.state_row(row, key)
-                view.zero_()
+                if key == MASTER:
+                    view.copy_(self.params[row])
+                else:
+                    view.zero_()
                 state[key] = view
         self.has_state[row] = True
 
     def adopt(self, row: int, state: dict[Any, Any] | None) -> None:
         """Take over a parameter's state as found in ``optimizer.state``: tensors placed there
         by someone else (``load_state_dict``, ZeroRedundancyOptimizer, a user) are copied into
-        this bucket's rows, which then replace them in the dict."""
+        this bucket's rows, which then replace them in the dict; the placed tensors themselves
+        become views of those rows where they can (:func:`~._layout.rebind`)."""
         if not state:
             self.has_state[row] = False
             return
@@ -188,13 +218,16 @@ class Bucket:
             count = _step_value(state["step"], name)
         with torch.no_grad():
             if count is not None:
+                placed = state["step"]
                 self.steps[row] = count
                 state["step"] = self.step_views[row]
+                rebind(placed, self.step_views[row])
             for key in self.state_keys:
                 value, view = state[key], self.state_row(row, key)
                 if value is not view:
                     view.copy_(value)
                     state[key] = view
+                    rebind(value, view)  # whoever else holds it sees the live state
         self.has_state[row] = True
 
     def settle(self) -> None:
@@ -208,8 +241,10 @@ class Bucket:
                        and not self.staged and self.step_dtype is not None)
 
     # -- the step --------------------------------------------------------------------------------
-    def step(self, kernel: RuleKernel, hyper: tuple[Any, ...], state: Any) -> None:
-        """One step of every parameter with a gradient (see the module docstring)."""
+    def step(self, kernel: RuleKernel, hyper: tuple[Any, ...], state: Any, seed: int = 0) -> None:
+        """One step of every parameter with a gradient (see the module docstring); ``seed``:
+        the random stream's, for a kernel that rounds stochastically."""
+        self.seed = seed
         grads = [param.grad for param in self.params]
         held = self._grads
         if held is None or not all(map(_is, grads, held)) or \
@@ -237,7 +272,8 @@ class Bucket:
         if self.staged:
             self._stage_in(rows)
         if self.step_dtype is None:
-            kernel.run(self.tables(kernel, rows), kernel.prelude(*hyper))
+            kernel.run(self.tables(kernel, rows), kernel.prelude(*hyper),
+                       (self.seed, 0) if kernel.random else None)
         else:
             self._run_counted(kernel, hyper, rows)
         if self.staged:
@@ -259,7 +295,8 @@ class Bucket:
                 count = pack.unpack(pack.pack(pack.unpack_from(raw)[0] + 1.0))[0]
                 raw[:] = pack.pack(count) * self.count
                 tables = self._tables.get(kernel) or self.tables(kernel)
-                kernel.run(tables, kernel.prelude(*hyper, count))
+                kernel.run(tables, kernel.prelude(*hyper, count),
+                           (self.seed, int(count)) if kernel.random else None)
                 return
             rows = list(range(self.count))
             np.add(steps, 1, out=steps)
@@ -268,7 +305,8 @@ class Bucket:
         values = steps[rows]
         for value in np.unique(values).tolist():
             chosen = [row for row, v in zip(rows, values.tolist()) if v == value]
-            kernel.run(self.tables(kernel, chosen), kernel.prelude(*hyper, value))
+            kernel.run(self.tables(kernel, chosen), kernel.prelude(*hyper, value),
+                       (self.seed, int(value)) if kernel.random else None)
 
     def _take_grads(self, grads: list[Any]) -> None:
         """Check new gradient objects and put their pointers in the table."""

@@ -18,6 +18,8 @@ still points at; ``set_`` or ``.data =`` on one only detaches that tensor from t
 from __future__ import annotations
 
 import bisect
+import contextlib
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,9 +27,51 @@ import numpy as np
 import torch
 
 ALIGNMENT = 64
+#: How NumPy holds each dtype's elements (bfloat16: its bits, as NumPy has no bfloat16).
 NUMPY_DTYPES: dict[torch.dtype, np.dtype] = {torch.float32: np.dtype(np.float32),
-                                             torch.float64: np.dtype(np.float64)}
-DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
+                                             torch.float64: np.dtype(np.float64),
+                                             torch.bfloat16: np.dtype(np.uint16),
+                                             torch.float16: np.dtype(np.float16)}
+DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64",
+               torch.bfloat16: "bfloat16", torch.float16: "float16"}
+#: Parameter dtypes whose arithmetic is a mixed-precision mode's (see adamgen.torch.Adam).
+LOW_PRECISION = frozenset({torch.bfloat16, torch.float16})
+
+
+#: The arrays adamgen's optimizers own now (state buffers, step counts), by address: a tensor
+#: whose storage starts at one of them is some optimizer's live state (see :func:`rebind`).
+_OWNED: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
+
+
+def owned(array: np.ndarray) -> np.ndarray:
+    """``array``, registered as optimizer-owned memory (see :func:`rebind`)."""
+    _OWNED[int(array.ctypes.data)] = array
+    return array
+
+
+def rebind(placed: Any, row: torch.Tensor) -> None:
+    """Make a state tensor someone placed in ``optimizer.state`` a view of the owned row it was
+    just copied into (call under ``torch.no_grad()``).
+
+    torch's optimizers update a placed tensor in place, so whoever else holds it sees the live
+    state and no memory is held twice. ZeroRedundancyOptimizer counts on that: its
+    ``load_state_dict`` places the checkpoint's tensors in ``optim.state`` and also keeps them
+    in its own ``state`` (torch's ``Optimizer.load_state_dict`` on the wrapper). Copied and
+    left alone, they would keep each rank's shard in memory twice, as much as one unsharded
+    process holds. Rebound, they show the live state, and their old storage goes with its last
+    other reference.
+
+    Left alone (copied only): tensors of another dtype, shape or device, tensors that require
+    grad, tensors torch will not rebind, and tensors in memory an adamgen optimizer owns
+    (another optimizer's live state, as after ``b.load_state_dict(a.state_dict())`` in one
+    process: rebinding them would make ``a``'s state dict show ``b``'s values).
+    """
+    if (not isinstance(placed, torch.Tensor) or placed is row or placed.dtype != row.dtype or
+            placed.shape != row.shape or placed.device != row.device or placed.requires_grad or
+            placed.untyped_storage().data_ptr() in _OWNED):
+        return
+    with contextlib.suppress(RuntimeError):
+        placed.set_(row.untyped_storage(), row.storage_offset(), row.shape, row.stride())
 
 
 def is_dense(tensor: torch.Tensor) -> bool:
@@ -78,8 +122,8 @@ class FlatBuffer:
         for row, tensor in enumerate(like):
             self.offsets[row] = total
             total += tensor.numel()
-        self.array = aligned_zeros(max(total, 1), NUMPY_DTYPES[dtype])
-        self.tensor = torch.from_numpy(self.array)
+        self.array = owned(aligned_zeros(max(total, 1), NUMPY_DTYPES[dtype]))
+        self.tensor = torch.from_numpy(self.array).view(dtype)
         self.address = int(self.array.ctypes.data)
         self.itemsize = self.array.dtype.itemsize
         self.nbytes = total * self.itemsize

@@ -7,7 +7,8 @@ the state-dict hooks and format. What this class adds:
 * ``step`` is one C call per (group, dtype) through :class:`~adamgen.torch._plan.GroupPlan`;
 * ``state`` is a :class:`~adamgen.torch._state.TrackedState`, so a step notices in O(1) that
   someone wrote it (``load_state_dict``, ZeroRedundancyOptimizer, a user) and adopts the new
-  entries: copies them into the optimizer's own rows, which replace them in the dict;
+  entries: copies them into the optimizer's own rows, which replace them in the dict (and to
+  which the placed tensors are rebound: :func:`~adamgen.torch._layout.rebind`);
 * ``load_state_dict`` validates everything first (groups, sizes, every state tensor's shape)
   and refuses a mismatched checkpoint before anything changes; it copies the loaded tensors
   (torch's would alias the checkpoint's) and keeps this optimizer's implementation flags
@@ -21,6 +22,7 @@ the state-dict hooks and format. What this class adds:
 from __future__ import annotations
 
 import operator
+import zlib
 from collections.abc import Callable
 from copy import deepcopy
 from itertools import chain
@@ -29,14 +31,18 @@ from typing import Any
 import torch
 
 from . import _state
+from ._bucket import MASTER
 from ._kernels import first_overlap, rule_kernel
-from ._layout import WrittenRanges, describe, span
+from ._layout import LOW_PRECISION, WrittenRanges, describe, span
 from ._plan import GroupPlan, Replan, check_param
 from ._state import TrackedState, plain
 
 #: Group keys that choose an implementation, not the arithmetic: a loaded checkpoint keeps the
 #: loading optimizer's values.
 IMPLEMENTATION_FLAGS = ("foreach", "fused", "capturable", "differentiable")
+#: Group keys of the mixed-precision modes that a loaded checkpoint also leaves as they are (its
+#: state must fit them: checked); its ``seed`` is kept, so a stochastic run continues the same.
+PRECISION_FLAGS = ("master_weights", "stochastic_rounding")
 
 
 class KernelOptimizer(torch.optim.Optimizer):
@@ -47,6 +53,8 @@ class KernelOptimizer(torch.optim.Optimizer):
     _counts_steps = True
     #: the group keys :meth:`_group_call` reads: their values key a per-group memo
     _group_keys: tuple[str, ...] = ()
+    #: whether bfloat16/float16 parameters are accepted (the mixed-precision modes)
+    _low_precision = False
 
     # -- subclass interface ----------------------------------------------------------------------
     def _group_call(self, group: dict[str, Any]
@@ -57,6 +65,11 @@ class KernelOptimizer(torch.optim.Optimizer):
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         raise NotImplementedError
+
+    def _precision(self, group: dict[str, Any]) -> tuple[str, int]:
+        """(mode, seed): how the group's bfloat16/float16 parameters are updated (``torch``,
+        ``master`` or ``stochastic``) and the random stream's seed."""
+        return "torch", 0
 
     def _config(self) -> dict[str, Any]:
         """Attributes beyond torch's three that a pickled or copied optimizer needs."""
@@ -87,7 +100,8 @@ class KernelOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         try:
             for position, param in enumerate(self.param_groups[index]["params"]):
-                check_param(param, f"parameter {position} of group {index}")
+                check_param(param, f"parameter {position} of group {index}",
+                            self._low_precision)
             _refuse_overlaps(self.param_groups)
         except BaseException:
             del self.param_groups[index:]
@@ -113,19 +127,20 @@ class KernelOptimizer(torch.optim.Optimizer):
             if call is None or call[0] != values:
                 call = self._remember_call(index, group, values)
             kernels, hyper, keys = call[1]
+            mode, seed = kernels["precision"]
             plan = plans[index] if index < len(plans) else None
             try:
                 if plan is None:
                     raise Replan()
-                plan.check(group, keys, self._moved)
+                plan.check(group, keys, self._moved, mode)
             except Replan:
-                plan = self._replan(index, group, keys)
+                plan = self._replan(index, group, keys, mode)
             for bucket in plan.buckets:
                 kernel = kernels.get(bucket.dtype_name)
                 if kernel is None:
                     kernel = kernels[bucket.dtype_name] = rule_kernel(
-                        *kernels["rule"], bucket.dtype_name)
-                bucket.step(kernel, hyper, state)
+                        *kernels["rule"], bucket.dtype_name, bucket.mode)
+                bucket.step(kernel, hyper, state, seed)
         self._seen = _state.VERSION[0]
         return loss
 
@@ -135,17 +150,20 @@ class KernelOptimizer(torch.optim.Optimizer):
         ``lr`` may change in place, so it is read at every step): (its kernels by dtype, with
         ``"rule"``: (rule, options); the hyperparameters; the state keys)."""
         rule, options, hyper = self._group_call(group)
-        call = (values, ({"rule": (rule, options)}, hyper, self._state_keys(group)))
+        kernels = {"rule": (rule, options), "precision": self._precision(group)}
+        call = (values, (kernels, hyper, self._state_keys(group)))
         if any(isinstance(value, torch.Tensor) for value in values):
             self._calls.pop(index, None)
         else:
             self._calls[index] = call
         return call
 
-    def _replan(self, index: int, group: dict[str, Any], keys: tuple[str, ...]) -> GroupPlan:
+    def _replan(self, index: int, group: dict[str, Any], keys: tuple[str, ...],
+                mode: str = "torch") -> GroupPlan:
         """Plan a group afresh (its first step, or after it changed), adopting its state."""
         with torch.no_grad():
-            plan = GroupPlan(index, group, self.state, keys, self._counts_steps)
+            plan = GroupPlan(index, group, self.state, keys, self._counts_steps, mode,
+                             self._stream_keys(index))
         self._plans.extend([None] * (index + 1 - len(self._plans)))
         self._plans[index] = plan
         self._moved()
@@ -168,6 +186,19 @@ class KernelOptimizer(torch.optim.Optimizer):
                     plan.adopt(self.state)
             except Replan:
                 self._plans[index] = None
+
+    def _stream_keys(self, index: int) -> list[int]:
+        """Each parameter's key in the random stream of stochastic rounding: the CRC-32 of its
+        name when the optimizer was given names (``model.named_parameters()``), else its
+        position counted over every group in order. Both are the same when the same model is
+        built again; only names survive a wrapper that hands the optimizer a subset of the
+        parameters (ZeroRedundancyOptimizer's shards), positions then shift."""
+        group = self.param_groups[index]
+        names = group.get("param_names")
+        if names is not None and len(names) == len(group["params"]):
+            return [zlib.crc32(str(name).encode()) for name in names]
+        start = sum(len(g["params"]) for g in self.param_groups[:index])
+        return [(start + position) & 0xFFFFFFFF for position in range(len(group["params"]))]
 
     def _moved(self) -> None:
         """Parameters were (re)bound: check they still own their memory, and record what a
@@ -218,30 +249,43 @@ class KernelOptimizer(torch.optim.Optimizer):
                              "the size of optimizer's group")
         id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
                           chain.from_iterable(g["params"] for g in groups)))
+        modes = {}
+        for index, (group, saved) in enumerate(zip(groups, saved_groups)):
+            mode = self._precision(group)[0]
+            _check_modes(index, group, mode, saved, self._precision(saved)[0])
+            modes.update({id(p): mode for p in group["params"]})
         state = TrackedState()
         for key, value in state_dict["state"].items():
             if key in id_map:
-                state[id_map[key]] = self._loaded_state(id_map[key], key, value,
-                                                        state_dict["param_groups"])
+                param = id_map[key]
+                state[param] = self._loaded_state(param, key, value, state_dict["param_groups"],
+                                                  modes[id(param)])
             else:
                 state[key] = value
         for group, saved in zip(groups, saved_groups):
             saved["params"] = group["params"]
             if "param_names" in group and "param_names" not in saved:
                 saved["param_names"] = group["param_names"]
-            for flag in IMPLEMENTATION_FLAGS:
+            for flag in (*IMPLEMENTATION_FLAGS, *PRECISION_FLAGS):
                 if flag in group:
                     saved[flag] = group[flag]
+            if "seed" in group and "seed" not in saved:
+                saved["seed"] = group["seed"]
         self.__setstate__({"state": state, "param_groups": saved_groups})
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
     def _loaded_state(self, param: torch.Tensor, key: Any, value: Any,
-                      saved_groups: list[dict[str, Any]]) -> Any:
-        """One parameter's loaded state: checked, cast as torch casts it, copied."""
+                      saved_groups: list[dict[str, Any]], mode: str = "torch") -> Any:
+        """One parameter's loaded state: checked, cast as torch casts it (the master-weight
+        modes' float32 state and master copy keep float32), copied."""
         if not isinstance(value, dict):
             raise TypeError(f"loaded state {key!r} is a {type(value).__name__}; expected a "
                             "dict of tensors")
+        master = param.dtype in LOW_PRECISION and mode != "torch"
+        if (MASTER in value) != master:
+            raise ValueError(_mode_mismatch(f"the state of parameter {key!r}", param, mode,
+                                            MASTER in value))
         loaded = {}
         for name, tensor in value.items():
             if not isinstance(tensor, torch.Tensor):
@@ -251,8 +295,11 @@ class KernelOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"loaded state {key!r}[{name!r}] has {describe(tensor)}, but "
                                  f"its parameter has shape {tuple(param.shape)}; the "
                                  "checkpoint does not match this optimizer's parameters")
-            cast = torch.optim.Optimizer._process_value_according_to_param_policy(
-                param, tensor, key, saved_groups, name)
+            if master and name != "step":
+                cast = tensor.to(torch.float32)
+            else:
+                cast = torch.optim.Optimizer._process_value_according_to_param_policy(
+                    param, tensor, key, saved_groups, name)
             loaded[name] = cast.clone() if cast is tensor else cast
         return loaded
 
@@ -264,6 +311,39 @@ class KernelOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._setup()
+
+
+def _mode_name(mode: str) -> str:
+    return {"torch": "torch-compatible state in the parameter's dtype (master_weights=False)",
+            "master": "float32 master weights and state (master_weights=True)",
+            "stochastic": "float32 master weights and state, stochastic rounding "
+                          "(stochastic_rounding=True)"}[mode]
+
+
+def _mode_mismatch(what: str, param: Any, mode: str, has_master: bool) -> str:
+    if param.dtype not in LOW_PRECISION:
+        return (f"{what} holds master weights ({MASTER!r}), but the parameter is "
+                f"{str(param.dtype).removeprefix('torch.')}; master weights belong to "
+                "bfloat16/float16 parameters. Nothing was loaded")
+    saved = "float32 master weights and state" if has_master else \
+        "state in the parameter's dtype, without master weights"
+    return (f"{what} was saved with {saved}, but this optimizer keeps {_mode_name(mode)}. "
+            "Load it into an optimizer built with the same master_weights setting. Nothing "
+            "was loaded")
+
+
+def _check_modes(index: int, group: dict[str, Any], mode: str, saved: dict[str, Any],
+                 saved_mode: str) -> None:
+    """A checkpoint saved with master weights (modes 2 and 3) loads only into an optimizer
+    that keeps them, and the other way round, for groups with bfloat16/float16 parameters."""
+    if "master_weights" not in saved and "stochastic_rounding" not in saved:
+        return  # a checkpoint of torch.optim: the parameters' state says (checked per entry)
+    if (mode == "torch") == (saved_mode == "torch") or \
+            not any(getattr(p, "dtype", None) in LOW_PRECISION for p in group["params"]):
+        return
+    raise ValueError(f"parameter group {index} of the checkpoint was saved with "
+                     f"{_mode_name(saved_mode)}, but this optimizer's group keeps "
+                     f"{_mode_name(mode)}. Nothing was loaded")
 
 
 def _refuse_duplicates(params: list[Any], index: int) -> None:

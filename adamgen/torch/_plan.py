@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ._bucket import Bucket
-from ._layout import DTYPE_NAMES, describe, is_dense, span
+from ._layout import DTYPE_NAMES, LOW_PRECISION, describe, is_dense, span
 
 _data_ptr = torch.Tensor.data_ptr
 _is = operator.is_
@@ -54,9 +54,10 @@ def step_dtype_of(state: Any) -> torch.dtype:
     return scalar_dtype()
 
 
-def check_param(param: Any, name: str) -> None:
+def check_param(param: Any, name: str, low_precision: bool = True) -> None:
     """What a parameter must be for these kernels: a dense-or-strided CPU float32/float64
-    tensor (errors name the parameter and what it is)."""
+    tensor, or bfloat16/float16 where the optimizer has mixed-precision modes (errors name the
+    parameter and what it is)."""
     if not isinstance(param, torch.Tensor):
         raise TypeError(f"{name} is a {type(param).__name__}; expected a torch.Tensor")
     if param.device.type != "cpu":
@@ -64,10 +65,12 @@ def check_param(param: Any, name: str) -> None:
     if param.layout != torch.strided:
         raise ValueError(f"{name} has layout {param.layout}; adamgen.torch updates strided "
                          "(dense) tensors")
-    if param.dtype not in DTYPE_NAMES:
+    if param.dtype not in DTYPE_NAMES or (not low_precision and param.dtype in LOW_PRECISION):
+        kinds = ("float32, float64, bfloat16 and float16 parameters" if low_precision else
+                 "float32 and float64 parameters (bfloat16 and float16 need Adam/AdamW's "
+                 "mixed-precision modes)")
         raise TypeError(f"{name} is a {str(param.dtype).removeprefix('torch.')} tensor; "
-                        "adamgen.torch updates float32 and float64 parameters (complex, "
-                        "bfloat16 and float16 parameters are not supported)")
+                        f"adamgen.torch updates {kinds}")
 
 
 class GroupPlan:
@@ -79,14 +82,20 @@ class GroupPlan:
         state: ``optimizer.state``; existing entries are adopted (copied into owned rows).
         state_keys: the rule's state tensors for this group (``exp_avg``, ...).
         counts_steps: whether the rule keeps ``state["step"]``.
+        mode: how the group's bfloat16/float16 parameters are updated (``torch``, ``master``,
+            ``stochastic``).
+        keys: each parameter's key in the random stream of stochastic rounding.
     """
 
     def __init__(self, index: int, group: dict[str, Any], state: Any,
-                 state_keys: tuple[str, ...], counts_steps: bool) -> None:
+                 state_keys: tuple[str, ...], counts_steps: bool, mode: str = "torch",
+                 keys: Sequence[int] = ()) -> None:
         self.source = group["params"]
         self.params = tuple(self.source)
         self.count = len(self.params)
         self.state_keys = state_keys
+        self.mode = mode
+        keys = list(keys) or [0] * self.count
         names = [f"parameter {i} of group {index}" for i in range(self.count)]
         for param, name in zip(self.params, names):
             check_param(param, name)
@@ -99,7 +108,7 @@ class GroupPlan:
         self.where: list[tuple[Bucket, int]] = [None] * self.count  # type: ignore[list-item]
         for (_, step), positions in keyed.items():
             bucket = Bucket([self.params[i] for i in positions], [names[i] for i in positions],
-                            state_keys, step)
+                            state_keys, step, mode, [keys[i] for i in positions])
             self.buckets.append(bucket)
             for row, position in enumerate(positions):
                 self.where[position] = (bucket, row)
@@ -120,11 +129,11 @@ class GroupPlan:
             bucket.settle()
 
     def check(self, group: dict[str, Any], state_keys: tuple[str, ...],
-              moved: Callable[[], None]) -> None:
+              moved: Callable[[], None], mode: str = "torch") -> None:
         """The per-step check (see the module docstring); ``moved`` is told when parameters
         were re-bound. Raises :class:`Replan` when the plan no longer describes the group."""
         params = group["params"]
-        if params is not self.source or len(params) != self.count or \
+        if params is not self.source or len(params) != self.count or mode != self.mode or \
                 state_keys != self.state_keys or not all(map(_is, params, self.params)):
             raise Replan()
         pointers = list(map(_data_ptr, params))

@@ -31,13 +31,24 @@ _DIFFERENCES = """
       about 1 ulp of torch.optim for one step from the same state.
     * **Refused input.** ``fused=True``, ``capturable=True`` and ``differentiable=True``
       (``NotImplementedError``, naming the flag), betas given as tensors, sparse gradients
-      (torch's error), parameters that are not CPU float32/float64 tensors, the same tensor
-      twice in the parameters (torch warns, then updates it twice: a multi-tensor kernel would
-      race), parameters sharing memory, and a gradient sharing memory with what the step
-      writes.
+      (torch's error), parameters that are not CPU float32/float64/bfloat16/float16 tensors,
+      the same tensor twice in the parameters (torch warns, then updates it twice: a
+      multi-tensor kernel would race), parameters sharing memory, and a gradient sharing memory
+      with what the step writes.
+    * **bfloat16 and float16 parameters** are updated in one of three modes (constructor
+      arguments, also per param group): by default torch's own arithmetic, state in the
+      parameter's dtype, bit for bit ``torch.optim.{name}(foreach=False)`` (Adam's coupled
+      weight decay only outside torch's scalar tail); ``master_weights=True``: a float32
+      master copy (``state[p]["master_param"]``) and float32 state, the parameter the master
+      rounded to nearest even; ``stochastic_rounding=True`` (implies master weights): the
+      parameter rounded stochastically, with bits from Philox4x32-10 keyed by ``seed``, the
+      step, the parameter (the CRC-32 of its name when given ``named_parameters()``, else its
+      position) and the element. State dicts keep each mode's dtypes; a checkpoint of the other
+      kind is refused. See docs/mixed-precision.md.
     * **State tensors** live in flat buffers the optimizer owns; tensors placed in
       ``optimizer.state`` by ``load_state_dict``, ZeroRedundancyOptimizer or a user are
-      copied into them at the next step (torch would update the placed tensors themselves).
+      copied into them at the next step, and then rebound to the copies (so whoever holds a
+      placed tensor sees the live state, as torch updates placed tensors in place).
       ``load_state_dict`` copies the checkpoint (torch aliases it) and keeps this optimizer's
       ``foreach``/``fused``/``capturable``/``differentiable``.
     * **Following parameters.** Pointers are re-read every step, so ``p.data = t``,
@@ -81,11 +92,49 @@ def learning_rate(value: Any) -> tuple[float, str]:
     return _real("lr", value), "float64"
 
 
+def _precision_arguments(master_weights: Any, stochastic_rounding: Any, seed: Any
+                         ) -> dict[str, Any]:
+    """The mixed-precision constructor arguments, checked, as group defaults."""
+    for name, value in (("master_weights", master_weights),
+                        ("stochastic_rounding", stochastic_rounding)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an int from 0 to 2**64 - 1, got {seed!r}")
+    return {"master_weights": master_weights, "stochastic_rounding": stochastic_rounding,
+            "seed": seed}
+
+
 class _TorchAdam(KernelOptimizer):
     """What Adam and AdamW share: the unsupported flags, the state, the rule a group runs."""
 
     _group_keys = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize",
-                   "decoupled_weight_decay", "foreach", "capturable", "differentiable", "fused")
+                   "decoupled_weight_decay", "foreach", "capturable", "differentiable", "fused",
+                   "master_weights", "stochastic_rounding", "seed")
+    _low_precision = True
+
+    def _adopt_precision(self, arguments: dict[str, Any]) -> None:
+        """The mixed-precision arguments become group defaults (and keys of every group)."""
+        self.defaults.update(arguments)
+        for group in self.param_groups:
+            for key, value in arguments.items():
+                group.setdefault(key, value)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # a checkpoint or pickle from before these keys
+            group.setdefault("master_weights", False)
+            group.setdefault("stochastic_rounding", False)
+            group.setdefault("seed", 0)
+
+    def _precision(self, group: dict[str, Any]) -> tuple[str, int]:
+        if group.get("stochastic_rounding", False):
+            mode = "stochastic"
+        elif group.get("master_weights", False):
+            mode = "master"
+        else:
+            mode = "torch"
+        return mode, int(group.get("seed", 0))
 
     def _refuse_unsupported(self, group: dict[str, Any]) -> None:
         for flag, reason in _UNSUPPORTED.items():
@@ -147,11 +196,14 @@ class Adam(_TorchAdam, torch.optim.Adam):
                  eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *,
                  foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None,
-                 decoupled_weight_decay: bool = False) -> None:
+                 decoupled_weight_decay: bool = False, master_weights: bool = False,
+                 stochastic_rounding: bool = False, seed: int = 0) -> None:
+        precision = _precision_arguments(master_weights, stochastic_rounding, seed)
         torch.optim.Adam.__init__(
             self, params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
             maximize=maximize, capturable=capturable, differentiable=differentiable,
             fused=fused, decoupled_weight_decay=decoupled_weight_decay)
+        self._adopt_precision(precision)
         self._finish_init()
 
 
@@ -167,8 +219,12 @@ class AdamW(_TorchAdam, torch.optim.AdamW):
                  betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
-                 differentiable: bool = False, fused: bool | None = None) -> None:
+                 differentiable: bool = False, fused: bool | None = None,
+                 master_weights: bool = False, stochastic_rounding: bool = False,
+                 seed: int = 0) -> None:
+        precision = _precision_arguments(master_weights, stochastic_rounding, seed)
         torch.optim.AdamW.__init__(
             self, params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused)
+        self._adopt_precision(precision)
         self._finish_init()
