@@ -196,7 +196,7 @@ def check_out(out: Any, shape: tuple[int, ...], dtype: np.dtype, output: str) ->
     return out
 
 
-# --- learning rates and large Python integers (appended: issue 12 item 10, issue 13 D8) -------
+# --- learning rates and large Python integers (the lr rule; D8: integers beyond float64) ----------
 
 def _as_integers_or_floats(name: str, value: Any) -> np.ndarray:
     """``np.asarray`` with Ivy's default dtype, where an integer beyond int64 is a named error
