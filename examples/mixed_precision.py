@@ -32,9 +32,9 @@ except ImportError:
     sys.exit("this example needs torch: pip install 'adamgen[torch]'")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_torch import build, groups, load_digits  # noqa: E402
+from train_torch import build, groups, load_digits
 
-import adamgen.torch  # noqa: E402
+import adamgen.torch
 
 RUNS: dict[str, dict[str, Any]] = {
     "float32": {"dtype": torch.float32},
@@ -112,7 +112,7 @@ def plot(found: dict[str, Any], path: Path, args: argparse.Namespace) -> None:
               "master": ("tab:blue", "--"), "stochastic": ("tab:green", ":")}
     for name, curve in found["curves"].items():
         color, line = next(v for k, v in styles.items() if k in name)
-        loss, accuracy = found["tests"][name]
+        _loss, accuracy = found["tests"][name]
         axis.plot(range(1, len(curve) + 1), curve, color=color, linestyle=line, linewidth=1.8,
                   label=f"{name}: test accuracy {accuracy:.3f}")
     axis.set_yscale("log")
