@@ -82,7 +82,8 @@ def test_options_read_default_first():
 
     texts = [option_text(o) for o in BUILTINS["torch_adam"].options]
     assert texts == ["amsgrad=False (or True)", "maximize=False (or True)",
-                     "lr_dtype='float64' (or 'float32')"]
+                     "lr_dtype='float64' (or 'float32')",
+                     "precision='native' (or 'bfloat16', 'float16')"]
 
 
 def test_cached_kernels_come_from_the_manifests(tmp_path):
