@@ -51,7 +51,7 @@ def test_seed_one_container_with_unusual_argument_order(call):
 
 @pytest.mark.parametrize("call", CALL_SITES.values(), ids=CALL_SITES.keys())
 def test_seed_one_container_instance_method_example(call):
-    new_w, mw, vw = call(seed_w(), array([1., 0.2, 0.4]), array([0., 0., 0.]), array([0.]),
+    _new_w, mw, vw = call(seed_w(), array([1., 0.2, 0.4]), array([0., 0., 0.]), array([0.]),
                          array(0.01), 2)
     close_to_printed(mw, [0.1, 0.02, 0.04])
     np.testing.assert_allclose(vw, [0.01099, 0.01003, 0.01015], atol=5e-6)

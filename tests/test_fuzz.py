@@ -84,7 +84,7 @@ needs_c = pytest.mark.skipif("not c_kernels_available()", reason="no C compiler:
 
 def fuzz_settings(examples: int):
     """A bounded, reproducible run in the suite; ``ADAMGEN_FUZZ_EXAMPLES`` examples otherwise."""
-    common = dict(deadline=None, suppress_health_check=list(HealthCheck), print_blob=True)
+    common = {"deadline": None, "suppress_health_check": list(HealthCheck), "print_blob": True}
     if LONG:
         return settings(max_examples=EXAMPLES, **common)
     return settings(max_examples=examples, derandomize=True, database=None, **common)

@@ -48,7 +48,7 @@ def run_in_fresh_process(root: Path, code: str, prefix: tuple[str, ...] = ()) ->
     env = {key: value for key, value in os.environ.items() if key != "ADAMGEN_STRICT"}
     completed = subprocess.run(
         [*prefix, sys.executable, "-c", textwrap.dedent(code)], cwd=root, capture_output=True,
-        text=True, timeout=120, env={**env, "PYTHONPATH": f"{root}{os.pathsep}{REPO}"})
+        text=True, timeout=120, env={**env, "PYTHONPATH": f"{root}{os.pathsep}{REPO}"}, check=False)
     assert completed.returncode == 0, (completed.returncode, completed.stderr)
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
@@ -153,13 +153,13 @@ def test_cli_generate_end_to_end(tmp_path):
     completed = subprocess.run(
         [sys.executable, "-m", "adamgen", "generate", "--out", str(tmp_path), "--name", "cli_pkg",
          "--dtype", "float32", "--const", "beta1=0.9"], capture_output=True, text=True,
-        timeout=120)
+        timeout=120, check=False)
     assert completed.returncode == 0, completed.stderr
     assert "wrote" in completed.stderr
     assert (tmp_path / "cli_pkg" / "__init__.py").exists()
     bad = subprocess.run(
         [sys.executable, "-m", "adamgen", "generate", "--out", str(tmp_path), "--name", "x",
-         "--const", "beta1=2"], capture_output=True, text=True, timeout=120)
+         "--const", "beta1=2"], capture_output=True, text=True, timeout=120, check=False)
     assert bad.returncode == 2 and "beta1" in bad.stderr and "Traceback" not in bad.stderr
     assert adamgen.__version__
 

@@ -26,6 +26,6 @@ def test_short_training_run_learns_the_digits():
 def test_example_script_runs_as_a_program():
     pytest.importorskip("sklearn")
     completed = subprocess.run([sys.executable, str(EXAMPLE), "--epochs", "2"],
-                               capture_output=True, text=True, timeout=300)
+                               capture_output=True, text=True, timeout=300, check=False)
     assert completed.returncode == 0, completed.stderr
     assert "final test accuracy" in completed.stdout
