@@ -42,7 +42,7 @@ class Choice(Protocol):
 HINT = "(adamgen info --all lists every choice with its timings)"
 #: How a choice's ``source`` reads in the summary line.
 SOURCES = {"cache dir": "read from the cache dir", "measured": "measured by this process",
-           "forced": "forced"}
+           "forced": "forced"}  # other sources (measured, not remembered) read as they are
 
 
 def _bound(bucket: int) -> str:

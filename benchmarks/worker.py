@@ -300,6 +300,12 @@ def rule_cases(plan: Plan, probe: Probe | None, subject: Subject, threads: int,
         quiet(plan)
         variant_choice.forget()  # the decisions read back below are this case's
         contenders = rule_contenders(plan, probe, subject, traffic, sizes, threads)
+        # The loader decides at the first step: take it before this case's peer runs and after
+        # the last case's OpenMP pools (torch bundles its own) stopped spinning, as the bursts
+        # below are settled; a pool spinning beside the loader's one measurement once made
+        # threads look slower and serial C was picked for the whole case.
+        time.sleep(settle)
+        contenders[0].call()
         timings = measure(contenders, rounds=plan.rounds_for(max(sizes)),
                           target_seconds=plan.target_seconds, warm_seconds=plan.warm_seconds,
                           check=check, settle_seconds=settle)

@@ -261,10 +261,12 @@ def test_8_threads_hitting_a_new_bucket_measure_once(fresh_loader, monkeypatch):
     run_threads(work)
     assert sum(measured.values()) == 1, measured
     decisions = [d for d in variant_choice.decisions() if d.bucket == n.bit_length()]
-    assert len(decisions) == 1 and decisions[0].source == "measured"
+    # persisted, unless serial C narrowly beat threads (then this process keeps it alone)
+    assert len(decisions) == 1
+    assert decisions[0].source in ("measured", variant_choice.AGAINST_THREADS)
     choices = list((fresh_loader / "choices").glob("*.json"))
-    assert len(choices) == 1
-    assert json.loads(choices[0].read_text())["winner"] == decisions[0].winner
+    assert len(choices) == (decisions[0].source == "measured")
+    assert all(json.loads(c.read_text())["winner"] == decisions[0].winner for c in choices)
     assert not list((fresh_loader / "choices").glob(".choice-*")), "a temporary file was left"
 
 
@@ -329,8 +331,8 @@ def test_cold_process_8_threads_build_each_kernel_once(tmp_path):
     assert all(count == 1 for count in problems.values()), report["decisions"]
     # measured here, never read from a cache dir (a measurement disturbed by the 7 other
     # threads is measured again and kept in memory only: see test_variant_choice.py)
-    assert {s for _, _, s in report["decisions"]} <= {"measured",
-                                                      "measured, disturbed: not remembered"}
+    assert {s for _, _, s in report["decisions"]} <= {
+        "measured", "measured, disturbed: not remembered", variant_choice.AGAINST_THREADS}
     rng = np.random.default_rng(0)
     n = 3 * 2**13 + 5
     w, g, m = (rng.standard_normal(n).astype(np.float32) for _ in range(3))

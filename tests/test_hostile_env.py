@@ -381,8 +381,12 @@ def test_cache_from_another_cpu_feature_set_is_not_used(tmp_path):
     other = run_script(clean_env(ADAMGEN_CACHE_DIR=str(cache), HOSTILE_CPU=other_cpu))
     assert_correct(other)
     assert all(built for _, built, _ in other["c_events"])
-    assert {s for *_, s in same["decisions"]} == {"cache dir"}  # reuses this CPU's choices
-    assert {s for *_, s in other["decisions"]} == {"measured"}  # never another CPU's
+    # this CPU's choices are reused (a serial pick over threads is never persisted: measured
+    # again); another CPU's never are
+    this_process_only = "measured, serial over threads: not remembered"
+    assert "cache dir" in {s for *_, s in same["decisions"]}
+    assert {s for *_, s in same["decisions"]} <= {"cache dir", this_process_only}
+    assert {s for *_, s in other["decisions"]} <= {"measured", this_process_only}
 
 
 # -- bad environment values ------------------------------------------------------------------

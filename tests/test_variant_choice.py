@@ -149,7 +149,9 @@ def test_a_disturbed_measurement_is_repeated_and_never_persisted(fresh_loader, m
 
 
 def test_a_later_process_reuses_the_persisted_choice(tmp_path):
-    env = {**os.environ, "ADAMGEN_CACHE_DIR": str(tmp_path / "cache")}
+    # one thread: NumPy against serial C, a choice that is always persisted (a serial pick over
+    # threads is not: test_a_serial_pick_over_threads_is_not_persisted)
+    env = {**os.environ, "ADAMGEN_CACHE_DIR": str(tmp_path / "cache"), "ADAMGEN_NUM_THREADS": "1"}
     env.pop("ADAMGEN_VARIANT", None)
     code = textwrap.dedent("""
         import json
@@ -310,6 +312,29 @@ def test_a_persisted_decision_keeps_its_reason(fresh_loader, monkeypatch):
     (decision,) = variant_choice.decisions()
     assert decision.source == "cache dir" and decision.winner == "c"
     assert decision.reason == "fastest"
+
+
+@pytest.mark.parametrize("threaded_cost, remembered", [(5, True), (11, False), (30, True)],
+                         ids=["threads win: remembered", "serial C wins narrowly: not",
+                              "threads lose on merit: remembered"])
+def test_a_serial_pick_over_threads_is_not_persisted(fresh_loader, monkeypatch, tmp_path,
+                                                      threaded_cost, remembered):
+    """Threads that lose narrowly lose to causes that pass (a neighbour, torch's OpenMP pool
+    still spinning); a persisted serial pick would cost every later process its threads, with
+    nothing to revisit it. A threaded win is persisted (its calls are guarded), and so is a
+    clear loss (1.5x: threads' start-up costs more than the work they split)."""
+    monkeypatch.setattr(variant_choice, "run_delay", lambda: 0.0)
+    monkeypatch.setattr(variant_choice, "measure", lambda timers: {
+        "c": samples(10, 10, 10), "c-omp": samples(*[threaded_cost] * 3)})
+    winner = variant_choice.choose("p", 5000, ("c", "c-omp"), {}, lambda m: {}, 4)
+    (decision,) = variant_choice.decisions()
+    persisted = list((tmp_path / "cache").rglob("choices/*.json"))
+    assert (winner == "c-omp") == (threaded_cost < 10) and (len(persisted) == 1) == remembered
+    assert decision.source == ("measured" if remembered else variant_choice.AGAINST_THREADS)
+    variant_choice.forget()  # a later process: measures again unless it was remembered
+    variant_choice.choose("p", 5000, ("c", "c-omp"), {}, lambda m: {}, 4)
+    (again,) = variant_choice.decisions()
+    assert again.source == ("cache dir" if remembered else variant_choice.AGAINST_THREADS)
 
 
 @st.composite

@@ -73,6 +73,12 @@ TIE_MARGIN = 0.10
 SAFETY_ORDER = ("c", "numpy", "c-omp")
 #: Variants that run on several threads: their calls are watched (:mod:`.guard`).
 THREADED = frozenset({"c-omp"})
+#: The source of a serial pick over threads that did not clearly lose: this process keeps it,
+#: the cache dir does not (the next process measures again).
+AGAINST_THREADS = "measured, serial over threads: not remembered"
+#: Threads slower than the winner by this factor lost on merit (start-up costs more than the
+#: work it splits): that serial pick is remembered like any other.
+CLEAR_LOSS = 1.5
 
 #: A timing closure: runs one candidate once on scratch data.
 Timer = Callable[[], None]
@@ -85,7 +91,7 @@ class Decision:
     winner: str
     seconds: dict[str, float]
     timed_elements: int
-    source: str  # "measured", "cache dir", "forced"
+    source: str  # "measured", "cache dir", "forced", or measured but not remembered
     reason: str = ""  # why the winner won (:attr:`Verdict.reason`)
 
 
@@ -257,6 +263,18 @@ def decide(samples: Mapping[str, Sequence[Sample]], candidates: tuple[str, ...])
     return Verdict(winner, medians, reason)
 
 
+def _threads_lost_on_merit(samples: Mapping[str, Sequence[Sample]], verdict: Verdict) -> bool:
+    """A threaded candidate has enough clean samples, and their median is :data:`CLEAR_LOSS`
+    times the winner's or more."""
+    for name in THREADED & set(samples):
+        every = [s.seconds for s in samples[name]]
+        clean = [s.seconds for s in samples[name] if not s.disturbed]
+        if (clean and len(clean) >= min(MIN_CLEAN, len(every)) and statistics.median(clean)
+                >= CLEAR_LOSS * verdict.seconds[verdict.winner]):
+            return True
+    return False
+
+
 def safe_choice(candidates: tuple[str, ...]) -> str:
     """The candidate to fall back on: the safest present (serial C), else the first."""
     return min(candidates, key=_safety)  # min keeps the first of equals
@@ -309,11 +327,18 @@ def choose(problem: str, n: int, candidates: tuple[str, ...], context: Mapping[s
                     winner = safe_choice(candidates)
                     reason = "the safe choice: this thread waited for a CPU, twice"
                     source = "measured, disturbed: not remembered"
+                elif (verdict.winner not in THREADED and THREADED & set(candidates)
+                      and not _threads_lost_on_merit(samples, verdict)):
+                    # Threads that lose narrowly (or lose their samples) lose to causes that
+                    # pass: a neighbour, another OpenMP runtime's pool still spinning. A
+                    # persisted threaded pick has a guard; a persisted serial one would have
+                    # nothing to revisit it, and cost every later process its threads.
+                    winner, reason, source = verdict.winner, verdict.reason, AGAINST_THREADS
                 else:
                     winner, reason, source = verdict.winner, verdict.reason, "measured"
                 decision = Decision(problem, bucket, winner, verdict.seconds, elements, source,
                                     reason)
-                if directory and not disturbed:
+                if directory and source == "measured":
                     _write(directory / f"{key}.json", decision)
             _decisions[key] = decision
         _winners[memo_key] = decision.winner
