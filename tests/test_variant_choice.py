@@ -143,7 +143,7 @@ def test_a_disturbed_measurement_is_repeated_and_never_persisted(fresh_loader, m
     (decision,) = variant_choice.decisions()
     persisted = list((tmp_path / "cache").rglob("choices/*.json"))
     if waits[-1] > waits[-2]:
-        assert decision.source == "measured, disturbed: not remembered" and persisted == []
+        assert decision.source == variant_choice.DISTURBED and persisted == []
     else:
         assert decision.source == "measured" and len(persisted) == 1
 
@@ -287,7 +287,7 @@ def test_choose_applies_the_rule_and_falls_back_to_serial_c_when_disturbed_twice
     (decision,) = variant_choice.decisions()
     persisted = list((tmp_path / "cache").rglob("choices/*.json"))
     if disturbed_attempts == 2:
-        assert winner == "c" and decision.source == "measured, disturbed: not remembered"
+        assert winner == "c" and decision.source == variant_choice.DISTURBED
         assert "safe choice" in decision.reason and persisted == []
     else:
         assert winner == "numpy" and decision.source == "measured" and len(persisted) == 1

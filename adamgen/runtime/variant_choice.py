@@ -76,6 +76,10 @@ THREADED = frozenset({"c-omp"})
 #: The source of a serial pick over threads that did not clearly lose: this process keeps it,
 #: the cache dir does not (the next process measures again).
 AGAINST_THREADS = "measured, serial over threads: not remembered"
+#: The source of a measurement disturbed twice (serial C, the safe choice, in this process).
+DISTURBED = "measured, disturbed: not remembered"
+#: Sources a later process measures again: a warm cache dir never holds these.
+NOT_REMEMBERED = frozenset({AGAINST_THREADS, DISTURBED})
 #: Threads slower than the winner by this factor lost on merit (start-up costs more than the
 #: work it splits): that serial pick is remembered like any other.
 CLEAR_LOSS = 1.5
@@ -326,7 +330,7 @@ def choose(problem: str, n: int, candidates: tuple[str, ...], context: Mapping[s
                 if disturbed:  # twice: the safe choice, for this process only
                     winner = safe_choice(candidates)
                     reason = "the safe choice: this thread waited for a CPU, twice"
-                    source = "measured, disturbed: not remembered"
+                    source = DISTURBED
                 elif (verdict.winner not in THREADED and THREADED & set(candidates)
                       and not _threads_lost_on_merit(samples, verdict)):
                     # Threads that lose narrowly (or lose their samples) lose to causes that
