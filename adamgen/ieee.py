@@ -24,6 +24,7 @@ NumPy kernel computes every node exactly as the C kernel does, bit for bit, or d
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -135,6 +136,15 @@ def round_scalar(x: float, dtype: str) -> float:
     exactly, from ``x`` itself (no double rounding); overflow gives inf, NaN stays NaN."""
     if dtype == "float64" or not math.isfinite(x) or x == 0.0:
         return x
+    return _round_finite(x, dtype)
+
+
+@functools.lru_cache(maxsize=1024)
+def _round_finite(x: float, dtype: str) -> float:
+    """:func:`round_scalar` of a finite, nonzero ``x`` (where equal floats have equal bits, so
+    a cache keyed on the value is exact). Cached: a generated prelude rounds the same
+    hyperparameter expressions (``1 - beta1``) at every step, and computing it costs 0.6 us of
+    a 13 us torch step on a small parameter."""
     bits, emin, emax = _FORMATS[dtype]
     exponent = max(math.frexp(x)[1] - 1, emin)  # subnormals share the smallest exponent's step
     quantum = exponent - (bits - 1)
