@@ -6,12 +6,14 @@
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import shutil
 import site
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,18 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+try:  # Hypothesis keeps examples and constants in ./.hypothesis by default: in the checkout
+    from hypothesis import settings as _hypothesis_settings
+    from hypothesis.configuration import set_hypothesis_home_dir
+except ImportError:  # the property tests skip without it
+    pass
+else:
+    _HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="adamgen-tests-hypothesis-")
+    atexit.register(shutil.rmtree, _HYPOTHESIS_HOME, ignore_errors=True)
+    set_hypothesis_home_dir(_HYPOTHESIS_HOME)
+    _hypothesis_settings.register_profile("adamgen", database=None)
+    _hypothesis_settings.load_profile("adamgen")
 
 
 def _bytes(a: np.ndarray) -> bytes:
