@@ -191,6 +191,24 @@ def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> InstalledWheel:
     return InstalledWheel(wheel, python, python.parent)
 
 
+@pytest.fixture
+def fresh_loader(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """A cold loader on a cache dir of this test's own (yielded), no variant forced; the
+    runtime forgets everything before and after."""
+    from loader_state import forget_everything
+
+    monkeypatch.delenv("ADAMGEN_VARIANT", raising=False)
+    monkeypatch.setenv("ADAMGEN_CACHE_DIR", str(tmp_path / "cache"))
+    from adamgen.config import refresh_environment
+
+    refresh_environment()
+    forget_everything()
+    yield tmp_path / "cache"
+    monkeypatch.undo()
+    refresh_environment()
+    forget_everything()
+
+
 @pytest.fixture(autouse=True)
 def _fresh_adamgen_environment():
     """adamgen reads ADAMGEN_* once per process; tests that monkeypatch them need a re-read."""

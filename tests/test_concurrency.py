@@ -30,24 +30,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import assert_bitwise_equal
+from loader_state import forget_everything
 from reference import adam_update_ref
 
 import adamgen
 from adamgen.config import refresh_environment
-from adamgen.runtime import c_kernels, dispatch, ivy, kernel_store, variant_choice
+from adamgen.runtime import c_kernels, ivy, variant_choice
 
 REPO = Path(__file__).resolve().parents[1]
 THREADS = 8
 VARIANTS = [None, "numpy", "c", "c-omp"]  # None: the loader measures and chooses
 #: Sizes: below the threading bar, and past it (c-omp runs its OpenMP region there).
 SIZES = (33, 20_000)
-
-
-def forget_everything() -> None:
-    variant_choice.forget()
-    dispatch.forget()
-    c_kernels.clear_memo()
-    kernel_store.forget_cache()
 
 
 def inputs(n: int, dtype, seed: int):
@@ -218,18 +212,6 @@ def test_recycled_output_blocks_from_8_threads(variant):
 
 
 # -- the loader and the cache under concurrent first use -------------------------------------
-
-@pytest.fixture
-def fresh_loader(monkeypatch, tmp_path):
-    monkeypatch.delenv("ADAMGEN_VARIANT", raising=False)
-    monkeypatch.setenv("ADAMGEN_CACHE_DIR", str(tmp_path / "cache"))
-    refresh_environment()
-    forget_everything()
-    yield tmp_path / "cache"
-    monkeypatch.undo()
-    refresh_environment()
-    forget_everything()
-
 
 def test_8_threads_hitting_a_new_bucket_measure_once(fresh_loader, monkeypatch):
     """A fresh cache dir and loader memo: 8 threads released together into a size bucket no one

@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import assert_bitwise_equal
+from loader_state import forget_everything
 
 import adamgen
 from adamgen.config import refresh_environment
-from adamgen.runtime import c_kernels, dispatch, guard, kernel_store, variant_choice
+from adamgen.runtime import dispatch, guard, variant_choice
 
 
 class Clock:
@@ -22,25 +23,6 @@ class Clock:
         self.reads += 1
         self.now += self.steps.pop(0) if self.steps else 0.0
         return self.now
-
-
-def _forget() -> None:
-    variant_choice.forget()
-    dispatch.forget()
-    c_kernels.clear_memo()
-    kernel_store.forget_cache()
-
-
-@pytest.fixture
-def fresh_loader(monkeypatch, tmp_path):
-    monkeypatch.setenv("ADAMGEN_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("ADAMGEN_VARIANT", raising=False)
-    refresh_environment()
-    _forget()
-    yield
-    monkeypatch.undo()
-    refresh_environment()
-    _forget()
 
 
 def _params(seed: int) -> list[np.ndarray]:
@@ -84,7 +66,7 @@ def test_slow_threaded_steps_give_way_to_serial_c_with_the_same_bits(fresh_loade
 
     monkeypatch.setenv("ADAMGEN_VARIANT", "c")  # the same steps, serial C throughout
     refresh_environment()
-    _forget()
+    forget_everything()
     serial_params, serial_optimizer = _optimizer(rule, seed=1)
     for _ in range(4):
         serial_optimizer.step()

@@ -30,26 +30,6 @@ def one_step(n, dtype, seed=0):
     return w, g, m, v
 
 
-def forget_everything():
-    from adamgen.runtime import c_kernels, dispatch, kernel_store
-
-    variant_choice.forget()
-    dispatch.forget()
-    c_kernels.clear_memo()
-    kernel_store.forget_cache()
-
-
-@pytest.fixture
-def fresh_loader(monkeypatch, tmp_path):
-    monkeypatch.setenv("ADAMGEN_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("ADAMGEN_VARIANT", raising=False)
-    refresh_environment()
-    forget_everything()
-    yield
-    monkeypatch.undo()
-    forget_everything()
-
-
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v or "measured")
 @pytest.mark.parametrize("n", [1, 17, 5000, 70_001])
 def test_out_is_w_applies_exactly_one_update(variant, n, monkeypatch):
