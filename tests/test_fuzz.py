@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import assert_bitwise_equal
+from differential import forced
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -51,7 +52,7 @@ from reference import adam_update_ref
 
 import adamgen
 from adamgen.config import refresh_environment
-from adamgen.runtime import ivy, variant_choice
+from adamgen.runtime import ivy
 
 EXAMPLES = int(os.environ.get("ADAMGEN_FUZZ_EXAMPLES", "0") or 0)
 LONG = EXAMPLES > 0
@@ -104,26 +105,6 @@ def forced_variant(variant: str | None):
     finally:
         patch.undo()
         refresh_environment()
-
-
-@contextmanager
-def variant_tally():
-    """Count the variants the loader actually picked (a forced one may not fit: float16 and
-    partial broadcasts run on NumPy), to prove the fuzzer reached C and threaded C."""
-    tally: Counter[str] = Counter()
-    original = variant_choice.choose
-
-    def spy(*args: Any, **kwargs: Any) -> str:
-        chosen = original(*args, **kwargs)
-        tally[chosen] += 1
-        return chosen
-
-    patch = pytest.MonkeyPatch()
-    patch.setattr(variant_choice, "choose", spy)
-    try:
-        yield tally
-    finally:
-        patch.undo()
 
 
 def report(name: str, tally: Counter, examples: int) -> None:
@@ -428,7 +409,7 @@ def check_update_case(case: UpdateCase, variant: str) -> None:
 
 def test_fuzz_adam_update_every_variant_against_the_reference():
     examples = 0
-    with variant_tally() as tally:
+    with forced(None) as tally:  # counts the variants the loader actually picked
         @fuzz_settings(400)
         @given(case=update_cases())
         def check(case: UpdateCase) -> None:
@@ -507,7 +488,7 @@ def check_adam_case(case: AdamCase, variant: str) -> None:
 
 def test_fuzz_adam_optimizer_every_variant_against_chained_reference_updates():
     examples = 0
-    with variant_tally() as tally:
+    with forced(None) as tally:  # counts the variants the loader actually picked
         @fuzz_settings(300)
         @given(case=adam_cases())
         def check(case: AdamCase) -> None:
