@@ -25,8 +25,8 @@ LeakSanitizer and valgrind: a subprocess runs every entry point (11 calls per it
 many iterations; a leak record counts when one of its frames is in an adamgen kernel
 (``_adamgen_*.so``), the cffi backend or adamgen's cache directory (Python's own exit-time
 records do not), and those may not grow with the number of calls: cffi's one-time module set-up
-allocations, never freed, are reported identically by both runs. A deliberate 1234-byte
-``malloc`` dropped through ctypes proves each tool really reports. Each run is skipped when its
+allocations, never freed, are reported identically by both runs. Deliberate 1234-byte
+``malloc`` blocks dropped through ctypes prove each tool really reports. Each run is skipped when its
 tool is missing. Valgrind cannot decode AVX-512, so on such CPUs the kernels for that run are
 built with ``-mno-avx512f`` added (a separate cache key; the C code, the cffi wrapper and every
 allocation path are the same).
@@ -244,6 +244,7 @@ LEAK_SCRIPT = textwrap.dedent("""
     from adamgen.runtime import ivy
 
     calls = int(sys.argv[1])
+    CONTROL_BLOCKS = 4
     x = np.linspace(-1, 1, 64).astype(np.float32)
     y = x.astype(np.float64)
     big = np.linspace(-1, 1, 4099).astype(np.float32)
@@ -267,9 +268,14 @@ LEAK_SCRIPT = textwrap.dedent("""
             except (TypeError, ValueError):
                 pass
     if os.environ.get("ADAMGEN_TEST_LEAK_CONTROL") == "1":
+        # Dropped on purpose: the tool must report these blocks. The address never becomes a
+        # Python int (restype None), whose digits a leak scan could find in a live object and
+        # call the block reachable; the run passed locally and failed once that way on CI.
         libc = ctypes.CDLL(None)
-        libc.malloc.restype = ctypes.c_void_p
-        libc.malloc(1234)  # dropped on purpose: the tool must report these 1234 bytes
+        libc.malloc.restype = None
+        libc.malloc.argtypes = [ctypes.c_size_t]
+        for _ in range(CONTROL_BLOCKS):
+            libc.malloc(1234)
     print("calls done", calls)
 """)
 
@@ -284,9 +290,9 @@ def leak_env(cache: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def leak_records(text: str, header: re.Pattern) -> list[tuple[int, str]]:
-    """(bytes, record text) for each leak record: a header line and the frames that follow,
-    up to the next blank line."""
+def leak_records(text: str, header: re.Pattern) -> list[tuple[int, int, str]]:
+    """(bytes, blocks, record text) for each leak record: a header line (the pattern's groups:
+    bytes, blocks) and the frames that follow, up to the next blank line."""
     records, lines = [], text.splitlines()
     for i, line in enumerate(lines):
         found = header.search(line)
@@ -296,18 +302,25 @@ def leak_records(text: str, header: re.Pattern) -> list[tuple[int, str]]:
                 if not frame.strip(" =0123456789"):
                     break
                 body.append(frame)
-            records.append((int(found.group(1).replace(",", "")), "\n".join(body)))
+            size, blocks = (int(group.replace(",", "")) for group in found.groups())
+            records.append((size, blocks, "\n".join(body)))
     return records
+
+
+def control_lines(text: str) -> list[str]:
+    """The tool's lines about blocks the size of 1 to 4 deliberate ones (any leak kind)."""
+    sizes = "|".join(f"{1234 * k:,}|{1234 * k}" for k in range(1, 5))
+    return [line for line in text.splitlines() if re.search(rf"\b(?:{sizes}) byte", line)]
 
 
 def adamgen_leaks(text: str, header: re.Pattern, tool: str) -> tuple[int, int]:
     """(records, bytes) of the leak records with a frame in adamgen's kernels or cffi; checks
-    that the tool reported the deliberate 1234-byte leak."""
+    that the tool reported the deliberate 1234-byte blocks (one record, from one call site)."""
     records = leak_records(text, header)
-    assert any(size == 1234 for size, _ in records), (
-        f"{tool} did not report the deliberate 1234-byte leak: is it really checking?\n"
-        + text[-3000:])
-    ours = [size for size, body in records if ADAMGEN_FRAME.search(body)]
+    assert any(size == 1234 * blocks for size, blocks, _ in records), (
+        f"{tool} did not report the deliberate 1234-byte leaks: is it really checking? Where "
+        f"it put them: {control_lines(text)}\n" + text[-3000:])
+    ours = [size for size, _, body in records if ADAMGEN_FRAME.search(body)]
     return len(ours), sum(ours)
 
 
@@ -364,7 +377,8 @@ def test_leak_sanitizer_finds_no_leak_in_the_kernels(tmp_path):
         assert done.returncode == 0 and f"calls done {calls}" in done.stdout, done.stderr[-3000:]
         return done.stderr
 
-    check_tool(run, re.compile(r"(?:Direct|Indirect) leak of (\d+) byte"), "LeakSanitizer",
+    check_tool(run, re.compile(r"(?:Direct|Indirect) leak of (\d+) byte\(s\) in (\d+) object"),
+               "LeakSanitizer",
                (20, 150))
 
 
@@ -389,5 +403,5 @@ def test_valgrind_finds_no_definite_leak_in_the_kernels(tmp_path):
         assert "unhandled instruction" not in done.stderr, done.stderr[-3000:]
         return done.stderr
 
-    check_tool(run, re.compile(r"== ([\d,]+) bytes in [\d,]+ blocks are definitely lost"),
+    check_tool(run, re.compile(r"== ([\d,]+) bytes in ([\d,]+) blocks are definitely lost"),
                "valgrind", (5, 40))

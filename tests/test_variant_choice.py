@@ -95,10 +95,15 @@ def test_unknown_variant_is_an_error_naming_the_accepted_ones(monkeypatch):
 
 def test_measurement_stays_within_its_budget_and_is_remembered(fresh_loader, monkeypatch):
     monkeypatch.setattr(variant_choice, "run_delay", lambda: 0.0)  # a busy machine: tested below
+    # one thread: NumPy against serial C, a choice that is always persisted (with threads, a
+    # narrow serial win is measured again later: test_a_serial_pick_over_threads_is_not_persisted)
+    monkeypatch.setenv("ADAMGEN_NUM_THREADS", "1")
+    refresh_environment()
     w, g, m, v = one_step(1 << 22, np.float32)  # beyond the timed slice: a slice is timed
     adamgen.adam_update(w, g, 0.01, m, v, 2)
     decisions = [d for d in variant_choice.decisions() if d.bucket == (1 << 22).bit_length()]
     assert decisions and decisions[0].source == "measured"
+    assert len(list(fresh_loader.rglob("choices/*.json"))) == 1
     assert decisions[0].timed_elements < (1 << 22)
     assert sum(decisions[0].seconds.values()) < 0.5
     assert set(decisions[0].seconds) >= {"numpy", "c"}
