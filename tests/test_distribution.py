@@ -26,6 +26,7 @@ def test_wheel_ships_types_license_templates_examples_and_benchmarks(installed_w
     for required in ("adamgen/py.typed", "adamgen/benchmarks/__init__.py",
                      "adamgen/benchmarks/run.py", "adamgen/benchmarks/worker.py",
                      "adamgen/templates/numpy_kernel.py.j2", "adamgen/examples/train_mlp.py",
+                     "adamgen/torch/_native.cpp",  # adamgen.torch's step helper, built on use
                      f"adamgen-{__version__}.dist-info/licenses/LICENSE"):
         assert required in names, required
 

@@ -82,7 +82,7 @@ class CompilerInfo:
     reason: str = ""
 
 
-def _run(argv: Sequence[str], timeout: float) -> tuple[int, str, str]:
+def run_command(argv: Sequence[str], timeout: float) -> tuple[int, str, str]:
     """Run a command; any failure to start it becomes return code 127 with the reason."""
     try:
         proc = subprocess.run(list(argv), capture_output=True, text=True, errors="replace",
@@ -146,7 +146,7 @@ def _probe() -> CompilerInfo:
     command = _compiler_command()
     if isinstance(command, str):
         return CompilerInfo(available=False, reason=command)
-    rc, out, err = _run([*command, "--version"], PROBE_TIMEOUT_SECONDS)
+    rc, out, err = run_command([*command, "--version"], PROBE_TIMEOUT_SECONDS)
     if rc != 0:
         return CompilerInfo(available=False, argv=tuple(command), path=command[0],
                             reason=f"{shlex.join(command)} --version failed: "
@@ -164,7 +164,7 @@ def _probe() -> CompilerInfo:
         for openmp, text, extra in attempts:
             source = Path(scratch, "probe.c")
             source.write_text(text, encoding="utf-8")
-            rc, _, err = _run([*command, *extra, "-fPIC", "-shared", "-o",
+            rc, _, err = run_command([*command, *extra, "-fPIC", "-shared", "-o",
                                str(Path(scratch, "probe.so")), str(source)],
                               PROBE_TIMEOUT_SECONDS)
             if rc == 0:
@@ -181,7 +181,7 @@ def _native_flags_from_compiler(info: CompilerInfo) -> list[str]:
     gcc passes ``-march=<cpu> -m<feature> ... --param l1-cache-size=...`` to cc1; clang passes
     ``-target-cpu <cpu> -target-feature +<feature>``. An empty list means "could not tell".
     """
-    rc, _, err = _run([*info.argv, "-march=native", "-E", "-v", "-x", "c", os.devnull,
+    rc, _, err = run_command([*info.argv, "-march=native", "-E", "-v", "-x", "c", os.devnull,
                        "-o", os.devnull], PROBE_TIMEOUT_SECONDS)
     if rc != 0:
         return []
@@ -395,7 +395,7 @@ def compile_extension(module_name: str, c_source: str, cdef: str, out_dir: Path,
     argv = [*info.argv, *flags, "-shared", *includes, "-o", str(so_path), str(c_path),
             *extra_link]
     started = time.perf_counter()
-    rc, _, stderr = _run(argv, COMPILE_TIMEOUT_SECONDS)
+    rc, _, stderr = run_command(argv, COMPILE_TIMEOUT_SECONDS)
     if rc != 0:
         raise CompileError(f"compiling {module_name} failed: {first_error_line(stderr)}",
                            argv=argv, stderr=stderr, c_path=c_path)
@@ -419,6 +419,18 @@ def load_extension(so_path: Path, module_name: str) -> ModuleType:
         CacheError: the file cannot be loaded (truncated, wrong ABI, missing symbol); the
             caller invalidates the cache entry and rebuilds once.
     """
+    module = load_extension_module(so_path, module_name)
+    if not (hasattr(module, "ffi") and hasattr(module, "lib")):
+        raise CacheError(f"{so_path} loaded but is not a cffi extension (no ffi/lib)")
+    return module
+
+
+def load_extension_module(so_path: Path, module_name: str) -> ModuleType:
+    """Load any extension module by path (never via ``sys.path``).
+
+    Raises:
+        CacheError: the file cannot be loaded (truncated, wrong ABI, missing symbol).
+    """
     so_path = Path(so_path)
     try:
         spec = importlib.util.spec_from_file_location(module_name, so_path)
@@ -429,6 +441,4 @@ def load_extension(so_path: Path, module_name: str) -> ModuleType:
         spec.loader.exec_module(module)
     except (ImportError, OSError) as exc:
         raise CacheError(f"cannot load extension {module_name} from {so_path}: {exc}") from exc
-    if not (hasattr(module, "ffi") and hasattr(module, "lib")):
-        raise CacheError(f"{so_path} loaded but is not a cffi extension (no ffi/lib)")
     return module

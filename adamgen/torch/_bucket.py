@@ -7,7 +7,13 @@ gradient (``p.grad`` may be a new tensor after each ``zero_grad()``), re-gathers
 pointers only when a gradient object changed, counts the steps, and makes one C call per
 distinct step count (one call in every ordinary step).
 
-What it checks, and what that costs (docs/torch.md has the measurements):
+In the common case (every parameter a plain contiguous tensor with state, every gradient a
+contiguous tensor of its parameter's dtype and size) the step helper
+(:mod:`adamgen.torch._native`) makes every check below, writes the gradient table and bumps the
+version counters in one C++ call; anything else, or a process without the helper, takes the
+Python path, which makes the same checks and raises the errors.
+
+What it checks, and what that costs in Python (docs/torch.md has the measurements):
 
 * gradients that are the same objects as at the previous step (``zero_grad(set_to_none=
   False)``, or repeated steps), at the same addresses: one identity comparison and one
@@ -36,12 +42,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import _native
 from ._kernels import RuleKernel, Tables
 from ._layout import (
     DTYPE_NAMES,
     LOW_PRECISION,
     NUMPY_DTYPES,
     FlatBuffer,
+    WrittenRanges,
     describe,
     is_dense,
     owned,
@@ -134,6 +142,15 @@ class Bucket:
         self._plain = False
         self.seed = 0
         self.written: Callable[[list[int], list[int]], list[int]] = lambda s, n: []
+        #: every byte a step writes (the owner sets it with :attr:`written`)
+        self.writes = WrittenRanges([])
+        helper = _native.helper()
+        plain_tensors = all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in self.params)
+        #: the step helper's all-or-nothing gradient check (None: the Python path serves)
+        self._native = helper.take_grads if helper is not None and self.contiguous and \
+            plain_tensors and not self.staged else None
+        self._grad_address = self.pointers["grad"].ctypes.data
+        self._numel_address = self.sizes.ctypes.data
 
     # -- binding ---------------------------------------------------------------------------------
     def bind_params(self, rows: Sequence[int] | range) -> None:
@@ -149,8 +166,10 @@ class Bucket:
 
     def release(self) -> None:
         """Forget the gradients held since the last step (``zero_grad`` calls this: a gradient
-        set to None must be freed before the next backward allocates its successor)."""
+        set to None must be freed before the next backward allocates its successor, and
+        freeing 78 of them inside the next step cost it 40 us)."""
         self._grads = self._first = None
+        self._live = []
 
     def written_ranges(self) -> list[tuple[int, int]]:
         """The bytes a step writes: the owned buffers (parameters are the group's to report)."""
@@ -245,6 +264,21 @@ class Bucket:
         """One step of every parameter with a gradient (see the module docstring); ``seed``:
         the random stream's, for a kernel that rounds stochastically."""
         self.seed = seed
+        native = self._native
+        if native is not None and self.all_have_state and native(
+                self.params, self._grad_address, self._numel_address, *self.writes.addresses):
+            # every row has a checked gradient in the table, versions bumped: the usual step
+            if self._rows is not None or self._grad_copies:
+                self._rows, self._grad_copies = None, []
+                self._refresh()
+            if self._grads is not None or self._live:
+                self.release()  # the Python path's memo no longer describes the table
+            if self.step_dtype is None:
+                kernel.run(self.tables(kernel), kernel.prelude(*hyper),
+                           (seed, 0) if kernel.random else None)
+            else:
+                self._run_counted(kernel, hyper, None)
+            return
         grads = [param.grad for param in self.params]
         held = self._grads
         if held is None or not all(map(_is, grads, held)) or \

@@ -167,6 +167,8 @@ class WrittenRanges:
         self.ends = [end for _, end in ordered]
         self._starts = np.array(self.starts, dtype=np.uint64)
         self._ends = np.array([0, *self.ends], dtype=np.uint64)  # [0]: "no range before"
+        #: (starts, ends, count) as the step helper takes them: addresses of uint64 arrays
+        self.addresses = (self._starts.ctypes.data, self._ends.ctypes.data + 8, len(self.starts))
 
     def overlapping(self, starts: Sequence[int], nbytes: Sequence[int]) -> list[int]:
         """Positions ``i`` whose ``[starts[i], starts[i] + nbytes[i])`` overlaps a range
