@@ -16,11 +16,13 @@ a sleep, a two-thread OpenMP loop at N=1e3 took 120-150 us a call for a whole bu
 1-4 us (waking an idle vCPU goes through the hypervisor), while back-to-back bursts with a short
 warm-up were stable for every pair of libraries tried (torch, numba, numexpr, the C probe).
 
-Why settle: two OpenMP runtimes share a process once torch is imported (torch bundles its own
-libgomp). The pool that ran last keeps spinning after its region (measured here: its worker
-burns about 4 ms of CPU after the last call, libgomp's and torch's alike), and on two vCPUs
-that spinning thread takes a core from the next contender's threads. ``settle_seconds`` puts untimed calls (at least one) before every burst,
-however long a call is, so the other runtime's pool has gone to sleep when the timing starts.
+Why settle: several thread pools share a process (torch's and adamgen's OpenMP regions share
+one libgomp pool, since torch's bundled libgomp has the system's soname; numexpr and numba
+may keep their own). The pool that ran last keeps spinning after its region (measured here: its worker
+burns about 4 ms of CPU after the last call), and on two vCPUs that spinning thread takes a
+core from the next contender's threads. ``settle_seconds`` puts untimed calls (at least one)
+before every burst, however long a call is, so the previous contender's pool has gone to sleep
+(or is this contender's own) when the timing starts.
 """
 
 from __future__ import annotations

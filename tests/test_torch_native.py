@@ -60,9 +60,11 @@ class Table:
         self.ends = np.array([e for _, e in ordered] or [0], np.uint64)
         self.count = len(ordered)
 
-    def take(self, helper):
+    def take(self, helper, counts=None):
+        where = (0, 0) if counts is None else (counts.ctypes.data, counts.itemsize)
         return helper.take_grads(self.params, self.table.ctypes.data, self.numels.ctypes.data,
-                                 self.starts.ctypes.data, self.ends.ctypes.data, self.count)
+                                 self.starts.ctypes.data, self.ends.ctypes.data, self.count,
+                                 *where)
 
 
 def fresh(*shapes):
@@ -107,13 +109,23 @@ def test_take_grads_refuses_the_uncommon_case_having_changed_nothing(helper, odd
             params[0].data = params[0].data.double()  # the gradient stays float32
     versions = [p._version for p in params]
     if odd == "not a list":
-        assert helper.take_grads(tuple(params), arrays.table.ctypes.data, arrays.numels.ctypes.data,
-                                 arrays.starts.ctypes.data, arrays.ends.ctypes.data,
-                                 arrays.count) is False
-    else:
-        assert arrays.take(helper) is False
+        arrays.params = tuple(params)
+    counts = np.full(3, 4.0, np.float32)
+    assert arrays.take(helper, counts) is False
     assert arrays.table.tolist() == [7, 7, 7]
     assert [p._version for p in params] == versions
+    assert counts.tolist() == [4.0, 4.0, 4.0]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_take_grads_advances_equal_step_counts_as_torchs_add_rounds(helper, dtype):
+    params = fresh((4,), (3,))
+    counts = np.full(2, 2.0 ** 24, dtype)  # float32: 2^24 + 1 rounds back to 2^24
+    taken = Table(params).take(helper, counts)
+    expected = 2.0 ** 24 if dtype is np.float32 else 2.0 ** 24 + 1
+    assert type(taken) is float and taken == expected and counts.tolist() == [expected] * 2
+    counts = np.array([3.0, 5.0], dtype)  # unequal: committed, counts left to Python
+    assert Table(params).take(helper, counts) is True and counts.tolist() == [3.0, 5.0]
 
 
 def test_same_params_compares_identity_and_pointers(helper):

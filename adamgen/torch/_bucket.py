@@ -151,6 +151,9 @@ class Bucket:
             plain_tensors and not self.staged else None
         self._grad_address = self.pointers["grad"].ctypes.data
         self._numel_address = self.sizes.ctypes.data
+        #: the step counts as the helper advances them: (address, bytes per count; 0: none)
+        self._counts = (self.steps.ctypes.data, self.steps.itemsize) \
+            if step_dtype is not None else (0, 0)
 
     # -- binding ---------------------------------------------------------------------------------
     def bind_params(self, rows: Sequence[int] | range) -> None:
@@ -265,15 +268,22 @@ class Bucket:
         the random stream's, for a kernel that rounds stochastically."""
         self.seed = seed
         native = self._native
-        if native is not None and self.all_have_state and native(
-                self.params, self._grad_address, self._numel_address, *self.writes.addresses):
-            # every row has a checked gradient in the table, versions bumped: the usual step
+        taken = native is not None and self.all_have_state and native(
+            self.params, self._grad_address, self._numel_address, *self.writes.addresses,
+            *self._counts)
+        if taken is not False:
+            # every row has a checked gradient in the table, versions bumped (and, a float,
+            # every step count advanced to it): the usual step
             if self._rows is not None or self._grad_copies:
                 self._rows, self._grad_copies = None, []
                 self._refresh()
             if self._grads is not None or self._live:
                 self.release()  # the Python path's memo no longer describes the table
-            if self.step_dtype is None:
+            if type(taken) is float:
+                kernel.run(self._tables.get(kernel) or self.tables(kernel),
+                           kernel.prelude(*hyper, taken),
+                           (seed, int(taken)) if kernel.random else None)
+            elif self.step_dtype is None:
                 kernel.run(self.tables(kernel), kernel.prelude(*hyper),
                            (seed, 0) if kernel.random else None)
             else:

@@ -22,6 +22,7 @@
 #include <torch/csrc/autograd/variable.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <exception>
 #include <vector>
@@ -65,19 +66,34 @@ PyObject* same_params(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Py_RETURN_TRUE;
 }
 
-// take_grads(params: list, table: int, numels: int, starts: int, ends: int, ranges: int)
-//     -> bool
+// torch's ``step_t += 1`` on every count when they are all equal (the usual step): the new
+// count, rounded to the counts' dtype as torch's add rounds it; NaN (nothing changed) when
+// they differ.
+template <typename T>
+double advance(void* counts, Py_ssize_t count) {
+  T* steps = static_cast<T*>(counts);
+  for (Py_ssize_t i = 1; i < count; ++i) {
+    if (!(steps[i] == steps[0])) return NAN;
+  }
+  const T next = steps[0] + T(1);
+  std::fill(steps, steps + count, next);
+  return static_cast<double>(next);
+}
+
+// take_grads(params: list, table: int, numels: int, starts: int, ends: int, ranges: int,
+//            counts: int, count_size: int) -> bool | float
 //
 // For the parameters of one bucket (CPU tensors of one dtype, all contiguous): when every one
 // has a gradient that is a contiguous CPU tensor of its dtype and element count, none of them
 // overlapping a written range [starts[k], ends[k]) (sorted, disjoint: every byte the step
 // writes), writes their data pointers to ``table`` (uintptr[count]), bumps every parameter's
-// version counter as torch's in-place ops do, and answers True. Otherwise it changes nothing
-// and answers False.
+// version counter as torch's in-place ops do, and answers True; or, when ``count_size`` is 4 or
+// 8 (float32 or float64 step counts at ``counts``) and the counts are all equal, advances them
+// and answers the new count. Otherwise it changes nothing and answers False.
 PyObject* take_grads(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 6) {
-    PyErr_SetString(PyExc_TypeError,
-                    "take_grads(params, table, numels, starts, ends, ranges)");
+  if (nargs != 8) {
+    PyErr_SetString(PyExc_TypeError, "take_grads(params, table, numels, starts, ends, ranges, "
+                                     "counts, count_size)");
     return nullptr;
   }
   PyObject* params = args[0];
@@ -86,6 +102,8 @@ PyObject* take_grads(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const auto* starts = address<const uint64_t>(args[3]);
   const auto* ends = address<const uint64_t>(args[4]);
   const Py_ssize_t ranges = PyLong_AsSsize_t(args[5]);
+  void* counts = address<void>(args[6]);
+  const long count_size = PyLong_AsLong(args[7]);
   if (PyErr_Occurred()) return nullptr;
   if (!PyList_CheckExact(params)) Py_RETURN_FALSE;
   const Py_ssize_t count = PyList_GET_SIZE(params);
@@ -115,14 +133,20 @@ PyObject* take_grads(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   } catch (const std::exception&) {
     Py_RETURN_FALSE;
   }
-  Py_RETURN_TRUE;
+  const double next = count_size == 4   ? advance<float>(counts, count)
+                      : count_size == 8 ? advance<double>(counts, count)
+                                        : NAN;
+  if (std::isnan(next)) Py_RETURN_TRUE;
+  return PyFloat_FromDouble(next);
 }
 
 PyMethodDef methods[] = {
     {"same_params", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(same_params)),
      METH_FASTCALL, "same_params(params, expected, pointers) -> bool"},
     {"take_grads", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(take_grads)),
-     METH_FASTCALL, "take_grads(params, table, numels, starts, ends, ranges) -> bool"},
+     METH_FASTCALL,
+     "take_grads(params, table, numels, starts, ends, ranges, counts, count_size) -> bool | "
+     "float"},
     {nullptr, nullptr, 0, nullptr}};
 
 #define ADAMGEN_STRINGIFY_(name) #name
