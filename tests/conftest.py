@@ -36,6 +36,18 @@ else:
     _hypothesis_settings.load_profile("adamgen")
 
 
+def load_example(name: str) -> Any:
+    """``examples/<name>.py`` imported as a module (the examples are scripts, not a package)."""
+    import importlib.util
+
+    path = REPO / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _bytes(a: np.ndarray) -> bytes:
     """The bits of ``a`` in C order, every NaN replaced by one canonical NaN.
 

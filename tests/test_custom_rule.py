@@ -4,7 +4,6 @@ bit-for-bit check has teeth."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,19 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_example
 
 import adamgen
 from adamgen.spec import sqrt, symbols, unevaluated
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "custom_rule.py"
-
-
-def example():
-    spec = importlib.util.spec_from_file_location("custom_rule", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_example_runs_end_to_end_in_a_fresh_process():
@@ -52,7 +45,7 @@ def test_the_example_runs_end_to_end_in_a_fresh_process():
 def test_the_bit_check_catches_a_one_rounding_difference():
     """The same rule with one product regrouped, ``lr*(m_hat/d)`` for ``(lr*m_hat)/d``: equal in
     exact arithmetic, different in the last bit: the check must say so."""
-    module = example()
+    module = load_example("custom_rule")
     spec = module.adabelief()
     outputs = dict(spec.outputs)
     named = dict(spec.names)
@@ -71,7 +64,7 @@ def test_the_reference_is_the_papers_first_step():
     """The NumPy transcription's first step from zero state (eps = 0, no decay), in closed form:
     m = (1-beta1) g, the belief g - m = beta1 g, s = (1-beta2) (beta1 g)**2, so m_hat = g,
     s_hat = (beta1 g)**2, and each element moves by -lr*sign(g)/beta1."""
-    module = example()
+    module = load_example("custom_rule")
     g = np.array([0.5, -2.0, 3.0])
     theta, m, s = module.reference(np.zeros(3), g, np.zeros(3), np.zeros(3), 1, lr=0.1,
                                    beta1=0.9, beta2=0.999, eps=0.0)

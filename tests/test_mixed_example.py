@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_example
 
 pytest.importorskip("torch", reason="the mixed-precision example needs torch")
 pytest.importorskip("sklearn", reason="the example trains on scikit-learn's digits")
@@ -20,9 +20,7 @@ EXAMPLE = ROOT / "examples" / "mixed_precision.py"
 
 
 def test_a_short_run_trains_every_mode_and_mode_one_is_torchs(tmp_path):
-    spec = importlib.util.spec_from_file_location("mixed_precision_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_example("mixed_precision")
     lines: list[str] = []
     arguments = module.parse(["--epochs", "2", "--depth", "3"])
     found = module.train(arguments, log=lines.append)

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_example
 
 pytest.importorskip("torch", reason="the torch example needs torch (pip install torch==2.13.0)")
 pytest.importorskip("sklearn", reason="the torch example trains on scikit-learn's digits")
@@ -20,15 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "train_torch.py"
 
 
-def load_example():
-    spec = importlib.util.spec_from_file_location("train_torch", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_a_short_training_run_keeps_every_promise():
-    example = load_example()
+    example = load_example("train_torch")
     lines: list[str] = []
     found = example.train(example.parse(["--epochs", "2"]), log=lines.append)
     assert "78 parameter tensors" in lines[0]

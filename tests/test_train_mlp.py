@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_example
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_mlp.py"
 
 
 def test_short_training_run_learns_the_digits():
     pytest.importorskip("sklearn")
-    spec = importlib.util.spec_from_file_location("train_mlp", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_example("train_mlp")
     lines: list[str] = []
     accuracy = module.train(epochs=4, log=lines.append)
     assert len(lines) == 5 and "epoch   4/4" in lines[-1]
