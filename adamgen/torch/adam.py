@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from ..runtime.precision import check_arguments
 from ._optimizer import KernelOptimizer
 
 _UNSUPPORTED = {
@@ -94,13 +95,9 @@ def learning_rate(value: Any) -> tuple[float, str]:
 
 def _precision_arguments(master_weights: Any, stochastic_rounding: Any, seed: Any
                          ) -> dict[str, Any]:
-    """The mixed-precision constructor arguments, checked, as group defaults."""
-    for name, value in (("master_weights", master_weights),
-                        ("stochastic_rounding", stochastic_rounding)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool, got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an int from 0 to 2**64 - 1, got {seed!r}")
+    """The mixed-precision constructor arguments, checked as the NumPy-facing optimizer checks
+    them, as group defaults."""
+    seed = check_arguments(master_weights, stochastic_rounding, seed)
     return {"master_weights": master_weights, "stochastic_rounding": stochastic_rounding,
             "seed": seed}
 
