@@ -165,8 +165,8 @@ def _probe() -> CompilerInfo:
             source = Path(scratch, "probe.c")
             source.write_text(text, encoding="utf-8")
             rc, _, err = run_command([*command, *extra, "-fPIC", "-shared", "-o",
-                               str(Path(scratch, "probe.so")), str(source)],
-                              PROBE_TIMEOUT_SECONDS)
+                                      str(Path(scratch, "probe.so")), str(source)],
+                                     PROBE_TIMEOUT_SECONDS)
             if rc == 0:
                 return CompilerInfo(available=True, argv=tuple(command), path=command[0],
                                     version=version, family=family, openmp=openmp)
@@ -181,8 +181,8 @@ def _native_flags_from_compiler(info: CompilerInfo) -> list[str]:
     gcc passes ``-march=<cpu> -m<feature> ... --param l1-cache-size=...`` to cc1; clang passes
     ``-target-cpu <cpu> -target-feature +<feature>``. An empty list means "could not tell".
     """
-    rc, _, err = run_command([*info.argv, "-march=native", "-E", "-v", "-x", "c", os.devnull,
-                       "-o", os.devnull], PROBE_TIMEOUT_SECONDS)
+    rc, _, err = run_command([*info.argv, "-march=native", "-E", "-v", "-x", "c",
+                              os.devnull, "-o", os.devnull], PROBE_TIMEOUT_SECONDS)
     if rc != 0:
         return []
     for line in err.splitlines():

@@ -280,14 +280,9 @@ class Bucket:
             if self._grads is not None or self._live:
                 self.release()  # the Python path's memo no longer describes the table
             if type(taken) is float:
-                kernel.run(self._tables.get(kernel) or self.tables(kernel),
-                           kernel.prelude(*hyper, taken),
-                           (seed, int(taken)) if kernel.random else None)
-            elif self.step_dtype is None:
-                kernel.run(self.tables(kernel), kernel.prelude(*hyper),
-                           (seed, 0) if kernel.random else None)
+                self._call(kernel, hyper, None, taken)
             else:
-                self._run_counted(kernel, hyper, None)
+                self._run(kernel, hyper, None)
             return
         grads = [param.grad for param in self.params]
         held = self._grads
@@ -315,13 +310,24 @@ class Bucket:
         _increment_version(self.params if rows is None else [self.params[r] for r in rows])
         if self.staged:
             self._stage_in(rows)
-        if self.step_dtype is None:
-            kernel.run(self.tables(kernel, rows), kernel.prelude(*hyper),
-                       (self.seed, 0) if kernel.random else None)
-        else:
-            self._run_counted(kernel, hyper, rows)
+        self._run(kernel, hyper, rows)
         if self.staged:
             self._stage_out(rows)
+
+    def _run(self, kernel: RuleKernel, hyper: tuple[Any, ...], rows: list[int] | None) -> None:
+        """The kernel call(s) for these rows (None: all), once their gradients are checked."""
+        if self.step_dtype is None:
+            self._call(kernel, hyper, rows)
+        else:
+            self._run_counted(kernel, hyper, rows)
+
+    def _call(self, kernel: RuleKernel, hyper: tuple[Any, ...], rows: list[int] | None,
+              count: float | None = None) -> None:
+        """One kernel call over these rows (None: all), at step ``count`` when the rule counts
+        steps."""
+        scalars = kernel.prelude(*hyper) if count is None else kernel.prelude(*hyper, count)
+        kernel.run(self.tables(kernel, rows), scalars,
+                   (self.seed, int(count or 0)) if kernel.random else None)
 
     def _run_counted(self, kernel: RuleKernel, hyper: tuple[Any, ...],
                      rows: list[int] | None) -> None:
@@ -338,9 +344,7 @@ class Bucket:
                 # torch's += 1, rounded to the step's dtype
                 count = pack.unpack(pack.pack(pack.unpack_from(raw)[0] + 1.0))[0]
                 raw[:] = pack.pack(count) * self.count
-                tables = self._tables.get(kernel) or self.tables(kernel)
-                kernel.run(tables, kernel.prelude(*hyper, count),
-                           (self.seed, int(count)) if kernel.random else None)
+                self._call(kernel, hyper, None, count)
                 return
             rows = list(range(self.count))
             np.add(steps, 1, out=steps)
@@ -348,9 +352,8 @@ class Bucket:
             steps[rows] += 1
         values = steps[rows]
         for value in np.unique(values).tolist():
-            chosen = [row for row, v in zip(rows, values.tolist()) if v == value]
-            kernel.run(self.tables(kernel, chosen), kernel.prelude(*hyper, value),
-                       (self.seed, int(value)) if kernel.random else None)
+            self._call(kernel, hyper, [row for row, v in zip(rows, values.tolist()) if v == value],
+                       value)
 
     def _take_grads(self, grads: list[Any]) -> None:
         """Check new gradient objects and put their pointers in the table."""
