@@ -111,23 +111,26 @@ def first_error_line(stderr: str) -> str:
     return lines[-1] if lines else "(the compiler printed nothing)"
 
 
-def _compiler_command() -> list[str] | str:
-    """The compiler argv from ``$CC`` or PATH, or the reason there is none."""
-    raw = os.environ.get("CC", "").strip()
+def compiler_command(variable: str = "CC", names: Sequence[str] = ("cc", "gcc", "clang"),
+                     language: str = "C") -> list[str] | str:
+    """The compiler argv from ``$<variable>`` (split like a shell would, its program resolved)
+    or the first of ``names`` on PATH, or the reason there is none."""
+    raw = os.environ.get(variable, "").strip()
     if raw:
         try:
             argv = shlex.split(raw)
         except ValueError as exc:
-            return f"CC={raw!r} cannot be parsed: {exc}"
+            return f"{variable}={raw!r} cannot be parsed: {exc}"
         resolved = shutil.which(argv[0])
         if resolved is None:
-            return f"CC={raw!r}: {argv[0]} does not exist or is not executable"
+            return f"{variable}={raw!r}: {argv[0]} does not exist or is not executable"
         return [resolved, *argv[1:]]
-    for name in ("cc", "gcc", "clang"):
+    for name in names:
         resolved = shutil.which(name)
         if resolved is not None:
             return [resolved]
-    return "no C compiler found: CC is unset and none of cc, gcc, clang is on PATH"
+    return (f"no {language} compiler found: {variable} is unset and none of "
+            f"{', '.join(names)} is on PATH")
 
 
 @functools.cache
@@ -143,7 +146,7 @@ def probe_compiler() -> CompilerInfo:
 
 
 def _probe() -> CompilerInfo:
-    command = _compiler_command()
+    command = compiler_command()
     if isinstance(command, str):
         return CompilerInfo(available=False, reason=command)
     rc, out, err = run_command([*command, "--version"], PROBE_TIMEOUT_SECONDS)

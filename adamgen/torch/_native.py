@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import shlex
-import shutil
 import sys
 import sysconfig
 import time
@@ -100,19 +98,11 @@ def _torch_dir() -> Path:
 
 
 def _compiler() -> list[str]:
-    """The C++ compiler's argv (``$CXX`` split like a shell would, else the first on PATH)."""
-    raw = os.environ.get("CXX", "").strip()
-    if raw:
-        argv = shlex.split(raw)
-        resolved = shutil.which(argv[0]) if argv else None
-        if resolved is None:
-            raise CompileError(f"CXX={raw!r}: {argv[0] if argv else raw} is not an executable")
-        return [resolved, *argv[1:]]
-    for name in ("c++", "g++", "clang++"):
-        resolved = shutil.which(name)
-        if resolved is not None:
-            return [resolved]
-    raise CompileError("no C++ compiler: CXX is unset and none of c++, g++, clang++ is on PATH")
+    """The C++ compiler's argv (``$CXX``, else the first of c++, g++, clang++ on PATH)."""
+    command = build.compiler_command("CXX", ("c++", "g++", "clang++"), "C++")
+    if isinstance(command, str):
+        raise CompileError(command)
+    return command
 
 
 def _key(compiler: list[str]) -> str:
