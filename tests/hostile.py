@@ -27,11 +27,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import assert_bitwise_equal
+from loader_state import forget_everything
 from reference import adam_update_ref
 
 import adamgen
 from adamgen.config import refresh_environment
-from adamgen.runtime import c_kernels, dispatch, ivy, kernel_store, numpy_kernels, variant_choice
+from adamgen.runtime import ivy, numpy_kernels
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -236,10 +237,7 @@ def fresh_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator
     """A fresh cache dir, nothing memoised, ADAMGEN_STRICT unset (the fallback is what is
     tested); everything forgotten again afterwards (a fixture's body)."""
     def forget() -> None:
-        variant_choice.forget()
-        dispatch.forget()
-        c_kernels.clear_memo()
-        kernel_store.forget_cache()
+        forget_everything()
         # the in-process memos of loaded modules too, so kernels really load from the new cache
         for memo in (getattr(numpy_kernels, "_modules", None),
                      getattr(getattr(adamgen.runtime.ivy, "_JIT", None), "_modules", None)):
