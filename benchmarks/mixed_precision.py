@@ -8,7 +8,7 @@ see :mod:`benchmarks.timing`):
 
 * ``adamgen master``: ``adamgen.torch.AdamW(master_weights=True)``: float32 master and state;
 * ``adamgen stochastic``: ``stochastic_rounding=True``, the same with the parameter rounded
-  stochastically (Philox4x32-10 bits for every element);
+  stochastically (ARS-7 bits for every element);
 * ``adamgen torch-compatible``: the default mode, bfloat16 state and torch's per-op rounding;
 * ``torch AdamW fused``: ``torch.optim.AdamW(fused=True)`` on the same bfloat16 parameter
   (its state is bfloat16);

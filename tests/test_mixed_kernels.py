@@ -4,7 +4,8 @@
   and the lowering's check that a narrow output is a value of its dtype;
 * :func:`adamgen.mixed.master_spec` for any rule, and the IR of every new variant proven equal
   to its spec;
-* the stream (:func:`adamgen.ieee.stream_bits`): Random123's known answers, its element layout,
+* the stream (:func:`adamgen.ieee.stream_bits`): Random123's known answers for ARS, AES's
+  tables, its element layout, each of the C kernels' three implementations of it,
   and stochastic rounding's unbiasedness;
 * the C kernels and the NumPy modules agree bit for bit, serial, threaded with any number of
   parts, single- and multi-tensor: the bits never depend on chunking.
@@ -114,31 +115,46 @@ def test_every_variants_kernel_is_proven_equal_to_its_spec(ref):
 
 # --- the stream ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("counter,key,expected", [
-    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+@pytest.mark.parametrize("counter,key,expected", [  # Random123's kat_vectors, ars4x32 10
+    ((0, 0, 0, 0), (0, 0, 0, 0), (0x8D73EE19, 0x506401EF, 0x13C2DBE4, 0x0CBE9C0D)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+     (0xA4093822, 0x299F31D0, 0x082EFA98, 0xEC4E6C89),
+     (0xA516E7D6, 0x8357AD74, 0x5B59B3EC, 0x8763FFF3)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF, 0, 0),
+     (0xBB3743B1, 0x9F635551, 0xECBC87FC, 0xA19478A9)),
 ])
-def test_philox_gives_random123s_known_answers(counter, key, expected):
-    assert tuple(int(w) for w in ieee.philox4x32(counter, key)) == expected
+def test_ars_gives_random123s_known_answers(counter, key, expected):
+    assert tuple(int(w) for w in ieee.ars4x32(counter, key, rounds=10)) == expected
+
+
+def test_the_aes_tables_are_fips_197s():
+    sbox, xtime, _ = ieee._aes_tables()
+    assert (sbox[0x00], sbox[0x53], sbox[0xFF]) == (0x63, 0xED, 0x16)  # FIPS-197 figure 7
+    assert sorted(sbox.tolist()) == list(range(256))
+    assert (xtime[0x57], xtime[0xAE], xtime[0x47]) == (0xAE, 0x47, 0x8E)  # FIPS-197 4.2.1
 
 
 def test_the_stream_layout_and_any_window_of_it():
     seed, step, key, stream = 2**40 + 5, 9, 123, 1
     bits = ieee.stream_bits(seed, step, key, stream, 1000)
-    for i in (0, 1, 15, 16, 17, 31, 32, 100, 127, 128, 999):
-        group, o = divmod(i, 128)
-        block = 16 * group + o % 16
-        words = ieee.philox4x32((block, stream << 16, step, key), (seed & 0xFFFFFFFF, seed >> 32))
-        word = int(words[o // 32])
-        assert bits[i] == (word >> 16 if (o // 16) % 2 else word & 0xFFFF), i
+    for i in (0, 1, 7, 8, 15, 16, 127, 128, 999):
+        block = i // 8
+        words = ieee.ars4x32((block, stream << 16, step, key),
+                             (seed & 0xFFFFFFFF, seed >> 32, 0, 0))
+        word = int(words[(i % 8) // 2])
+        assert bits[i] == (word >> 16 if i % 2 else word & 0xFFFF), i
     for start, count in ((0, 1), (5, 300), (127, 2), (500, 500)):
         assert np.array_equal(ieee.stream_bits(seed, step, key, stream, count, start),
                               bits[start:start + count])
+    # a block index past 2**32 carries into the second word, below the stream's bits
+    far = 2**35 + 3
+    words = ieee.ars4x32((far & 0xFFFFFFFF, (far >> 32) + (stream << 16), step, key),
+                         (seed & 0xFFFFFFFF, seed >> 32, 0, 0))
+    assert int(ieee.stream_bits(seed, step, key, stream, 1, 8 * far)[0]) == int(words[0]) & 0xFFFF
     others = [ieee.stream_bits(*changed, 1000) for changed in
               ((seed + 1, step, key, stream), (seed, step + 1, key, stream),
-               (seed, step, key + 1, stream), (seed, step, key, stream + 1))]
+               (seed, step, key + 1, stream), (seed, step, key, stream + 1),
+               (seed + 2**32, step, key, stream))]
     assert all(np.mean(other == bits) < 0.01 for other in others)
 
 
@@ -228,6 +244,60 @@ def test_c_and_numpy_agree_at_every_thread_count_and_tensor_split(ref):
             for name in names:
                 assert np.array_equal(single[name].view(np.uint8),
                                       expected[4][name].view(np.uint8))
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((set(line.split(":", 1)[1].split()) for line in cpuinfo
+                         if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+@pytest.mark.parametrize("tier,needs", [(0, ()), (1, ("aes",)), (2, ("vaes", "avx512f")),
+                                        ("portable", ())],
+                         ids=["plain-c", "aes-ni", "vaes", "portable"])
+def test_every_implementation_of_the_stream_gives_the_same_bits(monkeypatch, tier, needs):
+    """The C fill has three implementations (VAES, AES-NI, plain C), picked by the target: each
+    one forced in turn, and a portable build (no -march=native, so plain C on x86-64), gives
+    NumPy's bits for a stochastically rounded step of 1 to 4099 elements."""
+    from adamgen.codegen import build
+    from adamgen.runtime import c_kernels
+
+    if not build.probe_compiler().available:
+        pytest.skip("no C compiler")
+    missing = [flag for flag in needs if flag not in _cpu_flags()]
+    if missing:
+        pytest.skip(f"this CPU lacks {', '.join(missing)}")
+    if tier != "portable":
+        plain = build.compile_flags
+        monkeypatch.setattr(build, "compile_flags", lambda *args, **kwargs: [
+            *plain(*args, **kwargs), f"-DADAMGEN_ARS_TIER={tier}"])
+    config = _config(VARIANTS[3])
+    c_kernels.clear_memo()
+    try:
+        kernel = c_kernel(config, portable=tier == "portable")
+        assert kernel is not None
+        module = numpy_kernel(config)
+        interface = Interface.from_json(module.INTERFACE)
+        in_place = numpy_kernel(replace(config, aliases=interface.in_place))
+        names = interface.tensor_names
+        output_of = {p.output: p.input for p in interface.state}
+        scalars = module.prelude(*[{"step": 3.0, "lr": 1e-3}.get(h, 0.9 if "beta" in h else 0.01)
+                                   for h in module.HYPERPARAMETERS])
+        for index, n in enumerate((1, 9, 127, 129, 4099)):
+            rng = (2**63 + 17, 3, 40 + index)
+            want = _arrays(interface, n, index)
+            got = {name: value.copy() for name, value in want.items()}
+            in_place.update(*(want[n] for n in names), scalars, rng,
+                            *(want[output_of[o]] for o in in_place.OUTPUTS))
+            kernel.inplace_all(*(got[n] for n in names), scalars, rng, threads=1, threshold=0)
+            for name in names:
+                assert np.array_equal(got[name].view(np.uint8), want[name].view(np.uint8)), \
+                    (n, name)
+    finally:
+        c_kernels.clear_memo()
 
 
 def test_the_ir_knows_storage_dtypes_and_streams():

@@ -42,7 +42,7 @@ _DIFFERENCES = """
       weight decay only outside torch's scalar tail); ``master_weights=True``: a float32
       master copy (``state[p]["master_param"]``) and float32 state, the parameter the master
       rounded to nearest even; ``stochastic_rounding=True`` (implies master weights): the
-      parameter rounded stochastically, with bits from Philox4x32-10 keyed by ``seed``, the
+      parameter rounded stochastically, with ARS-7 bits (AES rounds) keyed by ``seed``, the
       step, the parameter (the CRC-32 of its name when given ``named_parameters()``, else its
       position) and the element. State dicts keep each mode's dtypes; a checkpoint of the other
       kind is refused. See docs/mixed-precision.md.
