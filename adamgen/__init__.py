@@ -7,7 +7,7 @@ kernel-cache miss, when you call :func:`verify`, or when you run ``adamgen gener
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .errors import AdamgenError, CacheError, CompileError, ConfigError, SpecError
@@ -33,7 +33,11 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'adamgen' has no attribute {name!r}")
 
 
-def verify(**options: Any) -> list:
+if TYPE_CHECKING:  # SymPy is imported by verify(), never by import adamgen
+    from .theorems import TheoremResult
+
+
+def verify(**options: Any) -> list[TheoremResult]:
     """Prove every built-in rule's kernels equal its spec, and each rule's theorems (imports
     SymPy). See :func:`adamgen.theorems.verify`; returns one result per theorem."""
     from .theorems import verify as run

@@ -12,7 +12,7 @@ computes: the rule's spec says what the kernels do, the generic runtime runs the
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol, overload
 
 import numpy as np
 
@@ -65,7 +65,44 @@ def check_stop_gradients(value: Any) -> None:
         validate.as_flag("stop_gradients", value)
 
 
-def bind_adam_update(updater: Updater, defaults: Mapping[str, float] | None = None) -> Any:
+#: What the functional forms take as a plain tensor, for typing: arrays, NumPy scalars, Python
+#: numbers and (nested) lists. Anything else ``np.asarray`` takes (a torch tensor) is accepted
+#: too, typed by the second overload. Nominal types only: a Container, whose ``__getattr__``
+#: answers any attribute, would match a protocol such as ``numpy.typing.ArrayLike``.
+ArrayLike = np.ndarray | np.generic | float | Sequence[Any]
+
+
+class AdamUpdate(Protocol):
+    """The type of :func:`adamgen.adam_update` (and of a generated package's): plain arrays give
+    arrays; a Container anywhere gives a Container for each output that depends on it (and
+    anything else ``np.asarray`` takes, a torch tensor, is typed as either)."""
+
+    @overload
+    def __call__(self, w: ArrayLike, dcdw: ArrayLike, lr: ArrayLike, mw_tm1: ArrayLike,
+                 vw_tm1: ArrayLike, step: ArrayLike, /, *, beta1: float = ..., beta2: float = ...,
+                 epsilon: float = ..., stop_gradients: bool = ...,
+                 out: np.ndarray | None = ...) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+    @overload
+    def __call__(self, w: Any, dcdw: Any, lr: Any, mw_tm1: Any, vw_tm1: Any, step: Any, /,
+                 *, beta1: float | Tree = ..., beta2: float | Tree = ...,
+                 epsilon: float | Tree = ..., stop_gradients: bool | Tree = ...,
+                 out: np.ndarray | Tree | None = ...
+                 ) -> tuple[np.ndarray | Tree, np.ndarray | Tree, np.ndarray | Tree]: ...
+
+
+class AdamUpdateVJP(Protocol):
+    """The type of :func:`adamgen.adam_update_vjp`: ``(d_w, d_dcdw, d_lr, d_mw_tm1,
+    d_vw_tm1)``."""
+
+    def __call__(self, w: ArrayLike, dcdw: ArrayLike, lr: ArrayLike, mw_tm1: ArrayLike,
+                 vw_tm1: ArrayLike, step: ArrayLike, cotangents: Sequence[ArrayLike], *,
+                 beta1: float = ..., beta2: float = ..., epsilon: float = ...
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]: ...
+
+
+def bind_adam_update(updater: Updater,
+                     defaults: Mapping[str, float] | None = None) -> AdamUpdate:
     """Ivy's ``adam_update`` signature over ``updater`` (the JIT's, or a generated package's,
     whose ``defaults`` are its baked constants)."""
     defaults = {"beta1": BETA1, "beta2": BETA2, "epsilon": EPSILON, **(defaults or {})}
@@ -118,17 +155,19 @@ ADAM_UPDATE_DOC = """Ivy's ``adam_update``: return ``(w_new, mw, vw)``, bit-iden
 adam_update = bind_adam_update(_JIT)
 
 
-def bind_adam_update_vjp(backend: str = "auto") -> Any:
+def bind_adam_update_vjp(backend: str = "auto") -> AdamUpdateVJP:
     """Ivy's ``adam_update_vjp`` signature over the VJP on one backend (``"auto"``: C where it
     builds, else NumPy; ``"numpy"`` and ``"c"`` force one, for tests and comparisons)."""
     vjp = VJP(ivy_source(), backend)
 
     def adam_update_vjp(w: Any, dcdw: Any, lr: Any, mw_tm1: Any, vw_tm1: Any, step: Any,
                         cotangents: Sequence[Any], *, beta1: Any = BETA1, beta2: Any = BETA2,
-                        epsilon: Any = EPSILON) -> tuple[np.ndarray, ...]:
-        return vjp({"w": w, "dcdw": dcdw, "lr": lr, "mw_tm1": mw_tm1, "vw_tm1": vw_tm1},
-                   cotangents, {"beta1": beta1, "beta2": beta2, "epsilon": epsilon,
-                                "step": step})
+                        epsilon: Any = EPSILON
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        d_w, d_dcdw, d_lr, d_mw_tm1, d_vw_tm1 = vjp(
+            {"w": w, "dcdw": dcdw, "lr": lr, "mw_tm1": mw_tm1, "vw_tm1": vw_tm1}, cotangents,
+            {"beta1": beta1, "beta2": beta2, "epsilon": epsilon, "step": step})
+        return d_w, d_dcdw, d_lr, d_mw_tm1, d_vw_tm1
 
     adam_update_vjp.__doc__ = ADAM_UPDATE_VJP_DOC
     return adam_update_vjp
