@@ -19,7 +19,7 @@ OPTIONS = {
     "info": ["--rule", "--build", "--all"],
     "cache": ["{info,clear}"],
     "bench": ["--quick", "--out", "--sizes", "--dtypes", "--threads", "--rounds",
-              "--wait-quiet", "--no-forced", "--render"],
+              "--wait-quiet", "--no-forced", "--render", "--rule", "--rule-sizes"],
     "demo": ["--epochs", "--no-verify"],
     "verify": ["--rule", "--option", "--only", "--const", "--strict", "--quiet"],
     "generate": ["--rule", "--option", "--out", "--name", "--dtype", "--const", "--mode",
@@ -231,6 +231,23 @@ def test_bench_options_from_a_checkout(tmp_path):
     assert rendered.returncode == 0, rendered.stderr
     assert (again / "report.md").read_text() == (out / "report.md").read_text()
     assert_usage_error(adamgen_cli("bench", "--sizes", "0", cwd=tmp_path), "--sizes")
+
+
+def test_bench_rule_options_select_the_rule_and_its_sizes(tmp_path):
+    """``--rule`` and ``--rule-sizes`` on the smallest run: only that rule's in-place rows, at
+    those sizes, against its probe and its peer (lion-pytorch when installed)."""
+    out = tmp_path / "run"
+    run = adamgen_cli("bench", "--quick", "--threads", "1", "--rounds", "1", "--wait-quiet", "0",
+                      "--no-forced", "--rule", "lion", "--rule-sizes", "1e3", "--out", str(out),
+                      cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    plan = json.loads((out / "results.json").read_text())["plan"]
+    assert (plan["rules"], plan["rule_sizes"]) == (["lion"], [1000])
+    rows = [line.split() for line in run.stdout.splitlines() if line.strip().startswith("lion")]
+    assert rows and all(row[1] == "1" for row in rows) and ["1e+03"] in [row[2:3] for row in rows]
+    assert not any(line.strip().startswith(("ivy_adam", "torch_adam")) for line in
+                   run.stdout.splitlines())
+    assert_usage_error(adamgen_cli("bench", "--rule", "nope", cwd=tmp_path), "nope")
 
 
 #: One generation per built-in rule, with options and constants of its own.
