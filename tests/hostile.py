@@ -27,12 +27,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import assert_bitwise_equal
-from loader_state import forget_everything
 from reference import adam_update_ref
 
 import adamgen
-from adamgen.config import refresh_environment
-from adamgen.runtime import ivy, numpy_kernels
+from adamgen.runtime import ivy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -231,28 +229,6 @@ def rewrite(entry: Path, name: str, content: bytes, *, fix_manifest: bool) -> No
         manifest_path.chmod(0o600)
         manifest_path.write_text(json.dumps(manifest))
         manifest_path.chmod(0o400)
-
-
-def fresh_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
-    """A fresh cache dir, nothing memoised, ADAMGEN_STRICT unset (the fallback is what is
-    tested); everything forgotten again afterwards (a fixture's body)."""
-    def forget() -> None:
-        forget_everything()
-        # the in-process memos of loaded modules too, so kernels really load from the new cache
-        for memo in (getattr(numpy_kernels, "_modules", None),
-                     getattr(getattr(adamgen.runtime.ivy, "_JIT", None), "_modules", None)):
-            if hasattr(memo, "clear"):
-                memo.clear()
-
-    for name in ("ADAMGEN_STRICT", "ADAMGEN_VARIANT", "ADAMGEN_REQUIRE_CACHE_HIT"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("ADAMGEN_CACHE_DIR", str(tmp_path / "cache"))
-    refresh_environment()
-    forget()
-    yield tmp_path / "cache"
-    monkeypatch.undo()
-    refresh_environment()
-    forget()
 
 
 def all_entry_points_match_the_reference() -> list[warnings.WarningMessage]:

@@ -47,7 +47,6 @@ from hostile import (
     assert_correct,
     cache_entries,
     clean_env,
-    fresh_cache_dir,
     needs_c,
     one_cache_warning,
     read_only_dir,
@@ -57,6 +56,7 @@ from hostile import (
     unprivileged,
     writable_tmp,
 )
+from loader_state import forget_loaded_modules
 from reference import adam_update_ref
 
 import adamgen
@@ -71,8 +71,15 @@ def place():
 
 
 @pytest.fixture
-def fresh_cache(monkeypatch, tmp_path):
-    yield from fresh_cache_dir(monkeypatch, tmp_path)
+def fresh_cache(fresh_loader, monkeypatch):
+    """conftest's cold loader and cache dir, with ADAMGEN_STRICT and ADAMGEN_REQUIRE_CACHE_HIT
+    unset (the fallback is what is tested) and the loaded NumPy modules forgotten as well."""
+    for name in ("ADAMGEN_STRICT", "ADAMGEN_REQUIRE_CACHE_HIT"):
+        monkeypatch.delenv(name, raising=False)
+    refresh_environment()
+    forget_loaded_modules()
+    yield fresh_loader
+    forget_loaded_modules()
 
 
 # -- no usable cache directory ---------------------------------------------------------------
