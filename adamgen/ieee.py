@@ -202,10 +202,8 @@ def narrow(x: Any, storage: str, out: np.ndarray | None = None) -> np.ndarray:
 ARS_W = (0x9E3779B97F4A7C15, 0xBB67AE8584CAA73B)
 #: Rounds of the stream: Random123's default for ARS (5 are Crush-resistant, per the paper).
 ARS_ROUNDS = 7
-#: Elements per 128-bit block of the stream (16 bits each), and per group of 16 blocks (the C
-#: kernels' unit of work).
+#: Elements per 128-bit block of the stream (16 bits each).
 STREAM_BLOCK = 8
-STREAM_GROUP = 128
 _MASK64 = (1 << 64) - 1
 
 
@@ -222,7 +220,11 @@ def _aes_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             b >>= 1
         return product
 
-    inverse = [0] + [next(b for b in range(1, 256) if multiply(a, b) == 1) for a in range(1, 256)]
+    powers = [1]  # 3 generates GF(2**8)'s multiplicative group: a**-1 = 3**(255 - log3(a))
+    for _ in range(254):
+        powers.append(multiply(powers[-1], 3))
+    log3 = {power: exponent for exponent, power in enumerate(powers)}
+    inverse = [0] + [powers[(255 - log3[a]) % 255] for a in range(1, 256)]
     sbox = [0] * 256
     for a in range(256):
         b = inverse[a]
