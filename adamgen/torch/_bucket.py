@@ -36,7 +36,7 @@ import array
 import operator
 import struct
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -141,8 +141,7 @@ class Bucket:
         self._grad_copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._plain = False
         self.seed = 0
-        self.written: Callable[[list[int], list[int]], list[int]] = lambda s, n: []
-        #: every byte a step writes (the owner sets it with :attr:`written`)
+        #: every byte a step writes, the group's parameters included (the owner sets it)
         self.writes = WrittenRanges([])
         helper = _native.helper()
         plain_tensors = all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in self.params)
@@ -389,7 +388,7 @@ class Bucket:
                 staged[position] = staging.data_ptr()
                 start, end = span(grad)  # checked where it lies, read from its copy
                 pointers[position], nbytes[position] = start, end - start
-        overlaps = self.written(pointers, nbytes)
+        overlaps = self.writes.overlapping(pointers, nbytes)
         for position, pointer in staged.items():
             pointers[position] = pointer
         if overlaps:

@@ -270,11 +270,7 @@ class KernelOptimizer(torch.optim.Optimizer):
         self._written = WrittenRanges([(start, end) for _, start, end in ranges] + owned)
         for plan in plans:
             for bucket in plan.buckets:
-                bucket.written = self._overlapping
                 bucket.writes = self._written
-
-    def _overlapping(self, starts: list[int], nbytes: list[int]) -> list[int]:
-        return self._written.overlapping(starts, nbytes)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's ``zero_grad``; with ``set_to_none`` the gradients the last step held for its
